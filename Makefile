@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test`. Both create or reuse .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAFFRON := $(VENV)/bin/saffron
+STAMP := $(VENV)/.saffron-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/embedded.txt
+	$(PY) -m saffron.prefetch
+	touch $@
+
+demo: setup
+	$(SAFFRON) eval --method none --dataset pyrit-harmful --limit 24 --out runs/demo/none-noattack --prefill-tokens 0
+	$(SAFFRON) eval --method none --dataset pyrit-harmful --limit 24 --out runs/demo/none
+
+test: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,361 @@
+"""The ``saffron`` command line. Each verb is a thin shell over the library; see ``saffron --help``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from saffron.errors import SaffronError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Inference-time safety for language models (Saffron-1).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints the figures an issue asks for.")
+app.add_typer(bench_app, name="bench")
+mrm_app = typer.Typer(no_args_is_help=True, help="Multifurcation reward models.")
+app.add_typer(mrm_app, name="mrm")
+
+POLICY = typer.Option("smollm2-135m-instruct", "--policy", help="Policy: embedded name, local folder or hub id.")
+JUDGE = typer.Option("smol-guard", "--judge", help="Judge: smol-guard, llama-guard-3[:PATH_OR_ID].")
+SEED = typer.Option(0, "--seed", help="Seed; the same seed gives the same records.")
+MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens to generate after the prefill.")
+TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (methods that sample).")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus mass, in (0, 1] (methods that sample or expand a nucleus).")
+OPTS = typer.Option([], "--opt", "-o", help="Method option KEY=VALUE, repeatable (e.g. -o width=16 -o final=first).")
+REWARD = typer.Option(None, "--reward", help="Search-time reward model (default smol-guard for methods that use one).")
+MRM = typer.Option(None, "--mrm", help="MRM folder (default: the embedded smol-mrm, for methods that use one).")
+PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
+PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
+
+
+def _quiet_hf() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="The user prompt."),
+    prefill: str | None = typer.Option(None, "--prefill", help="Text the assistant turn starts with."),
+    method: str = typer.Option("none", "--method", help="Decoding method (defence)."),
+    policy: str = POLICY,
+    judge: str = JUDGE,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    max_new_tokens: int = MAX_NEW,
+    temperature: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    opt: list[str] = OPTS,
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of the text."),
+) -> None:
+    """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
+    from saffron.data import Example
+    from saffron.evaluate import EvalConfig, build_stack, prompt_seed, resolve, validate
+    from saffron.guards import load_guard
+    from saffron.session import make_session
+
+    if not prompt.strip():
+        raise SaffronError("the prompt is empty")
+    cfg = resolve(EvalConfig(method=method, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
+                             seed=seed, method_options=_options(max_new_tokens, temperature, top_p, opt)))
+    m = validate(cfg, None)
+    _quiet_hf()
+    stack = build_stack(cfg)
+    model = stack.policy.model
+    ex = Example(id="cli", prompt=prompt, prefill=prefill)
+    session = make_session(model, ex, prefill_tokens=0, reserve=max_new_tokens)
+    result = m.run(session, stack, prompt_seed(seed, ex.id))
+    output = model.decode(result.output_ids)
+    reward_ = load_guard(judge).score(prompt, [output])[0]
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": output, "reward": reward_,
+                               "unsafe": reward_ < 0, "new_tokens": len(result.output_ids), "method": method,
+                               "flops": result.flops}, ensure_ascii=False))
+    else:
+        typer.echo((prefill or "") + output)
+        typer.echo(f"[judge {judge}: reward {reward_:+.3f} -> {'UNSAFE' if reward_ < 0 else 'safe'}]", err=True)
+
+
+@app.command("eval")
+def eval_cmd(
+    method: str = typer.Option("none", "--method", help="Decoding method (defence): none, best-of-n, rejection, "
+                               "rebase, deal-mcts, saffron."),
+    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
+                                "jsonl:PATH."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N prompts."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for records.jsonl and metrics.json."),
+    policy: str = POLICY,
+    judge: str = JUDGE,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    prefill: str | None = PREFILL,
+    prefill_tokens: int = PREFILL_TOKENS,
+    max_new_tokens: int = MAX_NEW,
+    temperature: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    opt: list[str] = OPTS,
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
+    from saffron.evaluate import EvalConfig, format_table, resolve, run_eval, validate
+
+    cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm,
+                     prefill=prefill, prefill_tokens=prefill_tokens, seed=seed,
+                     method_options=_options(max_new_tokens, temperature, top_p, opt))
+    cfg = resolve(cfg)
+    validate(cfg, limit)
+    _quiet_hf()
+    metrics = run_eval(cfg, out, limit)
+    typer.echo(json.dumps(metrics, indent=2) if as_json else format_table([metrics]))
+    if not as_json:
+        typer.echo(f"records: {out / 'records.jsonl'}  metrics: {out / 'metrics.json'}", err=True)
+
+
+def _options(max_new_tokens: int, temperature: float | None, top_p: float | None, opts: list[str]) -> dict[str, Any]:
+    from saffron.evaluate import parse_options
+
+    out: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if temperature is not None:
+        out["temperature"] = temperature
+    if top_p is not None:
+        out["top_p"] = top_p
+    return {**out, **parse_options(opts)}
+
+
+@app.command("compare")
+def compare_cmd(
+    methods: str = typer.Option(",".join(("none", "best-of-n", "rebase", "deal-mcts", "saffron")), "--methods",
+                                help="Comma-separated methods."),
+    budgets: str = typer.Option("1,2,4,8,16,32", "--budgets", help="Budget sweep (each method's knob: samples, "
+                                "width, simulations)."),
+    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec."),
+    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
+    target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
+                                               "(default: Best-of-N's at N=32)."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Evaluate every budget (the curve) or only "
+                               "what matching the target needs."),
+    policy: str = POLICY,
+    judge: str = JUDGE,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    prefill: str | None = PREFILL,
+    prefill_tokens: int = PREFILL_TOKENS,
+    max_new_tokens: int = MAX_NEW,
+    opt: list[str] = typer.Option([], "--opt", "-o",
+                                  help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print {methods: {name: {asr, tflops_per_prompt, scaleff, n}}}."),
+) -> None:
+    """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
+    from saffron.compare import CompareConfig, format_comparison, run_compare
+    from saffron.evaluate import EvalConfig, parse_options
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for o in opt:
+        m, sep, kv = o.partition(":")
+        if not sep:
+            raise SaffronError(f"--opt for compare expects METHOD:KEY=VALUE, got '{o}'")
+        per_method.setdefault(m.strip(), {}).update(parse_options([kv]))
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    stray = sorted(set(per_method) - set(names))
+    if stray:
+        raise SaffronError(f"--opt names method '{stray[0]}', which is not in --methods")
+    try:
+        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip())
+    except ValueError:
+        raise SaffronError(f"--budgets must be comma-separated integers, got '{budgets}'") from None
+    base = EvalConfig(dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
+                      prefill_tokens=prefill_tokens, seed=seed, method_options={"max_new_tokens": max_new_tokens})
+    cc = CompareConfig(methods=names, budgets=budget_list, base=base, method_options=per_method,
+                       target_tflops=target_tflops, limit=limit)
+    _quiet_hf()
+    res = run_compare(cc, out, sweep=sweep)
+    if as_json:
+        slim = {m: {k: d[k] for k in ("asr", "tflops_per_prompt", "scaleff", "n", "budget", "mean_reward",
+                                       "mean_new_tokens", "degenerate_share")} for m, d in res["methods"].items()}
+        typer.echo(json.dumps({"target_tflops": res["target_tflops"], "methods": slim}, indent=2))
+    else:
+        typer.echo(format_comparison(res))
+        typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)
+
+
+@app.command("train-guard")
+def train_guard_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write probe.safetensors and probe.json to."),
+    seed: int = SEED,
+) -> None:
+    """Train smol-guard's probe on the train split of the human-labelled responses."""
+    from saffron.guards.train import train_guard
+
+    _quiet_hf()
+    spec = train_guard(out, seed=seed)
+    typer.echo(json.dumps(spec.train, indent=2))
+
+
+@bench_app.command("guard")
+def bench_guard_cmd(
+    guard: Path | None = typer.Option(None, "--guard", help="Probe folder (default: the shipped one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """ROC-AUC of smol-guard on held-out labelled responses (full and 16-token prefixes) vs TF-IDF."""
+    from saffron.bench.guard import bench_guard
+
+    _quiet_hf()
+    _emit(bench_guard(guard), as_json)
+
+
+def _emit(res: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            typer.echo(f"{k:>24}: {v}")
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(
+    prompt_tokens: int = typer.Option(200, "--prompt-tokens", min=8, help="Prompt length in tokens."),
+    width: int = typer.Option(16, "--width", min=1, help="Search width (sequences kept per step)."),
+    steps: int = typer.Option(32, "--steps", min=1, help="New tokens per sequence."),
+    nocache: bool = typer.Option(True, "--nocache/--no-nocache", help="Also time full recompute (slow)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Time the cached replays this many times, keep best."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Radix-tree KV cache vs no cache vs per-beam cache copies on a Saffron-shaped search trace."""
+    from saffron.bench.cache import bench_cache
+
+    _quiet_hf()
+    _emit(bench_cache(prompt_tokens, width, steps, nocache=nocache, repeats=repeats), as_json)
+
+
+@bench_app.command("flops")
+def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Analytic FLOPs vs torch's FlopCounterMode on the same runner calls."""
+    from saffron.bench.flops import bench_flops
+
+    _quiet_hf()
+    _emit(bench_flops(), as_json)
+
+
+@app.command("build-rewards")
+def build_rewards_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for the Parquet shards and manifest.json (resumable)."),
+    corpus: str = typer.Option("pyrit-harmful:train,guard-labelled:train,policy:pyrit-harmful:train", "--corpus",
+                               help="Comma-separated sources: DATASET[:split], jsonl:PATH, policy:DATASET, hh-rlhf."),
+    reward: str = typer.Option("smol-guard", "--reward", help="Reward model that scores every response prefix."),
+    policy: str = POLICY,
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Response tokens annotated per row."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most N rows per source."),
+    allow_heldout: bool = typer.Option(False, "--allow-heldout", help="Admit held-out prompts (benchmark sets "
+                                       "only; train-mrm refuses such a folder)."),
+    seed: int = SEED,
+) -> None:
+    """Token-level safety rewards: the reward model's score of every response prefix (Safety4M recipe)."""
+    from saffron.mrm.rewards import build_rewards
+
+    _quiet_hf()
+    m = build_rewards(out, corpus=corpus, reward=reward, policy=policy, max_tokens=max_tokens, limit=limit,
+                      allow_heldout=allow_heldout, seed=seed)
+    typer.echo(json.dumps({k: m[k] for k in ("rows", "tokens", "tokens_per_second") if k in m}, indent=2))
+
+
+@app.command("train-mrm")
+def train_mrm_cmd(
+    data: Path = typer.Option(..., "--data", help="Reward folder written by build-rewards."),
+    out: Path = typer.Option(..., "--out", help="MRM folder (adapter, lm_head_bias, unseen_mask, saffron.json)."),
+    base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
+                                   "tokenizer)."),
+    r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank."),
+    alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per step."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later)."),
+    seed: int = SEED,
+) -> None:
+    """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable."""
+    from saffron.mrm.train import train_mrm
+
+    _quiet_hf()
+    man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr, batch_size=batch_size,
+                    epochs=epochs, max_steps=max_steps, seed=seed, command=" ".join(["saffron", *sys.argv[1:]]))
+    typer.echo(json.dumps(man.train or {}, indent=2))
+
+
+@bench_app.command("mrm")
+def bench_mrm_cmd(
+    mrm: str = typer.Option("smol-mrm", "--mrm", help="MRM folder or smol-mrm (embedded)."),
+    data: Path = typer.Option(Path("runs/rewards-heldout"), "--data", help="Held-out reward folder (built on "
+                              "first use from the held-out pairs)."),
+    rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """MRM predictions vs the reward model's actual scores on held-out prefixes."""
+    from saffron.bench.mrm import bench_mrm, build_heldout_rewards
+    from saffron.mrm import load_mrm_spec
+
+    _quiet_hf()
+    model = load_mrm_spec(mrm)
+    if not (data / "manifest.json").is_file() or not any(data.glob("shard-*.parquet")):
+        build_heldout_rewards(data, limit=rows)
+    _emit(bench_mrm(model, data), as_json)
+
+
+@bench_app.command("annotate")
+def bench_annotate_cmd(
+    rows: int = typer.Option(4, "--rows", min=1, help="Rows to annotate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Reward annotation throughput with and without the runner's prefix cache."""
+    from saffron.mrm.rewards import annotation_throughput
+
+    _quiet_hf()
+    _emit(annotation_throughput(rows=rows), as_json)
+
+
+@mrm_app.command("inspect")
+def mrm_inspect_cmd(
+    path: Path = typer.Argument(..., help="An MRM folder (adapter_config.json, adapter_model.safetensors, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """What an MRM folder holds: base model, LoRA shape, vocabulary, masked tokens. Reads files only."""
+    from saffron.mrm.model import inspect_mrm
+
+    _emit(inspect_mrm(path), as_json)
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    import click
+
+    try:
+        return app(args=argv, standalone_mode=False)
+    except SaffronError as e:
+        _fail(str(e), e.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished records are kept, re-run the same command to resume", 130)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The reward-model interface and the Llama-Guard-shaped prompt every guard here uses.
+
+A guard reads ``HEAD(prompt) + response + TAIL`` and answers at the final position. The three pieces are
+tokenised separately and concatenated, so scoring a longer prefix of the same response re-uses the runner's
+cached ``HEAD + prefix`` and only pays for the new response tokens plus the fixed tail, as with Llama Guard.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saffron.errors import SaffronError
+from saffron.model import Model
+from saffron.runner import Runner
+
+
+@dataclass(frozen=True)
+class GuardPrompt:
+    """How a guard wraps a conversation: ``head`` holds a ``{prompt}`` slot; ``tail`` follows the response."""
+
+    head: str
+    tail: str
+    bos: str = ""  # text tokenised before the head (its special tokens), if the template has one
+
+    def ids(self, model: Model, prompt: str, response: str) -> list[int]:
+        return (model.encode(self.bos + self.head.replace("{prompt}", prompt)) + model.encode(response)
+                + model.encode(self.tail))
+
+
+class RewardModel(ABC):
+    """Scores (prompt, response) pairs through a runner; ``flops`` accumulates what the scoring cost."""
+
+    name: str
+    runner: Runner
+
+    @property
+    def flops(self) -> int:
+        return self.runner.flops
+
+    @abstractmethod
+    def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
+        """Rewards for a batch of full guard-prompt token sequences."""
+
+    @abstractmethod
+    def guard_ids(self, prompt: str, response: str) -> list[int]: ...
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        """Rewards of several responses (full or partial) to one prompt."""
+        if not responses:
+            return []
+        seqs = [self.guard_ids(prompt, r) for r in responses]
+        return [float(x) for x in self.readout(seqs)]
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return [float(x) for x in self.readout([self.guard_ids(p, r) for p, r in pairs])]
+
+
+class LogitPairGuard(RewardModel):
+    """Reward = logit(safe token) - logit(unsafe token) at the first answer position."""
+
+    def __init__(self, name: str, model: Model, prompt: GuardPrompt, safe_word: str, unsafe_word: str) -> None:
+        self.name = name
+        self.model = model
+        self.prompt = prompt
+        self.runner = Runner(model)
+        self.safe_id = single_token(model, safe_word)
+        self.unsafe_id = single_token(model, unsafe_word)
+        if self.safe_id == self.unsafe_id:
+            raise SaffronError(f"{name}: '{safe_word}' and '{unsafe_word}' map to the same token")
+
+    def guard_ids(self, prompt: str, response: str) -> list[int]:
+        return self.prompt.ids(self.model, prompt, response)
+
+    def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
+        lg = self.runner.forward(prompt_ids_batch).logits
+        assert lg is not None
+        return lg[:, self.safe_id] - lg[:, self.unsafe_id]
+
+
+def single_token(model: Model, word: str) -> int:
+    """The id of ``word`` as the first token of an answer, looked up in the tokenizer (never hard-coded)."""
+    ids = model.encode(word)
+    if len(ids) != 1:
+        raise SaffronError(f"'{word}' is not a single token in {model.name}'s tokenizer (got {len(ids)} tokens)")
+    return ids[0]
+
+
+def load_guard(spec: str = "smol-guard") -> RewardModel:
+    """``smol-guard`` (embedded), ``smol-guard-zeroshot``, ``llama-guard-3`` or ``llama-guard-3:PATH_OR_ID``."""
+    name, _, arg = spec.partition(":")
+    if name == "smol-guard":
+        from saffron.guards.smol_guard import load_smol_guard
+
+        return load_smol_guard(arg or None)
+    if name == "smol-guard-zeroshot":
+        from saffron.guards.smol_guard import load_zero_shot
+
+        return load_zero_shot()
+    if name == "llama-guard-3":
+        from saffron.guards.llama_guard import LLAMA_GUARD_3_1B, load_llama_guard
+
+        return load_llama_guard(arg or LLAMA_GUARD_3_1B)
+    raise SaffronError(f"unknown guard '{spec}'; known: smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH]")
+
+
+def check_guard_spec(spec: str) -> None:
+    if spec.partition(":")[0] not in ("smol-guard", "smol-guard-zeroshot", "llama-guard-3"):
+        raise SaffronError(f"unknown guard '{spec}'; known: smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH]")

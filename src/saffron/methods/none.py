@@ -1,0 +1,41 @@
+"""No defence: the policy continues the attacked conversation on its own (greedy or sampled)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saffron.methods.base import Method, MethodResult, Stack
+from saffron.methods.sampling import check_sampling, choose
+from saffron.session import Session
+
+
+class NoDefence(Method):
+    name = "none"
+
+    def __init__(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        check_sampling(temperature, top_p)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def options(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+
+    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+        runner = stack.policy
+        eos = runner.model.eos_ids
+        gen = torch.Generator().manual_seed(seed)
+        start = runner.flops
+        ctx = list(session.context_ids)
+        out: list[int] = []
+        for _ in range(self.max_new_tokens):
+            logits = runner.forward([ctx]).logits
+            assert logits is not None
+            tok = choose(logits[0], self.temperature, self.top_p, gen)
+            if tok in eos:
+                break
+            out.append(tok)
+            ctx.append(tok)
+        return MethodResult(output_ids=tuple(out), flops={"policy": runner.flops - start})

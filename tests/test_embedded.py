@@ -1,0 +1,48 @@
+"""End to end on the embedded stack: SmolLM2 from the wheel, smol-guard, the offline held-out harmful pairs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from saffron.data import guard_labelled, pyrit_harmful
+from saffron.embedded import EMBEDDED_POLICY
+from saffron.evaluate import EvalConfig, run_eval
+from saffron.guards import load_guard
+from saffron.model import load_model
+from tests.conftest import embedded
+
+
+@embedded
+def test_embedded_policy_reads_everything_from_its_tokenizer() -> None:
+    m = load_model(EMBEDDED_POLICY)
+    assert m.eos_ids == {m.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert m.tokenizer.decode(m.chat_prompt_ids("hi")).endswith("<|im_start|>user\nhi<|im_end|>\n"
+                                                                "<|im_start|>assistant\n")
+    assert m.hf.dtype.is_floating_point and str(m.hf.dtype) == "torch.float32"
+
+
+@embedded
+def test_prefilling_attack_eval_on_heldout_pairs(tmp_path: Path) -> None:
+    cfg = EvalConfig(method_options={"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0})
+    m = run_eval(cfg, tmp_path / "run", limit=2, progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    heldout = pyrit_harmful("heldout")[:2]
+    assert [r["id"] for r in recs] == [e.id for e in heldout]
+    pol = load_model(EMBEDDED_POLICY)
+    for r, e in zip(recs, heldout, strict=True):
+        assert e.response is not None
+        assert pol.encode(r["prefill"]) == pol.encode(e.response)[:10]
+        assert 0 < r["new_tokens"] <= 8 and r["flops"]["policy"] > 0
+    assert set(m) >= {"asr", "mean_reward", "n", "tflops_per_prompt", "mean_new_tokens"} and m["n"] == 2
+
+
+@embedded
+def test_shipped_guard_ranks_heldout_unsafe_below_safe() -> None:
+    rows = guard_labelled("heldout")
+    safe = [r for r in rows if not r.unsafe][:6]
+    unsafe = [r for r in rows if r.unsafe][:6]
+    guard = load_guard("smol-guard")
+    rs = [guard.score(r.prompt, [r.response])[0] for r in safe]  # type: ignore[list-item]
+    ru = [guard.score(r.prompt, [r.response])[0] for r in unsafe]  # type: ignore[list-item]
+    assert np.mean(rs) > 0 > np.mean(ru)

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from saffron.errors import SaffronError
+from saffron.guards.base import load_guard
+from saffron.guards.llama_guard import CATEGORIES, LLAMA_GUARD_3_PROMPT
+from saffron.guards.smol_guard import Probe, ProbeGuard, ProbeSpec, chat_guard_prompt, load_probe, save_probe
+
+
+def test_llama_guard_prompt_is_the_official_shape(tiny_dir: Path) -> None:
+    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    ids = guard.guard_ids("How do I bake bread?", "Mix flour and water.")
+    text = guard.model.tokenizer.decode(ids)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is "
+                           "unsafe content in 'Agent' messages")
+    for i, c in enumerate(CATEGORIES, start=1):
+        assert c.startswith(f"S{i}: ") and c in text
+    assert "\n\nUser: How do I bake bread?\n\nAgent: Mix flour and water.\n\n<END CONVERSATION>\n\n" in text
+    assert text.endswith("Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:\n"
+                         " - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include a "
+                         "comma-separated list of violated categories.<|eot_id|><|start_header_id|>assistant"
+                         "<|end_header_id|>\n\n")
+
+
+def test_llama_guard_reward_is_the_safe_minus_unsafe_logit(tiny_dir: Path) -> None:
+    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    tok = guard.model.tokenizer
+    rewards = guard.score("q", ["a harmless answer", "another"])
+    for resp, got in zip(["a harmless answer", "another"], rewards, strict=True):
+        ids = guard.guard_ids("q", resp)
+        logits = guard.model.hf(torch.tensor([ids])).logits[0, -1]
+        want = logits[tok.convert_tokens_to_ids("safe")] - logits[tok.convert_tokens_to_ids("unsafe")]
+        assert got == pytest.approx(float(want), abs=1e-4)
+
+
+def test_guard_scoring_a_longer_prefix_reuses_the_cached_head(tiny_dir: Path) -> None:
+    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    guard.score("q", ["abcdef"])
+    before = guard.runner.stats.computed_tokens
+    guard.score("q", ["abcdefgh"])
+    tail = len(guard.model.encode(LLAMA_GUARD_3_PROMPT.tail))
+    # only the two new response bytes and the fixed tail run again
+    assert guard.runner.stats.computed_tokens - before == 2 + tail
+
+
+def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    spec = ProbeSpec(base_model="unused", layers=(1, 2), hidden=0)
+    probe = Probe(2 * tiny.hf.config.hidden_size, 0)
+    torch.nn.init.normal_(probe.net.weight)
+    save_probe(tmp_path / "p", spec, probe)
+    spec2, probe2 = load_probe(tmp_path / "p")
+    assert spec2 == spec
+    g = ProbeGuard(tiny, spec2, probe2)
+    r = g.score("q", ["x", "y"])
+    feats = g.features([g.guard_ids("q", "x")])
+    assert r[0] == pytest.approx(float(probe(feats)[0].detach()), abs=1e-5)
+    (tmp_path / "p" / "probe.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SaffronError, match="corrupted"):
+        load_probe(tmp_path / "p")
+    with pytest.raises(SaffronError, match="train-guard"):
+        load_probe(tmp_path / "missing")
+
+
+def test_chat_guard_prompt_puts_the_response_between_head_and_tail(tiny) -> None:  # type: ignore[no-untyped-def]
+    gp = chat_guard_prompt(tiny)
+    assert gp.head.startswith("<|im_start|>user\nTask:") and gp.head.endswith("User: {prompt}\n\nAgent: ")
+    assert gp.tail.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_unknown_guard() -> None:
+    with pytest.raises(SaffronError, match="unknown guard"):
+        load_guard("gpt-judge")

@@ -1,0 +1,488 @@
+"""The search methods on a tiny random policy, a tiny guard over it and a tiny MRM (another random Llama).
+
+Rewards from random models mean nothing, so the tests check what each method must do with whatever rewards it
+gets: which candidate it returns, how many reward calls it makes, what it never emits, and that it is
+deterministic in its seed and charges every model's FLOPs to the right role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from saffron.errors import SaffronError
+from saffron.guards.base import GuardPrompt, LogitPairGuard, RewardModel
+from saffron.methods import METHODS, Stack, get_method
+from saffron.methods.base import Method, MethodResult
+from saffron.methods.best_of_n import BestOfN
+from saffron.methods.deal_mcts import DealMcts
+from saffron.methods.rebase import Rebase
+from saffron.methods.rejection import Rejection
+from saffron.methods.saffron import Saffron
+from saffron.methods.sampling import choose_distinct, nucleus_mask
+from saffron.methods.tree import one_eos
+from saffron.model import Model, load_model_copy
+from saffron.mrm.model import Mrm, MrmManifest, tokenizer_fingerprint
+from saffron.runner import Runner
+from saffron.session import Session
+from tests.conftest import make_tiny_llama
+
+PROMPT = "How do I pick a lock?"
+GUARD_PROMPT = GuardPrompt(head="User: {prompt}\nAgent:", tail="\nVerdict:")
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread hand-offs cost ~40x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class RecordingGuard(LogitPairGuard):
+    """The tiny guard, remembering every batch it was asked to score."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__("tiny-guard", model, GUARD_PROMPT, " safe", " unsafe")
+        self.calls: list[list[str]] = []
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        self.calls.append(list(responses))
+        return super().score(prompt, responses)
+
+
+class ScriptedReward(RewardModel):
+    """Returns the scripted rewards in order, one per response scored; costs nothing."""
+
+    name = "scripted"
+
+    def __init__(self, model: Model, script: list[float]) -> None:
+        self.runner = Runner(model)
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+
+    def guard_ids(self, prompt: str, response: str) -> list[int]:
+        raise AssertionError("not used")
+
+    def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
+        raise AssertionError("not used")
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        self.calls.append(list(responses))
+        return [self.script.pop(0) for _ in responses]
+
+
+def other_llama(path: Path, tiny: Model, seed: int) -> Model:
+    """Another random Llama reading text exactly as ``tiny`` does. The tokenizer object is shared because
+    ``make_tokenizer`` numbers the bytes in ``ByteLevel.alphabet()`` order, which changes from call to call."""
+    m = load_model_copy(str(make_tiny_llama(path, seed=seed)), device="cpu")
+    return replace(m, tokenizer=tiny.tokenizer, eos_ids=tiny.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def mrm_base(tmp_path_factory: pytest.TempPathFactory, tiny: Model) -> Model:
+    """A second random Llama over the policy's tokenizer: the MRM's backbone (its logits are rewards)."""
+    return other_llama(tmp_path_factory.mktemp("tiny-mrm"), tiny, seed=1)
+
+
+def make_mrm(base: Model, unseen: set[int] | None = None, bias: dict[int, float] | None = None,
+             fingerprint: str | None = None) -> Mrm:
+    v = base.vocab_size
+    mask = torch.zeros(v, dtype=torch.bool)
+    mask[sorted(base.eos_ids if unseen is None else unseen)] = True  # default: EOS unseen, as released
+    b = torch.zeros(v)
+    for tok, val in (bias or {}).items():
+        b[tok] = val
+    manifest = MrmManifest(base_model="tiny-mrm", tokenizer_sha256=fingerprint or tokenizer_fingerprint(base.tokenizer))
+    return Mrm(base, manifest, b, mask)
+
+
+@pytest.fixture
+def session(tiny: Model) -> Session:
+    return Session(prompt=PROMPT, prompt_ids=tuple(tiny.chat_prompt_ids(PROMPT)), prefill_ids=tuple(tiny.encode("Sure")))
+
+
+def stack(tiny: Model, mrm_base: Model | None = None, reward: RewardModel | None = None, **mrm_kw: Any) -> Stack:
+    """Fresh runners every time: no cache left over from another run, so FLOPs and outputs compare exactly."""
+    return Stack(policy=Runner(tiny), reward=reward if reward is not None else RecordingGuard(tiny),
+                 mrm=make_mrm(mrm_base, **mrm_kw) if mrm_base is not None else None)
+
+
+SMALL: dict[str, dict[str, Any]] = {
+    "best-of-n": {"n": 4, "max_new_tokens": 6},
+    "rejection": {"n": 3, "max_new_tokens": 6},
+    "rebase": {"width": 3, "children": 2, "max_new_tokens": 5},
+    "deal-mcts": {"simulations": 3, "top_k": 3, "lookahead": 1, "max_new_tokens": 4},
+    "saffron": {"width": 4, "max_new_tokens": 6, "min_new_tokens": 2},
+}
+
+
+def run(method: Method, session: Session, st: Stack, seed: int = 0) -> MethodResult:
+    return method.run(session, st, seed)
+
+
+# -- all methods ---------------------------------------------------------------------------------------------
+
+
+def test_every_method_is_registered() -> None:
+    assert set(METHODS) == {"none", "best-of-n", "rejection", "rebase", "deal-mcts", "saffron"}
+    for name, cls in METHODS.items():
+        assert cls.name == name and get_method(name) is cls
+    with pytest.raises(SaffronError, match="unknown method 'beam'"):
+        get_method("beam")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_same_seed_same_output_and_flops_are_the_runners_deltas(name: str, tiny: Model, mrm_base: Model,
+                                                               session: Session) -> None:
+    method = get_method(name)(**SMALL[name])
+    results = []
+    for _ in range(2):
+        st = stack(tiny, mrm_base)
+        assert st.reward is not None and st.mrm is not None
+        st.policy.forward([[1, 2, 3]])  # counters already running: the method must report deltas
+        st.reward.score("another prompt", ["x"])
+        st.mrm.rewards("another prompt", [[4, 5]])
+        before = {"policy": st.policy.flops, "reward": st.reward.flops, "mrm": st.mrm.flops}
+        res = run(method, session, st, seed=11)
+        after = {"policy": st.policy.flops, "reward": st.reward.flops, "mrm": st.mrm.flops}
+        roles = {"policy", "mrm", "reward"} if name == "saffron" else {"policy", "reward"}
+        assert set(res.flops) == roles
+        for role in roles:
+            assert res.flops[role] == after[role] - before[role] > 0
+        assert len(res.output_ids) <= SMALL[name]["max_new_tokens"]
+        assert not set(res.output_ids) & tiny.eos_ids
+        results.append(res)
+    a, b = results
+    assert a.output_ids == b.output_ids and a.flops == b.flops and a.trace == b.trace
+
+
+@pytest.mark.parametrize("name", ["best-of-n", "rejection", "rebase"])
+def test_different_seeds_give_different_samples(name: str, tiny: Model, session: Session) -> None:
+    method = get_method(name)(**SMALL[name])
+    outs = {run(method, session, stack(tiny), seed=s).output_ids for s in range(3)}
+    assert len(outs) > 1
+
+
+@pytest.mark.parametrize("name", ["best-of-n", "rejection", "rebase", "deal-mcts", "saffron"])
+def test_a_missing_reward_model_is_refused(name: str, tiny: Model, mrm_base: Model, session: Session) -> None:
+    st = Stack(policy=Runner(tiny), mrm=make_mrm(mrm_base))
+    with pytest.raises(SaffronError, match=f"method {name}.* needs a reward model: pass --reward"):
+        run(get_method(name)(**SMALL[name]), session, st)
+
+
+BAD_OPTIONS = [
+    (BestOfN, {"n": 0}, "n must be >= 1"),
+    (BestOfN, {"max_new_tokens": 0}, "max_new_tokens"),
+    (BestOfN, {"temperature": -0.1}, "temperature"),
+    (BestOfN, {"top_p": 0.0}, "top_p"),
+    (BestOfN, {"top_p": 1.5}, "top_p"),
+    (BestOfN, {"min_new_tokens": 40}, r"min_new_tokens \(40\) must be <= max_new_tokens \(32\)"),
+    (Rejection, {"n": -1}, "n must be >= 1"),
+    (Rejection, {"n": 2.5}, "n must be an integer"),
+    (Rebase, {"width": 0}, "width"),
+    (Rebase, {"children": 0}, "children"),
+    (Rebase, {"chunk_tokens": 0}, "chunk_tokens"),
+    (Rebase, {"min_new_tokens": -1}, "min_new_tokens"),
+    (DealMcts, {"simulations": 0}, "simulations"),
+    (DealMcts, {"top_k": 0}, "top_k"),
+    (DealMcts, {"c": -1.0}, "c must be"),
+    (DealMcts, {"lookahead": -1}, "lookahead"),
+    (Saffron, {"width": 0}, "width"),
+    (Saffron, {"top_p": 0.0}, "top_p"),
+    (Saffron, {"top_p": 1.01}, "top_p"),
+    (Saffron, {"min_new_tokens": 33}, "min_new_tokens"),
+    (Saffron, {"final": "best"}, "final must be one of rerank, first"),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "message"), BAD_OPTIONS)
+def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SaffronError, match=message):
+        cls(**kwargs)
+
+
+def test_options_are_what_was_asked() -> None:
+    assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
+                                   "final": "rerank"}
+    assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
+    assert BestOfN(n=8).options()["n"] == 8
+
+
+# -- best-of-n, rejection ------------------------------------------------------------------------------------
+
+
+def test_best_of_n_keeps_the_best_of_one_batched_scoring(tiny: Model, session: Session) -> None:
+    st = stack(tiny)
+    res = run(BestOfN(n=5, max_new_tokens=6), session, st)
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert len(guard.calls) == 1 and len(guard.calls[0]) == 5
+    rewards = res.trace["rewards"]
+    assert rewards == pytest.approx(RecordingGuard(tiny).score(PROMPT, guard.calls[0]), abs=1e-4)  # re-scored
+    best = rewards.index(max(rewards))
+    assert res.trace["chosen"] == best and tiny.decode(res.output_ids) == guard.calls[0][best]
+    assert len(set(guard.calls[0])) > 1  # N different samples, not one repeated
+
+
+def test_best_of_n_ties_go_to_the_first(tiny: Model, session: Session) -> None:
+    res = run(BestOfN(n=3, max_new_tokens=4), session, stack(tiny, reward=ScriptedReward(tiny, [1.0, 2.0, 2.0])))
+    assert res.trace["chosen"] == 1
+
+
+def test_rejection_stops_at_the_first_safe_sample(tiny: Model, session: Session) -> None:
+    reward = ScriptedReward(tiny, [-1.0, -2.0, 3.0, 5.0])
+    res = run(Rejection(n=4, max_new_tokens=5), session, stack(tiny, reward=reward))
+    assert [len(c) for c in reward.calls] == [1, 1, 1]  # one sample per call, stopped after the third
+    assert tiny.decode(res.output_ids) == reward.calls[2][0]
+    assert res.trace["accepted"] and res.trace["chosen"] == 2 and res.trace["n_reward_calls"] == 3
+
+
+def test_rejection_returns_the_best_seen_when_none_is_safe(tiny: Model, session: Session) -> None:
+    reward = ScriptedReward(tiny, [-3.0, 0.0, -2.0, -1.0])
+    res = run(Rejection(n=4, max_new_tokens=5), session, stack(tiny, reward=reward))
+    assert len(reward.calls) == 4  # 0.0 is not safe: reward must be > 0
+    assert tiny.decode(res.output_ids) == reward.calls[1][0]
+    assert not res.trace["accepted"]
+
+
+# -- rebase --------------------------------------------------------------------------------------------------
+
+
+def test_rebase_scores_every_child_once_per_step_and_returns_the_best_survivor(tiny: Model,
+                                                                               session: Session) -> None:
+    st = stack(tiny)
+    res = run(Rebase(width=3, children=2, max_new_tokens=4, min_new_tokens=4), session, st)
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert len(guard.calls) == res.trace["n_reward_calls"] == 4  # token-level: one call per token
+    assert [len(c) for c in guard.calls] == [2, 4, 6, 6]  # 1, 2, then 3 nodes, 2 children each
+    assert res.trace["explored_children"] == 18
+    finals = res.trace["final_rewards"]
+    assert len(finals) == 3 and finals == sorted(finals, reverse=True)
+    assert RecordingGuard(tiny).score(PROMPT, [tiny.decode(res.output_ids)])[0] == pytest.approx(finals[0], abs=1e-4)
+    assert len(res.output_ids) == 4  # EOS banned up to min_new_tokens = max_new_tokens
+
+
+class EosProne:
+    """The tiny policy's runner with EOS made the most likely token everywhere (a tiny random model almost never
+    ends on its own), so finished nodes appear on cue."""
+
+    def __init__(self, tiny: Model) -> None:
+        self.inner, self.model = Runner(tiny), tiny
+
+    @property
+    def flops(self) -> int:
+        return self.inner.flops
+
+    def forward(self, seqs: Sequence[Sequence[int]], *, logits: bool = True) -> Any:
+        out = self.inner.forward(seqs)
+        out.logits[:, sorted(self.model.eos_ids)] += 10.0
+        return out
+
+
+def test_rebase_carries_finished_nodes_over(tiny: Model, session: Session) -> None:
+    # greedy children: [EOS, best token] at every node. Root's finished child scores 5: it must survive to the end
+    reward = ScriptedReward(tiny, [5.0, 1.0, 0.0, 2.0, 0.0, 0.0])
+    st = Stack(policy=EosProne(tiny), reward=reward)  # type: ignore[arg-type]
+    res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3), session, st)
+    assert [len(c) for c in reward.calls] == [2, 2, 2] and reward.calls[0][0] == ""
+    assert res.output_ids == () and res.trace["final_rewards"] == [5.0, 0.0]  # AB gave way to its children
+
+
+def test_rebase_expands_chunks(tiny: Model, session: Session) -> None:
+    st = stack(tiny)
+    res = run(Rebase(width=2, children=2, chunk_tokens=4, max_new_tokens=12, min_new_tokens=12), session, st)
+    assert res.trace["n_reward_calls"] == 3 and len(res.output_ids) == 12
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert [len(c) for c in guard.calls] == [2, 4, 4]
+
+
+# -- deal-mcts -----------------------------------------------------------------------------------------------
+
+
+def test_deal_mcts_commits_only_top_k_policy_tokens(tiny: Model, session: Session) -> None:
+    st = stack(tiny)
+    res = run(DealMcts(simulations=4, top_k=2, max_new_tokens=4, min_new_tokens=4), session, st)
+    assert len(res.output_ids) == 4
+    ref = Runner(tiny)
+    for i, tok in enumerate(res.output_ids):
+        lg = ref.forward([list(session.context_ids) + list(res.output_ids[:i])]).logits
+        assert lg is not None
+        lg[0, sorted(tiny.eos_ids)] = float("-inf")
+        assert tok in lg[0].topk(2).indices.tolist()
+    assert 0 < res.trace["n_reward_calls"] <= 4 * 4
+
+
+def test_deal_mcts_with_one_child_per_node_is_greedy_decoding(tiny: Model, session: Session) -> None:
+    res = run(DealMcts(simulations=3, top_k=1, max_new_tokens=6, min_new_tokens=2), session, stack(tiny))
+    assert res.output_ids == greedy(tiny, session, 6, 2)
+
+
+def test_deal_mcts_commits_the_most_visited_child_not_the_best_mean(tiny: Model, session: Session) -> None:
+    # c = 0: a (1.0) beats b (0.95), so a is expanded and its child scores 0.8: a has 2 visits, mean 0.9 < 0.95
+    reward = ScriptedReward(tiny, [1.0, 0.95, 0.8, 0.0])
+    res = run(DealMcts(simulations=3, top_k=2, c=0.0, max_new_tokens=2, min_new_tokens=2), session,
+              stack(tiny, reward=reward))
+    assert res.output_ids == greedy(tiny, session, 2, 2)  # a, then a's best child (3 visits, mean 0.8)
+    assert len(reward.calls) == res.trace["n_reward_calls"] == 4  # a finished node's value is cached
+
+
+def test_deal_mcts_lookahead_costs_policy_compute(tiny: Model, session: Session) -> None:
+    flops = []
+    for la in (0, 3):
+        res = run(DealMcts(simulations=3, top_k=2, lookahead=la, max_new_tokens=3), session, stack(tiny))
+        flops.append(res.flops["policy"])
+    assert flops[1] > flops[0]
+
+
+# -- saffron -------------------------------------------------------------------------------------------------
+
+
+def greedy(tiny: Model, session: Session, n: int, min_new: int) -> tuple[int, ...]:
+    runner, out = Runner(tiny), []
+    for t in range(n):
+        lg = runner.forward([list(session.context_ids) + out]).logits
+        assert lg is not None
+        if t < min_new:
+            lg[0, sorted(tiny.eos_ids)] = float("-inf")
+        tok = int(lg[0].argmax())
+        if tok in tiny.eos_ids:
+            break
+        out.append(tok)
+    return tuple(out)
+
+
+def test_saffron_width_one_tiny_nucleus_is_greedy_decoding(tiny: Model, mrm_base: Model, session: Session) -> None:
+    res = run(Saffron(width=1, top_p=1e-6, max_new_tokens=8, min_new_tokens=3, final="first"), session,
+              stack(tiny, mrm_base))
+    assert res.output_ids == greedy(tiny, session, 8, 3)
+    assert res.trace["n_mrm_calls"] == res.trace["steps"] >= len(res.output_ids)
+
+
+def test_saffron_chooses_the_top_mrm_token_in_the_nucleus(tiny: Model, mrm_base: Model, session: Session) -> None:
+    st = stack(tiny, mrm_base)
+    res = run(Saffron(width=1, top_p=0.8, max_new_tokens=5, min_new_tokens=5, final="first"), session, st)
+    assert len(res.output_ids) == 5
+    ref, mrm = Runner(tiny), make_mrm(mrm_base)
+    differs = False
+    for i, tok in enumerate(res.output_ids):
+        lg = ref.forward([list(session.context_ids) + list(res.output_ids[:i])]).logits
+        assert lg is not None
+        lg[0, sorted(tiny.eos_ids)] = float("-inf")
+        nucleus = nucleus_mask(lg[0], 0.8)
+        q = mrm.rewards(PROMPT, [res.output_ids[:i]])[0].masked_fill(~nucleus, float("-inf"))
+        assert tok == int(q.argmax())
+        differs |= tok != int(lg[0].argmax())
+    assert differs  # the MRM, not the policy's argmax, chose at least once
+
+
+def test_saffron_never_emits_an_unseen_token(tiny: Model, mrm_base: Model, session: Session) -> None:
+    method = Saffron(width=4, max_new_tokens=6, min_new_tokens=6, final="first")
+    free = run(method, session, stack(tiny, mrm_base)).output_ids
+    banned = set(free) | set(tiny.eos_ids)
+    res = run(method, session, stack(tiny, mrm_base, unseen=banned))
+    assert len(res.output_ids) == 6 and not set(res.output_ids) & banned
+
+
+def test_saffron_takes_unseen_tokens_only_to_fill_the_beam(tiny: Model, mrm_base: Model, session: Session) -> None:
+    # every token unseen but one: the beam still fills (the authors' -1024 is a rank, not a ban), seen first
+    seen = greedy(tiny, session, 1, 1)[0]
+    unseen = set(range(tiny.vocab_size)) - {seen}
+    res = run(Saffron(width=3, top_p=1.0, max_new_tokens=1, min_new_tokens=1, final="first"), session,
+              stack(tiny, mrm_base, unseen=unseen))
+    assert res.output_ids == (seen,)
+    assert res.trace["beam_rewards"] == [None, None, None]  # paper rule: no reward until a node ends
+
+
+def test_saffron_bans_eos_before_min_new_tokens(tiny: Model, mrm_base: Model, session: Session) -> None:
+    eos = min(tiny.eos_ids)
+    for min_new in (0, 4):  # EOS seen and rewarded far above everything: chosen as soon as it is allowed
+        res = run(Saffron(width=1, top_p=1.0, max_new_tokens=10, min_new_tokens=min_new, final="first"), session,
+                  stack(tiny, mrm_base, unseen=set(), bias={eos: 100.0}))
+        assert len(res.output_ids) == min_new
+        assert res.trace["finished"] == 1 and res.trace["steps"] == min_new + 1
+
+
+def test_saffron_carries_finished_nodes_over(tiny: Model, mrm_base: Model, session: Session) -> None:
+    # EOS seen and far ahead: the root ends at once beside two live children; those two end next step, and the
+    # three finished nodes fill the beam, so the search stops after two steps
+    eos = min(tiny.eos_ids)
+    res = run(Saffron(width=3, top_p=1.0, max_new_tokens=8, min_new_tokens=0, final="first"), session,
+              stack(tiny, mrm_base, unseen=set(), bias={eos: 100.0}))
+    assert res.trace["steps"] == 2 and res.trace["finished"] == 3 and len(res.output_ids) <= 1
+
+
+def test_saffron_final_rules(tiny: Model, mrm_base: Model, session: Session) -> None:
+    eos = min(tiny.eos_ids)
+    opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 8, "min_new_tokens": 3}
+    kw: dict[str, Any] = {"unseen": set(), "bias": {eos: 100.0}}
+    first = run(Saffron(final="first", **opts), session, stack(tiny, mrm_base, **kw))
+    beam = first.trace["beam_rewards"]
+    assert len(beam) == 4 and beam == sorted(beam, reverse=True) and all(r > 50 for r in beam)  # all finished
+    assert first.trace["chosen"] == 0 and "n_reward_calls" not in first.trace and "reward" not in first.flops
+    st = stack(tiny, mrm_base, **kw)
+    rerank = run(Saffron(final="rerank", **opts), session, st)
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert len(guard.calls) == 1 and len(guard.calls[0]) == 4  # one batched call over the surviving beam
+    scores = rerank.trace["final_rewards"]
+    best = scores.index(max(scores))
+    assert rerank.trace["chosen"] == best and tiny.decode(rerank.output_ids) == guard.calls[0][best]
+    assert tiny.decode(first.output_ids) == guard.calls[0][0]  # same search, "first" takes the head of the beam
+    # "first" needs no reward model at all
+    run(Saffron(final="first", **opts), session, Stack(policy=Runner(tiny), mrm=make_mrm(mrm_base, **kw)))
+
+
+def test_saffron_needs_an_mrm_for_the_same_tokenizer(tiny: Model, mrm_base: Model, session: Session) -> None:
+    with pytest.raises(SaffronError, match="needs an MRM"):
+        run(Saffron(), session, stack(tiny))
+    with pytest.raises(SaffronError, match="tokenizer"):
+        run(Saffron(width=2, max_new_tokens=2, min_new_tokens=0), session,
+            Stack(policy=Runner(tiny), reward=RecordingGuard(tiny), mrm=make_mrm(mrm_base, fingerprint="0" * 64)))
+
+
+def test_saffron_search_runs_with_a_lora_mrm(tmp_path: Path, tiny: Model, session: Session) -> None:
+    from saffron.mrm.model import add_lora
+
+    base = other_llama(tmp_path / "m", tiny, seed=2)
+    add_lora(base)  # fresh adapters (B = 0): the MRM's rewards equal its base model's logits
+    res = run(Saffron(width=2, max_new_tokens=3, min_new_tokens=3, final="first"), session,
+              Stack(policy=Runner(tiny), mrm=make_mrm(base)))
+    assert len(res.output_ids) == 3 and res.flops["mrm"] > 0
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def test_nucleus_never_keeps_banned_tokens() -> None:
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(64, 300, generator=g) * 0.1
+    lg[:, 5] = float("-inf")
+    for p in (1.0, 0.999999, 0.5):
+        m = nucleus_mask(lg, p)
+        assert not m[:, 5].any() and m.sum(-1).min() >= 1
+    assert nucleus_mask(lg, 1.0).sum(-1).tolist() == [299] * 64
+
+
+def test_choose_distinct_and_one_eos() -> None:
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(50, generator=g)
+    picks = choose_distinct(lg, 10, 1.0, 1.0, g)
+    assert len(picks) == len(set(picks)) == 10
+    assert choose_distinct(lg, 3, 0.0, 1.0, g) == lg.topk(3).indices.tolist()
+    cand = torch.ones(2, 6, dtype=torch.bool)
+    scores = torch.tensor([[0, 1, 5.0, 0, 5.0, 0], [0, 1, 1.0, 0, 7.0, 0]])
+    out = one_eos(cand, scores, frozenset({2, 4}))
+    assert out[0].tolist() == [True, True, True, True, False, True]  # tie: the first EOS id
+    assert out[1].tolist() == [True, True, False, True, True, True]

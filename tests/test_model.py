@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from saffron.errors import SaffronError
+from saffron.model import load_model
+from saffron.runner import Runner
+
+
+def test_eos_and_chat_template_come_from_the_tokenizer(tiny) -> None:  # type: ignore[no-untyped-def]
+    assert tiny.eos_ids == {tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    ids = tiny.chat_prompt_ids("hi")
+    assert tiny.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bad_sequences_are_refused(tiny) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SaffronError, match="empty"):
+        tiny.check_ids([])
+    with pytest.raises(SaffronError, match=r"outside .* vocabulary"):
+        tiny.check_ids([tiny.vocab_size])
+    with pytest.raises(SaffronError, match="context limit of 2048"):
+        tiny.check_ids([1] * 2020, reserve=32)
+    with pytest.raises(SaffronError, match="prompt is empty"):
+        tiny.chat_prompt_ids("  \n ")
+
+
+def test_bad_model_specs(tmp_path: Path) -> None:
+    with pytest.raises(SaffronError, match="not a model folder"):
+        load_model(str(tmp_path))
+    with pytest.raises(SaffronError, match="could not be loaded"):
+        load_model("no-such-owner/no-such-model-xyz")
+    with pytest.raises(SaffronError, match="not found"):
+        load_model("./missing-folder")
+
+
+def test_runner_matches_full_recompute_and_counts_only_new_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, tiny.vocab_size, (20,), generator=g).tolist()
+    seqs = [base, base + [5, 6, 7], base[:12] + [9], base + [5, 6, 7, 8]]
+    got = r.forward(seqs).logits
+    assert got is not None
+    for s, lg in zip(seqs, got, strict=True):
+        full = tiny.hf(torch.tensor([s])).logits[0, -1]
+        torch.testing.assert_close(lg, full, atol=1e-4, rtol=1e-4)
+    # every unique token once: base (20), [5, 6, 7], the [9] branch, then [8]
+    assert r.stats.computed_tokens == 20 + 3 + 1 + 1
+    assert r.stats.reused_tokens == 0 + 20 + 12 + 23  # later sequences in the batch ride on earlier ones
+    r.forward([base + [5, 6]])  # fully cached: only its last token runs again, for its output
+    assert r.stats.computed_tokens == 26
+    r.reset()
+    r.forward([base])
+    assert r.stats.computed_tokens == 26 + 20

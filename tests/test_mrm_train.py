@@ -1,0 +1,375 @@
+"""Token-level reward data, MRM training and the MRM benchmark, on the tiny random Llama (policy = reward model)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saffron.data import is_heldout
+from saffron.errors import SaffronError
+from saffron.guards.base import GuardPrompt, LogitPairGuard
+from saffron.model import Model, load_model, load_model_copy
+from saffron.mrm import rewards as rewards_mod
+from saffron.mrm.model import DEFAULT_TEMPLATE, add_lora, load_mrm, tokenizer_fingerprint
+from saffron.mrm.rewards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    RewardRow,
+    annotation_throughput,
+    build_rewards,
+    read_rewards,
+    write_shard,
+)
+from saffron.mrm.train import CHECKPOINT_DIR, CHECKPOINT_FILE, MrmHead, predict, train_mrm
+
+SHORT = GuardPrompt(head="User: {prompt}\nAgent: ", tail="\nSafe?")  # byte tokenizer: keep the guard prompt short
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices on a shared 2-core machine: extra OpenMP threads only spin; one thread is 10-50x faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CountingGuard(LogitPairGuard):
+    """The tiny model as a Llama-Guard-shaped reward model, counting the prefixes it scores."""
+
+    def __init__(self, model: Model, fail_after: int | None = None, nan: bool = False) -> None:
+        super().__init__("test-guard", model, SHORT, "safe", "unsafe")
+        self.scored = 0
+        self.fail_after = fail_after
+        self.nan = nan
+
+    def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
+        if self.fail_after is not None and self.scored >= self.fail_after:
+            raise RuntimeError("simulated kill")
+        self.scored += len(prompt_ids_batch)
+        out = super().readout(prompt_ids_batch)
+        return out * float("nan") if self.nan else out
+
+
+def _prompts(n: int, heldout: bool, tag: str = "q") -> list[str]:
+    out, k = [], 0
+    while len(out) < n:
+        p = f"{tag} {k}: how do I do the thing?"
+        if is_heldout(p) == heldout:
+            out.append(p)
+        k += 1
+    return out
+
+
+def _write_corpus(path: Path, prompts: list[str], heldout_prompts: list[str] = ()) -> Path:  # type: ignore[assignment]
+    lines = []
+    for i, p in enumerate([*prompts, *heldout_prompts]):
+        resp = f"Answer {i}: " + "step, " * (i % 3 + 1) + "done."
+        lines.append(json.dumps({"id": f"r{i}", "prompt": p, "response": resp}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", _prompts(6, heldout=False))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, corpus: Path) -> Path:
+    """A reward folder on the 6-row corpus, 24 tokens per response at most, 4 rows per shard."""
+    out = tmp_path_factory.mktemp("rewards") / "data"
+    build_rewards(out, corpus=f"jsonl:{corpus}", reward=CountingGuard(load_model(str(tiny_dir))),
+                  policy=str(tiny_dir), max_tokens=24, shard_rows=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, built: Path) -> Path:
+    out = tmp_path_factory.mktemp("mrm") / "mrm"
+    train_mrm(built, out, base_model=str(tiny_dir), lr=1e-2, batch_size=2, epochs=2, progress=False, device="cpu")
+    return out
+
+
+def _guard(tiny_dir: Path, **kw: object) -> CountingGuard:
+    return CountingGuard(load_model(str(tiny_dir)), **kw)  # type: ignore[arg-type]
+
+
+# --- build_rewards -----------------------------------------------------------------------------------------------
+
+
+def test_shards_hold_every_prefix_reward_exactly(built: Path, tiny_dir: Path, corpus: Path) -> None:
+    manifest, rows = read_rewards(built)
+    assert manifest["rows"] == 6 and [p.name for p in sorted(built.glob("shard-*.parquet"))] == [
+        "shard-00000.parquet", "shard-00001.parquet"]
+    schema = pq.read_schema(built / "shard-00000.parquet")
+    assert str(schema.field("prompt_ids").type) == "list<element: int32>"
+    assert str(schema.field("rewards").type) == "list<element: float>"
+    assert manifest["same_tokenizer"] and manifest["reward_flops"] > 0 and manifest["tokens_per_second"] > 0
+    assert manifest["config"]["policy_tokenizer_sha256"] == tokenizer_fingerprint(load_model(str(tiny_dir)).tokenizer)
+    model = load_model(str(tiny_dir))
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    guard = _guard(tiny_dir)
+    for row, src in zip(rows, lines, strict=True):
+        ids = model.encode(src["response"])
+        assert row.response_ids == ids[:24] and row.complete == (len(ids) <= 24)
+        assert row.prompt_ids == model.encode(model.tokenizer.bos_token + DEFAULT_TEMPLATE.format(prompt=src["prompt"]))
+        assert len(row.rewards) == len(row.response_ids) and row.source.startswith("jsonl:")
+    # the cached batch path gives what scoring each prefix alone through plain transformers gives
+    for row in rows[:2]:
+        for j in range(1, len(row.response_ids) + 1):
+            seq = guard.guard_ids(row.prompt, model.decode(row.response_ids[:j]))
+            with torch.no_grad():
+                lg = model.hf(torch.tensor([seq])).logits[0, -1]
+            want = float(lg[guard.safe_id] - lg[guard.unsafe_id])
+            assert row.rewards[j - 1] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_killed_build_resumes_without_rescoring(tmp_path: Path, tiny_dir: Path, corpus: Path) -> None:
+    out = tmp_path / "data"
+    kw = {"corpus": f"jsonl:{corpus}", "policy": str(tiny_dir), "max_tokens": 24, "shard_rows": 100,
+          "progress": False}
+    first = _guard(tiny_dir)
+    m = build_rewards(out, reward=first, limit=2, **kw)  # type: ignore[arg-type]
+    assert m["rows"] == 2 and not m["complete"]
+    done = {r.id: len(r.response_ids) for r in read_rewards(out)[1]}
+    # a run that dies mid-way: the rows it finished are flushed to a shard before the error propagates
+    third = json.loads(corpus.read_text().splitlines()[2])["response"]
+    dying = _guard(tiny_dir, fail_after=len(load_model(str(tiny_dir)).encode(third)[:24]))  # dies on the 4th row
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        build_rewards(out, reward=dying, **kw)  # type: ignore[arg-type]
+    _, rows = read_rewards(out)
+    assert len(rows) == 3
+    done = {r.id: len(r.response_ids) for r in rows}
+    last = _guard(tiny_dir)
+    m = build_rewards(out, reward=last, **kw)  # type: ignore[arg-type]
+    _, rows = read_rewards(out)
+    assert m["rows"] == 6 and m["complete"] and len({r.id for r in rows}) == 6 and len(m["runs"]) == 3
+    # only the unfinished rows were scored: one reward-model input per token of theirs
+    assert last.scored == sum(len(r.response_ids) for r in rows if r.id not in done)
+    assert m["tokens"] == sum(len(r.response_ids) for r in rows)
+
+
+def test_a_folder_built_otherwise_is_refused(built: Path, tiny_dir: Path, corpus: Path) -> None:
+    with pytest.raises(SaffronError, match="different configuration.*max_tokens"):
+        build_rewards(built, corpus=f"jsonl:{corpus}", reward=_guard(tiny_dir), policy=str(tiny_dir), max_tokens=16,
+                      progress=False)
+    other = LogitPairGuard("other-guard", load_model(str(tiny_dir)), SHORT, "safe", "unsafe")
+    with pytest.raises(SaffronError, match="different configuration.*reward_model"):
+        build_rewards(built, corpus=f"jsonl:{corpus}", reward=other, policy=str(tiny_dir), max_tokens=24,
+                      progress=False)
+
+
+def test_heldout_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, held = _prompts(2, heldout=False, tag="h"), _prompts(3, heldout=True, tag="h")
+    path = _write_corpus(tmp_path / "mixed.jsonl", train, held)
+    kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 8, "progress": False}
+    m = build_rewards(tmp_path / "a", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
+    _, rows = read_rewards(tmp_path / "a")
+    assert m["heldout_filtered"] == 3 and sorted(r.prompt for r in rows) == sorted(train)
+    assert not any(is_heldout(r.prompt) for r in rows)
+    with pytest.raises(SaffronError, match="held-out evaluation split"):
+        build_rewards(tmp_path / "b", corpus="pyrit-harmful:heldout", **kw)  # type: ignore[arg-type]
+    # if the filter ever let one through, the write-time check still refuses it
+    monkeypatch.setattr(rewards_mod, "admit_prompt", lambda prompt, allow_heldout: True)
+    with pytest.raises(SaffronError, match="held-out evaluation prompt in corpus row"):
+        build_rewards(tmp_path / "c", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
+    assert not any(is_heldout(r.prompt) for r in read_rewards(tmp_path / "c")[1])  # rows before it were kept
+
+
+def test_unusable_corpora_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "progress": False}
+    only_heldout = _write_corpus(tmp_path / "h.jsonl", [], _prompts(2, heldout=True))
+    with pytest.raises(SaffronError, match="no usable rows.*held-out"):
+        build_rewards(tmp_path / "a", corpus=f"jsonl:{only_heldout}", **kw)  # type: ignore[arg-type]
+    no_resp = tmp_path / "n.jsonl"
+    no_resp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(2, heldout=False)))
+    with pytest.raises(SaffronError, match="no usable rows.*without a response"):
+        build_rewards(tmp_path / "b", corpus=f"jsonl:{no_resp}", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="empty source"):
+        build_rewards(tmp_path / "c", corpus="pyrit-harmful:train,", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="hh-rlhf"):
+        rewards_mod.hh_rlhf()  # offline (and `datasets` may be absent): a clear error either way
+
+
+def test_non_finite_rewards_name_the_row(tmp_path: Path, tiny_dir: Path, corpus: Path) -> None:
+    with pytest.raises(SaffronError, match=r"non-finite reward .* row jsonl:.*/r0"):
+        build_rewards(tmp_path / "d", corpus=f"jsonl:{corpus}", reward=_guard(tiny_dir, nan=True),
+                      policy=str(tiny_dir), max_tokens=8, progress=False)
+
+
+def test_policy_samples_are_deterministic_continuations(tmp_path: Path, tiny_dir: Path) -> None:
+    path = _write_corpus(tmp_path / "p.jsonl", _prompts(2, heldout=False, tag="p"))
+    kw = {"corpus": f"policy:jsonl:{path}", "reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 12,
+          "policy_max_new_tokens": 6, "prefill_tokens": 3, "progress": False}
+    build_rewards(tmp_path / "a", **kw)  # type: ignore[arg-type]
+    build_rewards(tmp_path / "b", **kw)  # type: ignore[arg-type]
+    a, b = read_rewards(tmp_path / "a")[1], read_rewards(tmp_path / "b")[1]
+    assert [r.response_ids for r in a] == [r.response_ids for r in b] and len(a) == 4
+    assert sorted(r.source.rsplit("+", 1)[1] for r in a) == ["noprefill", "noprefill", "prefill3", "prefill3"]
+    assert all(0 < len(r.response_ids) <= 6 for r in a)
+
+
+def test_annotation_throughput_with_and_without_cache(tiny_dir: Path, corpus: Path) -> None:
+    res = annotation_throughput(_guard(tiny_dir), str(tiny_dir), f"jsonl:{corpus}", rows=2, max_tokens=16)
+    assert res["rows"] == 2 and res["cached_tokens_per_second"] > 0 and res["uncached_tokens_per_second"] > 0
+    assert res["cached_computed_tokens"] < res["uncached_computed_tokens"] and res["max_abs_diff"] < 1e-4
+
+
+# --- train_mrm ---------------------------------------------------------------------------------------------------
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _bias(path: Path) -> torch.Tensor:
+    return torch.load(path / "lm_head_bias.pt", weights_only=True)
+
+
+def test_training_overfits_a_fixed_batch(tmp_path: Path, tiny_dir: Path, built: Path) -> None:
+    m = train_mrm(built, tmp_path / "m", base_model=str(tiny_dir), lr=3e-2, batch_size=8, epochs=12,
+                  progress=False, device="cpu")
+    losses = torch.load(tmp_path / "m" / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)["losses"]
+    assert len(losses) == 12 and m.train["steps"] == 12  # one batch holds all 6 rows: the same batch every step
+    assert losses[-1] < 0.5 * losses[0] and m.train["final_loss"] == losses[-1]
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path: Path, tiny_dir: Path, built: Path,
+                                                                trained: Path) -> None:
+    kw = {"base_model": str(tiny_dir), "lr": 1e-2, "batch_size": 2, "epochs": 2, "progress": False, "device": "cpu"}
+    train_mrm(built, tmp_path / "again", **kw)  # type: ignore[arg-type]
+    a, b = _adapter(trained), _adapter(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_bias(trained), _bias(tmp_path / "again"))
+    # stop after 2 of 6 steps, then re-run: the result equals the uninterrupted run bit for bit
+    m = train_mrm(built, tmp_path / "resumed", max_steps=2, **kw)  # type: ignore[arg-type]
+    assert m.train["steps"] == 2 and not m.train["complete"]
+    m = train_mrm(built, tmp_path / "resumed", checkpoint_every=1, **kw)  # type: ignore[arg-type]
+    assert m.train["steps"] == 6 and m.train["complete"]
+    c = _adapter(tmp_path / "resumed")
+    assert all(torch.equal(a[k], c[k]) for k in a) and torch.equal(_bias(trained), _bias(tmp_path / "resumed"))
+    other = train_mrm(built, tmp_path / "seed1", seed=1, **kw)  # type: ignore[arg-type]
+    assert other.train["seed"] == 1 and not torch.equal(_bias(trained), _bias(tmp_path / "seed1"))
+    with pytest.raises(SaffronError, match="another base model or config.*lr"):
+        train_mrm(built, tmp_path / "resumed", **{**kw, "lr": 1e-3})  # type: ignore[arg-type]
+
+
+def _hand_made(path: Path, model: Model, rows: list[RewardRow], **cfg: object) -> Path:
+    path.mkdir(parents=True)
+    config = {"policy": model.name, "policy_tokenizer_sha256": tokenizer_fingerprint(model.tokenizer),
+              "template": DEFAULT_TEMPLATE, "max_tokens": 8, "allow_heldout": False, **cfg}
+    (path / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                  "config": config, "reward_model": "hand"}))
+    if rows:
+        write_shard(path, 0, rows)
+    return path
+
+
+def _row(model: Model, i: int, prompt: str, ids: list[int], complete: bool, rewards: list[float] | None = None
+         ) -> RewardRow:
+    head = model.encode(model.tokenizer.bos_token + DEFAULT_TEMPLATE.format(prompt=prompt))
+    return RewardRow(id=f"h{i}", prompt=prompt, prompt_ids=head, response_ids=ids,
+                     rewards=rewards if rewards is not None else [0.5 * k for k in range(len(ids))],
+                     source="hand", complete=complete)
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_unseen_mask_is_exactly_the_unsupervised_tokens(tmp_path: Path, tiny_dir: Path, eos: bool) -> None:
+    model = load_model(str(tiny_dir))
+    p = _prompts(2, heldout=False, tag="u")
+    data = _hand_made(tmp_path / "d", model, [_row(model, 0, p[0], [10, 11, 12], True),
+                                              _row(model, 1, p[1], [11, 13], False)])
+    m = train_mrm(data, tmp_path / "m", base_model=str(tiny_dir), lr=1e-2, progress=False, eos=eos, device="cpu")
+    unseen = torch.load(tmp_path / "m" / "unseen_mask.pt", weights_only=True)
+    seen = {10, 11, 12, 13} | (set(model.eos_ids) if eos else set())
+    assert set((~unseen).nonzero().flatten().tolist()) == seen
+    assert m.corpus["unseen_tokens"] == model.vocab_size - len(seen) and m.corpus["eos_in_mask"] == (not eos)
+    bias = _bias(tmp_path / "m")
+    assert bool((bias[unseen] == 0).all()) and bool((bias[~unseen] != 0).all())  # untouched / trained
+
+
+def test_saved_mrm_reproduces_training_predictions(tmp_path: Path, tiny_dir: Path, built: Path,
+                                                   trained: Path) -> None:
+    _, rows = read_rewards(built)
+    # rebuild the training-time model from the final checkpoint (the exact trained tensors)
+    state = torch.load(trained / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)
+    model = load_model_copy(str(tiny_dir), "cpu")
+    peft_model = add_lora(model)
+    head = MrmHead(model)
+    with torch.no_grad():
+        for n, prm in peft_model.named_parameters():
+            if n in state["lora"]:
+                prm.copy_(state["lora"][n])
+        head.bias.copy_(state["bias"])
+        pred, _, targets = predict(model, head, rows[:3])
+    assert float(head.bias.detach().abs().max()) > 1e-3  # the bias really trained
+    mrm = load_mrm(trained, device="cpu")
+    assert torch.equal(mrm.bias.cpu(), state["bias"])
+    got = []
+    for b, pos, tok, _ in targets:
+        r = rows[b]
+        j = pos - (len(r.prompt_ids) - 1)
+        got.append(float(mrm.rewards(r.prompt, [r.response_ids[:j]])[0, tok]))
+    torch.testing.assert_close(torch.tensor(got), pred.float(), atol=1e-4, rtol=1e-4)
+    assert mrm.manifest.corpus["rows"] == 6 and mrm.manifest.reward_model == "test-guard"
+    assert mrm.manifest.train["steps"] == 6 and math.isfinite(mrm.manifest.train["final_loss"])
+
+
+def test_training_refuses_bad_data(tmp_path: Path, tiny_dir: Path) -> None:
+    model = load_model(str(tiny_dir))
+    kw = {"base_model": str(tiny_dir), "progress": False, "device": "cpu"}
+    p = _prompts(1, heldout=False, tag="v")[0]
+    with pytest.raises(SaffronError, match="not a reward-data folder"):
+        train_mrm(tmp_path / "missing", tmp_path / "m", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="no reward rows"):
+        train_mrm(_hand_made(tmp_path / "empty", model, []), tmp_path / "m", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="2 rewards for 3 response tokens"):
+        train_mrm(_hand_made(tmp_path / "len", model, [_row(model, 0, p, [10, 11, 12], True, [0.1, 0.2])]),
+                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="non-finite reward"):
+        train_mrm(_hand_made(tmp_path / "nan", model, [_row(model, 0, p, [10, 11], True, [0.1, float("nan")])]),
+                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="tokenizer differs"):
+        train_mrm(_hand_made(tmp_path / "tok", model, [_row(model, 0, p, [10], True)],
+                             policy_tokenizer_sha256="0" * 64), tmp_path / "m", **kw)  # type: ignore[arg-type]
+    held = _prompts(1, heldout=True, tag="v")[0]
+    with pytest.raises(SaffronError, match="held-out evaluation prompt"):
+        train_mrm(_hand_made(tmp_path / "held", model, [_row(model, 0, held, [10], True)]), tmp_path / "m",
+                  **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="allow_heldout"):
+        train_mrm(_hand_made(tmp_path / "flag", model, [_row(model, 0, p, [10], True)], allow_heldout=True),
+                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+
+
+# --- bench_mrm ---------------------------------------------------------------------------------------------------
+
+
+def test_bench_mrm_on_heldout_rows(tmp_path: Path, tiny_dir: Path, trained: Path) -> None:
+    from saffron.bench.mrm import bench_mrm
+
+    path = _write_corpus(tmp_path / "held.jsonl", [], _prompts(3, heldout=True, tag="b"))
+    m = build_rewards(tmp_path / "held", corpus=f"jsonl:{path}", reward=_guard(tiny_dir), policy=str(tiny_dir),
+                      max_tokens=10, allow_heldout=True, progress=False)
+    assert m["config"]["allow_heldout"] and m["rows"] == 3
+    with pytest.raises(SaffronError, match="allow_heldout"):
+        train_mrm(tmp_path / "held", tmp_path / "never", base_model=str(tiny_dir), progress=False, device="cpu")
+    res = bench_mrm(str(trained), tmp_path / "held", progress=False)
+    assert res["n_heldout_rows"] == 3 and res["n_heldout_tokens"] == m["tokens"] == 30
+    for k in ("all_pearson", "all_spearman", "all_mae", "all_sign_agreement", "mae", "sign_agreement",
+              "rm_calls_replaced_per_step", "const_mae"):
+        assert res[k] is not None and math.isfinite(res[k]), k
+    assert 1 <= res["rm_calls_replaced_per_step"] <= res["rm_calls_replaced_vocab"] == model_vocab(tiny_dir)
+    assert res["reward_model_match"]
+
+
+def model_vocab(tiny_dir: Path) -> int:
+    return load_model(str(tiny_dir)).vocab_size

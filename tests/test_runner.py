@@ -1,0 +1,153 @@
+"""The runner against full recompute, for every sharing pattern (property-based), on a tiny random Llama."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saffron.errors import SaffronError
+from saffron.flops import straight_flops
+from saffron.runner import Runner
+
+
+def _reference(model, seq: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.inference_mode():
+        return model.hf(torch.tensor([seq])).logits[0, -1]
+
+
+token = st.integers(min_value=0, max_value=40)
+# batches built from a few shared stems, so prefixes overlap in every pattern: equal, nested, diverging
+batches = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.lists(token, max_size=6)),
+                   min_size=1, max_size=6)
+stems = st.lists(st.lists(token, min_size=1, max_size=14), min_size=3, max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stems=stems, calls=st.lists(batches, min_size=1, max_size=3))
+def test_logits_equal_full_recompute_and_each_unique_token_runs_once(tiny, stems, calls) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    seen: set[tuple[int, ...]] = set()
+    want_computed = 0
+    for batch in calls:
+        seqs = []
+        for stem_i, cut, tail in batch:
+            s = stems[stem_i][: max(1, cut)] + tail
+            seqs.append(s)
+        for s in seqs:
+            prefixes = {tuple(s[:i]) for i in range(1, len(s) + 1)}
+            new = prefixes - seen
+            want_computed += len(new) if new else 1  # a fully cached sequence re-runs its last token
+            seen |= prefixes
+        out = r.forward(seqs).logits
+        assert out is not None
+        for s, lg in zip(seqs, out, strict=True):
+            torch.testing.assert_close(lg, _reference(tiny, s), atol=2e-4, rtol=2e-4)
+    # duplicates inside one batch share their recompute, so this is an upper bound that is exact without them
+    assert r.stats.computed_tokens <= want_computed
+    assert r.stats.trie.stored_tokens == len(seen)
+
+
+def test_hidden_states_match_transformers(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    seq = list(range(3, 20))
+    layers = list(range(tiny.hf.config.num_hidden_layers + 1))
+    r.forward([seq[:9]])  # part of it cached first
+    got = r.forward([seq], logits=False, hidden_layers=layers).hidden
+    with torch.inference_mode():
+        ref = tiny.hf(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    assert got is not None and len(ref) == len(layers)
+    for i in layers:
+        torch.testing.assert_close(got[0, i], ref[i][0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_eviction_under_a_tight_budget_keeps_results_exact(tiny) -> None:  # type: ignore[no-untyped-def]
+    r0 = Runner(tiny)
+    r = Runner(tiny, budget_bytes=40 * r0.pool.bytes_per_token)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        seq = torch.randint(0, 50, (25,), generator=g).tolist()
+        lg = r.forward([seq]).logits
+        assert lg is not None
+        torch.testing.assert_close(lg[0], _reference(tiny, seq), atol=2e-4, rtol=2e-4)
+    assert r.stats.trie.evicted_tokens > 0 and r.stats.trie.stored_tokens <= 40
+
+
+def test_budget_and_input_errors(tiny) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SaffronError, match="smaller than one token"):
+        Runner(tiny, budget_bytes=10)
+    r = Runner(tiny, budget_bytes=8 * Runner(tiny).pool.bytes_per_token)
+    with pytest.raises(SaffronError, match="more than the cache budget"):
+        r.forward([list(range(20))])
+    with pytest.raises(SaffronError, match="empty"):
+        r.forward([[]])
+    with pytest.raises(SaffronError, match="outside"):
+        r.forward([[tiny.vocab_size + 5]])
+    with pytest.raises(SaffronError, match="hidden layer 99"):
+        r.forward([[1, 2]], hidden_layers=[99])
+
+
+def test_flops_of_a_straight_sequence(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    r.forward([list(range(10))])
+    assert r.flops == straight_flops(r.arch, 10, 0, 1)
+    r.forward([list(range(12))])
+    # 2 new queries over the 12 live slots
+    assert r.flops == straight_flops(r.arch, 10, 0, 1) + straight_flops(r.arch, 2, 10, 1)
+
+
+def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saffron.model import load_model
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m = load_model(str(tmp_path), device="cpu")
+    with pytest.raises(SaffronError, match="does not support architecture 'gpt2'"):
+        Runner(m)
+    r = Runner(m, allow_uncached=True)
+    seq = [5, 6, 7, 8]
+    lg = r.forward([seq, seq[:3]]).logits
+    assert lg is not None
+    torch.testing.assert_close(lg[0], _reference(m, seq), atol=1e-4, rtol=1e-4)
+    assert r.stats.computed_tokens == 7 and r.flops > 0
+
+
+def test_sparse_batches_gather_their_keys_and_stay_exact(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 50, (15,), generator=g).tolist() for _ in range(8)]
+    r.forward([seqs[0]])
+    assert r.stats.gathered_forwards == 0  # the only sequence fills the whole live range
+    for s in seqs[1:]:
+        r.forward([s])  # each new sequence attends to its own 15 slots out of >= 30 live ones
+    assert r.stats.gathered_forwards == 7
+    probe = seqs[3] + [7, 8]  # its path is 17 of the 122 live slots
+    lg = r.forward([probe]).logits
+    assert lg is not None and r.stats.gathered_forwards == 8
+    torch.testing.assert_close(lg[0], _reference(tiny, probe), atol=2e-4, rtol=2e-4)
+    dense = [s + [9] for s in seqs]  # every live slot is on some path: no gather
+    r.forward(dense)
+    assert r.stats.gathered_forwards == 8
+
+
+def test_truncated_runner_matches_the_full_stack_below_its_depth(tiny) -> None:  # type: ignore[no-untyped-def]
+    seqs = [[5, 6, 7, 8, 9], [5, 6, 7, 10]]
+    full, cut = Runner(tiny), Runner(tiny, depth=1)
+    want = full.forward(seqs, logits=False, hidden_layers=(0, 1)).hidden
+    got = cut.forward(seqs, logits=False, hidden_layers=(0, 1)).hidden
+    assert want is not None and got is not None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert 0 < cut.flops < full.flops
+    assert cut.pool.bytes_per_token < full.pool.bytes_per_token  # keys of the skipped blocks are never stored
+    with pytest.raises(SaffronError, match="hidden states, not logits"):
+        cut.forward(seqs)
+    with pytest.raises(SaffronError, match="hidden layer 2 out of range"):
+        cut.forward(seqs, logits=False, hidden_layers=(2,))
+    with pytest.raises(SaffronError, match="depth 0 out of range"):
+        Runner(tiny, depth=0)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from saffron.data import Example
+from saffron.errors import SaffronError
+from saffron.guards.smol_guard import load_smol_guard
+from saffron.guards.train import response_views, train_guard
+
+
+def _rows() -> list[Example]:
+    rows = []
+    for i in range(12):
+        unsafe = i % 2 == 0
+        resp = ("Here is how to do the harmful thing: step one, step two." if unsafe
+                else "I can't help with that, but here is a safe alternative.")
+        rows.append(Example(id=str(i), prompt=f"request number {i}", response=resp + f" ({i})", unsafe=unsafe))
+    return rows
+
+
+def test_trained_probe_scores_the_same_at_inference_as_in_training(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = _rows()
+    spec = train_guard(tmp_path / "g", seed=0, base_model=str(tiny_dir), layers=(1, 2), prefixes=(8,),
+                       progress=False, rows=rows)
+    assert spec.train is not None and spec.train["n_rows"] == 12 and spec.train["seed"] == 0
+    guard = load_smol_guard(str(tmp_path / "g"))
+    rewards = np.array([guard.score(r.prompt, [r.response])[0] for r in rows])  # type: ignore[list-item]
+    # the probe separates its own training rows: unsafe rows get lower rewards
+    assert roc_auc_score([r.unsafe for r in rows], -rewards) == 1.0
+    # the same seed trains the same probe, byte for byte
+    train_guard(tmp_path / "g2", seed=0, base_model=str(tiny_dir), layers=(1, 2), prefixes=(8,), progress=False,
+                rows=rows)
+    assert (tmp_path / "g" / "probe.safetensors").read_bytes() == (tmp_path / "g2" / "probe.safetensors").read_bytes()
+
+
+def test_views_are_prefixes_then_the_whole(tiny) -> None:  # type: ignore[no-untyped-def]
+    ids = tiny.encode("abcdefghij")
+    assert response_views(tiny, "abcdefghij", (4, 8, 16)) == [ids[:4], ids[:8], ids]
+
+
+def test_rows_without_labels_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    with pytest.raises(SaffronError, match="no labelled response"):
+        train_guard(tmp_path / "g", base_model=str(tiny_dir), layers=(1,), progress=False,
+                    rows=[Example(id="x", prompt="p", response=None)])
