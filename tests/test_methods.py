@@ -108,7 +108,8 @@ def make_mrm(base: Model, unseen: set[int] | None = None, bias: dict[int, float]
 
 @pytest.fixture
 def session(tiny: Model) -> Session:
-    return Session(prompt=PROMPT, prompt_ids=tuple(tiny.chat_prompt_ids(PROMPT)), prefill_ids=tuple(tiny.encode("Sure")))
+    return Session(prompt=PROMPT, prompt_ids=tuple(tiny.chat_prompt_ids(PROMPT)),
+                   prefill_ids=tuple(tiny.encode("Sure")))
 
 
 def stack(tiny: Model, mrm_base: Model | None = None, reward: RewardModel | None = None, **mrm_kw: Any) -> Stack:

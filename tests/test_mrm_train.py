@@ -159,11 +159,11 @@ def test_a_killed_build_resumes_without_rescoring(tmp_path: Path, tiny_dir: Path
 
 
 def test_a_folder_built_otherwise_is_refused(built: Path, tiny_dir: Path, corpus: Path) -> None:
-    with pytest.raises(SaffronError, match="different configuration.*max_tokens"):
+    with pytest.raises(SaffronError, match=r"different configuration.*max_tokens"):
         build_rewards(built, corpus=f"jsonl:{corpus}", reward=_guard(tiny_dir), policy=str(tiny_dir), max_tokens=16,
                       progress=False)
     other = LogitPairGuard("other-guard", load_model(str(tiny_dir)), SHORT, "safe", "unsafe")
-    with pytest.raises(SaffronError, match="different configuration.*reward_model"):
+    with pytest.raises(SaffronError, match=r"different configuration.*reward_model"):
         build_rewards(built, corpus=f"jsonl:{corpus}", reward=other, policy=str(tiny_dir), max_tokens=24,
                       progress=False)
 
@@ -188,11 +188,11 @@ def test_heldout_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monk
 def test_unusable_corpora_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
     kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "progress": False}
     only_heldout = _write_corpus(tmp_path / "h.jsonl", [], _prompts(2, heldout=True))
-    with pytest.raises(SaffronError, match="no usable rows.*held-out"):
+    with pytest.raises(SaffronError, match=r"no usable rows.*held-out"):
         build_rewards(tmp_path / "a", corpus=f"jsonl:{only_heldout}", **kw)  # type: ignore[arg-type]
     no_resp = tmp_path / "n.jsonl"
     no_resp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(2, heldout=False)))
-    with pytest.raises(SaffronError, match="no usable rows.*without a response"):
+    with pytest.raises(SaffronError, match=r"no usable rows.*without a response"):
         build_rewards(tmp_path / "b", corpus=f"jsonl:{no_resp}", **kw)  # type: ignore[arg-type]
     with pytest.raises(SaffronError, match="empty source"):
         build_rewards(tmp_path / "c", corpus="pyrit-harmful:train,", **kw)  # type: ignore[arg-type]
@@ -259,7 +259,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path: Path, 
     assert all(torch.equal(a[k], c[k]) for k in a) and torch.equal(_bias(trained), _bias(tmp_path / "resumed"))
     other = train_mrm(built, tmp_path / "seed1", seed=1, **kw)  # type: ignore[arg-type]
     assert other.train["seed"] == 1 and not torch.equal(_bias(trained), _bias(tmp_path / "seed1"))
-    with pytest.raises(SaffronError, match="another base model or config.*lr"):
+    with pytest.raises(SaffronError, match=r"another base model or config.*lr"):
         train_mrm(built, tmp_path / "resumed", **{**kw, "lr": 1e-3})  # type: ignore[arg-type]
 
 

@@ -42,6 +42,11 @@ class MethodResult:
 
 class Method(ABC):
     name: ClassVar[str]
+    # The option that buys more search (samples, width, simulations): what `saffron compare` sweeps to match
+    # compute. None for a method with no such knob.
+    budget: ClassVar[str | None] = None
+    # Models besides the policy that the method calls ("reward", "mrm"): the harness loads only these.
+    uses: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:

@@ -19,6 +19,8 @@ from saffron.session import Session
 
 class BestOfN(Method):
     name = "best-of-n"
+    budget = "n"
+    uses = ("reward",)
 
     def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.7,
                  top_p: float = 0.9) -> None:

@@ -51,6 +51,8 @@ class _Node:
 
 class DealMcts(Method):
     name = "deal-mcts"
+    budget = "simulations"
+    uses = ("reward",)
 
     def __init__(self, simulations: int = 8, top_k: int = 4, c: float = 1.0, lookahead: int = 0,
                  max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.0,

@@ -22,6 +22,8 @@ from saffron.session import Session
 
 class Rebase(Method):
     name = "rebase"
+    budget = "width"
+    uses = ("reward",)
 
     def __init__(self, width: int = 4, children: int = 2, chunk_tokens: int = 1, max_new_tokens: int = 32,
                  min_new_tokens: int = 0, temperature: float = 0.7, top_p: float = 0.9) -> None:

@@ -51,6 +51,8 @@ FINAL_RULES = ("rerank", "first")
 
 class Saffron(Method):
     name = "saffron"
+    budget = "width"
+    uses = ("mrm", "reward")
 
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
                  final: str = "rerank") -> None:
