@@ -55,7 +55,9 @@ def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) ->
 
 
 def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["compare", "--methods", "none,best-of-n", "--budgets", "1", "--target-tflops", "1e-9",
+    # --no-sweep: each method's own budgets are only first guesses for the matching search
+    main(["compare", "--methods", "none,best-of-n", "--no-sweep", "--method-budgets", "best-of-n=2",
+          "--target-tflops", "1e-9",
           "--dataset", _dataset(tmp_path), "--policy", str(tiny_dir), "--judge", f"llama-guard-3:{tiny_dir}",
           "--reward", f"llama-guard-3:{tiny_dir}", "--prefill-tokens", "2", "--max-new-tokens", "2", "--limit", "1",
           "--out", str(tmp_path / "c"), "--json"])
@@ -63,6 +65,8 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     assert set(got["methods"]) == {"none", "best-of-n"}
     for d in got["methods"].values():
         assert {"asr", "tflops_per_prompt", "scaleff", "n"} <= set(d) and d["n"] == 1
+    assert got["methods"]["best-of-n"]["budget"] == 1  # halved from 2 towards the (tiny) target
+    assert sorted(p.name for p in (tmp_path / "c" / "points").iterdir()) == ["best-of-n-n1", "best-of-n-n2", "none"]
 
 
 @pytest.mark.parametrize(("argv", "msg"), [
@@ -72,6 +76,8 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     (["--opt", "saffron:width=2", "--methods", "none"], "not in --methods"),
     (["--opt", "best-of-n:top_p=2"], "top_p must be in (0, 1]"),
     (["--target-tflops", "-1"], "--target-tflops must be positive"),
+    (["--method-budgets", "rebase=2", "--methods", "none"], "which is not in --methods"),
+    (["--method-budgets", "rebase"], "--method-budgets expects METHOD=B1,B2"),
 ])
 def test_bad_compare_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -137,6 +137,8 @@ def compare_cmd(
                                 help="Comma-separated methods."),
     budgets: str = typer.Option("1,2,4,8,16,32", "--budgets", help="Budget sweep (each method's knob: samples, "
                                 "width, simulations)."),
+    method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
+                                             "for one method, repeatable (e.g. --method-budgets saffron=2,4)."),
     dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec."),
     limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
@@ -171,13 +173,17 @@ def compare_cmd(
     stray = sorted(set(per_method) - set(names))
     if stray:
         raise SaffronError(f"--opt names method '{stray[0]}', which is not in --methods")
-    try:
-        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip())
-    except ValueError:
-        raise SaffronError(f"--budgets must be comma-separated integers, got '{budgets}'") from None
+    budget_list = _int_list("--budgets", budgets)
+    per_budgets: dict[str, tuple[int, ...]] = {}
+    for mb in method_budgets:
+        m, sep, bs = mb.partition("=")
+        if not sep:
+            raise SaffronError(f"--method-budgets expects METHOD=B1,B2,..., got '{mb}'")
+        per_budgets[m.strip()] = _int_list("--method-budgets", bs)
     base = EvalConfig(dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
                       prefill_tokens=prefill_tokens, seed=seed, method_options={"max_new_tokens": max_new_tokens})
-    cc = CompareConfig(methods=names, budgets=budget_list, base=base, method_options=per_method,
+    cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
+                       method_options=per_method,
                        target_tflops=target_tflops, limit=limit)
     _quiet_hf()
     res = run_compare(cc, out, sweep=sweep)
@@ -188,6 +194,13 @@ def compare_cmd(
     else:
         typer.echo(format_comparison(res))
         typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise SaffronError(f"{flag} must be comma-separated integers, got '{text}'") from None
 
 
 @app.command("train-guard")

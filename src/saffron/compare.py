@@ -32,6 +32,7 @@ REFERENCE = ("best-of-n", 32)
 class CompareConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    method_budgets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per method, instead of ``budgets``
     base: EvalConfig = field(default_factory=EvalConfig)  # dataset, models, attack, seed; method is replaced
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, besides the budget
     target_tflops: float | None = None  # None: Best-of-N's at N=32
@@ -42,6 +43,10 @@ class CompareConfig:
 
 def budget_knob(method: str) -> str | None:
     return getattr(get_method(method), "budget", None)
+
+
+def budgets_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
+    return cc.method_budgets.get(method, cc.budgets)
 
 
 def point_config(cc: CompareConfig, method: str, budget: int | None) -> EvalConfig:
@@ -57,14 +62,18 @@ def validate_compare(cc: CompareConfig) -> None:
     """Everything checkable before a model loads: methods, budgets, options of every sweep point."""
     if not cc.methods:
         raise SaffronError("no methods to compare")
-    if not cc.budgets or any(b <= 0 for b in cc.budgets):
-        raise SaffronError(f"budgets must be positive integers, got {list(cc.budgets)}")
+    stray = sorted(set(cc.method_budgets) - set(cc.methods))
+    if stray:
+        raise SaffronError(f"budgets are given for method '{stray[0]}', which is not in --methods")
+    for bs in (cc.budgets, *cc.method_budgets.values()):
+        if not bs or any(b <= 0 for b in bs):
+            raise SaffronError(f"budgets must be positive integers, got {list(bs)}")
     if not 0 < cc.tolerance < 1:
         raise SaffronError(f"tolerance must be in (0, 1), got {cc.tolerance}")
     if cc.target_tflops is not None and cc.target_tflops <= 0:
         raise SaffronError(f"--target-tflops must be positive, got {cc.target_tflops}")
     for m in cc.methods:
-        for b in cc.budgets:
+        for b in budgets_of(cc, m):
             validate(point_config(cc, m, b), cc.limit)
     if cc.target_tflops is None:
         validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
@@ -91,7 +100,7 @@ class Comparison:
 
     def sweep(self) -> None:
         for m in self.cc.methods:
-            for b in self.cc.budgets if budget_knob(m) else (None,):
+            for b in budgets_of(self.cc, m) if budget_knob(m) else (None,):
                 self.point(m, b)
 
     def target(self) -> float:
@@ -103,6 +112,9 @@ class Comparison:
         """The evaluated point of ``method`` closest to ``target`` in log-TFLOP, after bisecting the budget."""
         if budget_knob(method) is None:
             return self.point(method, None)
+        if not any(m == method for m, _ in self.points):  # no sweep: the budgets are first guesses
+            for b in budgets_of(self.cc, method):
+                self.point(method, b)
 
         def gap(p: dict[str, Any]) -> float:
             return abs(math.log(max(p["tflops_per_prompt"], 1e-12) / target))
