@@ -295,6 +295,8 @@ def train_mrm_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per step."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later)."),
+    bias_init: str = typer.Option("least-squares", "--bias-init", help="LM-head bias at step 0: least-squares "
+                                  "(fitted to the data under the frozen backbone) or zero (the paper's)."),
     seed: int = SEED,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable."""
@@ -302,7 +304,8 @@ def train_mrm_cmd(
 
     _quiet_hf()
     man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr, batch_size=batch_size,
-                    epochs=epochs, max_steps=max_steps, seed=seed, command=" ".join(["saffron", *sys.argv[1:]]))
+                    epochs=epochs, max_steps=max_steps, seed=seed, bias_init=bias_init,
+                    command=" ".join(["saffron", *sys.argv[1:]]))
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 
