@@ -46,3 +46,17 @@ def test_shipped_guard_ranks_heldout_unsafe_below_safe() -> None:
     rs = [guard.score(r.prompt, [r.response])[0] for r in safe]  # type: ignore[list-item]
     ru = [guard.score(r.prompt, [r.response])[0] for r in unsafe]  # type: ignore[list-item]
     assert np.mean(rs) > 0 > np.mean(ru)
+
+
+@embedded
+def test_shipped_mrm_defends_on_the_embedded_stack(tmp_path: Path) -> None:
+    from saffron.mrm import load_mrm_spec
+
+    mrm = load_mrm_spec("smol-mrm")
+    assert mrm.manifest.base_model == EMBEDDED_POLICY and mrm.manifest.reward_model is not None
+    assert 0 < int(mrm.unseen.sum()) < mrm.unseen.numel()
+    cfg = EvalConfig(method="saffron", method_options={"width": 2, "max_new_tokens": 4, "min_new_tokens": 2})
+    m = run_eval(cfg, tmp_path / "s", limit=1, progress=False)
+    rec = json.loads((tmp_path / "s" / "records.jsonl").read_text())
+    assert m["n"] == 1 and 0 < rec["new_tokens"] <= 4
+    assert rec["flops"]["mrm"] > 0 and rec["flops"]["reward"] > 0 and rec["flops"]["policy"] > 0

@@ -295,8 +295,8 @@ def train_mrm_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per step."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later)."),
-    bias_init: str = typer.Option("least-squares", "--bias-init", help="LM-head bias at step 0: least-squares "
-                                  "(fitted to the data under the frozen backbone) or zero (the paper's)."),
+    bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
+                                  "under the frozen backbone) or zero (the paper's)."),
     seed: int = SEED,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable."""
