@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 	$(PY) -m saffron.prefetch
 	touch $@
 
+# The prefilling attack on held-out harmful pairs, undefended and defended at matched compute (Best-of-N at
+# N=32). The budgets are first guesses near the match; compare searches from them. Resumable.
+DEMO_LIMIT ?= 8
 demo: setup
-	$(SAFFRON) eval --method none --dataset pyrit-harmful --limit 24 --out runs/demo/none-noattack --prefill-tokens 0
-	$(SAFFRON) eval --method none --dataset pyrit-harmful --limit 24 --out runs/demo/none
+	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep \
+		--methods none,best-of-n,rebase,deal-mcts,saffron \
+		--method-budgets best-of-n=32 --method-budgets rebase=2 --method-budgets deal-mcts=4 \
+		--method-budgets saffron=16
 
 test: setup
 	$(VENV)/bin/ruff check src tests
