@@ -2,8 +2,9 @@
 
 Each method has one budget knob (``Method.budget``: samples, width, simulations). The comparison
 
-1. sweeps every method over ``budgets`` (one ``saffron eval`` folder per point, resumable), which gives the
-   ASR-vs-TFLOP curves;
+1. evaluates every method at its budgets (``budgets``, or its own from ``method_budgets``; one ``saffron eval``
+   folder per point, resumable), which gives the ASR-vs-TFLOP curves; with ``sweep=False`` this happens
+   lazily, method by method, after the target is known;
 2. fixes the target compute (by default Best-of-N's mean TFLOP per prompt at N=32);
 3. for each method, searches the integer budget whose mean TFLOP per prompt lies within ``tolerance`` of the
    target (bisection between the bracketing sweep points, reusing every evaluated point), and reports it.
@@ -112,9 +113,8 @@ class Comparison:
         """The evaluated point of ``method`` closest to ``target`` in log-TFLOP, after bisecting the budget."""
         if budget_knob(method) is None:
             return self.point(method, None)
-        if not any(m == method for m, _ in self.points):  # no sweep: the budgets are first guesses
-            for b in budgets_of(self.cc, method):
-                self.point(method, b)
+        for b in budgets_of(self.cc, method):  # without a sweep, the method's budgets are the first guesses
+            self.point(method, b)
 
         def gap(p: dict[str, Any]) -> float:
             return abs(math.log(max(p["tflops_per_prompt"], 1e-12) / target))
