@@ -171,6 +171,7 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
     Side effects: writes ``out/config.json`` (once), appends to ``out/records.jsonl``, rewrites
     ``out/metrics.json``. Prompts already in the records are skipped, so a killed run resumes.
     """
+    cfg = resolve(cfg)  # a Python caller may leave the models the method needs to their defaults, as the CLI does
     method = validate(cfg, limit)
     examples = load_dataset(cfg.dataset)[:limit]
     if not examples:
