@@ -26,8 +26,8 @@ DEMO_LIMIT ?= 8
 demo: setup
 	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep \
 		--methods none,best-of-n,rebase,deal-mcts,saffron \
-		--method-budgets best-of-n=32 --method-budgets rebase=2 --method-budgets deal-mcts=4 \
-		--method-budgets saffron=16
+		--method-budgets best-of-n=32 --method-budgets rebase=3 --method-budgets deal-mcts=5 \
+		--method-budgets saffron=26
 
 test: setup
 	$(VENV)/bin/ruff check src tests
