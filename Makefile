@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 
 # The prefilling attack on held-out harmful pairs, undefended and defended at matched compute (Best-of-N at
 # N=32). The budgets are first guesses near the match; compare searches from them. Resumable.
-DEMO_LIMIT ?= 8
+DEMO_LIMIT ?= 4
 demo: setup
 	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep \
 		--methods none,best-of-n,rebase,deal-mcts,saffron \
