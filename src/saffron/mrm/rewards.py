@@ -50,10 +50,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +68,7 @@ from saffron.guards.base import GuardPrompt, RewardModel
 from saffron.model import Model, load_model
 from saffron.mrm.model import DEFAULT_TEMPLATE, tokenizer_fingerprint
 from saffron.runner import Runner
-from saffron.store import atomic_write_json
+from saffron.store import atomic_write, atomic_write_json
 
 FORMAT = "saffron-rewards"
 FORMAT_VERSION = 1
@@ -437,16 +435,7 @@ def write_shard(data_dir: Path, index: int, rows: Sequence[RewardRow]) -> Path:
         "rewards": [list(r.rewards) for r in rows], "source": [r.source for r in rows],
         "complete": [bool(r.complete) for r in rows],
     }, schema=_schema())
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +46,7 @@ from saffron.errors import SaffronError
 from saffron.model import Model, load_model_copy
 from saffron.mrm.model import DEFAULT_TEMPLATE, UNSEEN_PENALTY, MrmManifest, add_lora, save_mrm, tokenizer_fingerprint
 from saffron.mrm.rewards import RewardRow, read_rewards
+from saffron.store import atomic_write
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -171,17 +170,7 @@ def _trainable(peft_model: Any) -> dict[str, torch.nn.Parameter]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
