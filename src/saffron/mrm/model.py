@@ -31,6 +31,7 @@ import torch
 from saffron.errors import SaffronError
 from saffron.model import Model, load_model_copy
 from saffron.runner import Runner
+from saffron.store import atomic_write_json
 
 MANIFEST = "saffron.json"
 DEFAULT_TEMPLATE = "\n\nUser: {prompt}\n\nAgent:"
@@ -111,9 +112,13 @@ def save_mrm(path: Path, peft_model: Any, manifest: MrmManifest, bias: torch.Ten
     """Write the released format plus ``saffron.json``. Side effects: creates ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(path))
+    # peft records the folder the base was loaded from (a cache path on this machine); name the base instead,
+    # so the released files stay meaningful elsewhere
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    atomic_write_json(path / "adapter_config.json", {**cfg, "base_model_name_or_path": manifest.base_model})
     torch.save(bias.detach().cpu().clone(), path / "lm_head_bias.pt")
     torch.save(unseen.detach().cpu().clone(), path / "unseen_mask.pt")
-    (path / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path / MANIFEST, asdict(manifest))
 
 
 def read_manifest(path: Path) -> MrmManifest | None:
