@@ -23,7 +23,7 @@ from saffron.methods.best_of_n import BestOfN
 from saffron.methods.deal_mcts import DealMcts
 from saffron.methods.rebase import Rebase
 from saffron.methods.rejection import Rejection
-from saffron.methods.saffron import Saffron
+from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates
 from saffron.methods.sampling import choose_distinct, nucleus_mask
 from saffron.methods.tree import one_eos
 from saffron.model import Model, load_model_copy
@@ -203,6 +203,9 @@ BAD_OPTIONS = [
     (Saffron, {"top_p": 1.01}, "top_p"),
     (Saffron, {"min_new_tokens": 33}, "min_new_tokens"),
     (Saffron, {"final": "best"}, "final must be one of rerank, first"),
+    (Saffron, {"no_repeat_ngram": 1}, "no_repeat_ngram must be 0"),
+    (Saffron, {"no_repeat_ngram": -2}, "no_repeat_ngram"),
+    (Saffron, {"per_parent": -1}, "per_parent"),
 ]
 
 
@@ -214,7 +217,7 @@ def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: di
 
 def test_options_are_what_was_asked() -> None:
     assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
-                                   "final": "rerank"}
+                                   "final": "rerank", "no_repeat_ngram": 0, "per_parent": 0}
     assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
     assert BestOfN(n=8).options()["n"] == 8
 
@@ -487,3 +490,54 @@ def test_choose_distinct_and_one_eos() -> None:
     out = one_eos(cand, scores, frozenset({2, 4}))
     assert out[0].tolist() == [True, True, True, True, False, True]  # tie: the first EOS id
     assert out[1].tolist() == [True, True, False, True, True, True]
+
+
+def test_repeat_candidates_are_the_tokens_that_followed_the_tail_before() -> None:
+    # "a b c a b" with n=3: the tail "a b" was followed by "c" before; n=2: tail "b" was followed by "c"
+    assert repeat_candidates([(1, 2, 3, 1, 2), (5, 5), (7,)], 3) == {(0, 3)}
+    assert repeat_candidates([(1, 2, 3, 1, 2), (5, 5)], 2) == {(0, 3), (1, 5)}
+    assert repeat_candidates([(1, 2, 1, 2, 1)], 2) == {(0, 2)}
+
+
+def test_cap_per_parent_keeps_lineages_apart_and_still_fills_the_beam() -> None:
+    rows = [0, 0, 0, 1, 1, 2]  # candidate i's parent
+    order = [0, 1, 2, 3, 4, 5]  # best first
+    assert cap_per_parent(order, rows, 0, 4) == [0, 1, 2, 3]
+    assert cap_per_parent(order, rows, 1, 4) == [0, 3, 5, 1]  # one child per parent first, then the best left
+    assert cap_per_parent(order, rows, 2, 3) == [0, 1, 3]
+    assert cap_per_parent([2, 1, 0], [0, 0, 0], 1, 2) == [2, 1]
+
+
+def ngram_repeats(ids: Sequence[int], n: int) -> bool:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_saffron_no_repeat_ngram_forbids_repeats_it_would_otherwise_make(tiny: Model, mrm_base: Model,
+                                                                          session: Session) -> None:
+    # One token rewarded far above all others: the plain search repeats it; with no_repeat_ngram=2 the bigram
+    # (t, t) may appear once and no bigram twice
+    opts = {"width": 2, "top_p": 1.0, "max_new_tokens": 8, "min_new_tokens": 8, "final": "first"}
+    tok = greedy(tiny, session, 1, 1)[0]
+    kw: dict[str, Any] = {"unseen": set(), "bias": {tok: 100.0}}
+    plain = run(Saffron(**opts), session, stack(tiny, mrm_base, **kw)).output_ids
+    assert plain.count(tok) >= 6 and ngram_repeats(plain, 2)
+    fixed = run(Saffron(no_repeat_ngram=2, **opts), session, stack(tiny, mrm_base, **kw)).output_ids
+    assert len(fixed) == 8 and not ngram_repeats(session.prefill_ids + fixed, 2)
+
+
+def test_saffron_per_parent_cap_keeps_several_parents(tiny: Model, mrm_base: Model, session: Session) -> None:
+    opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 3, "min_new_tokens": 3, "final": "first"}
+    free = run(Saffron(**opts), session, stack(tiny, mrm_base))
+    capped = run(Saffron(per_parent=1, **opts), session, stack(tiny, mrm_base))
+    # step 1 has one parent (the root), which may then give all 4 children; with a cap of one child each,
+    # every later step keeps one child of each of the 4 parents
+    assert capped.trace["parents_kept"] == [1, 4, 4]
+    assert free.trace["parents_kept"][0] == 1 and len(free.trace["parents_kept"]) == 3
+
+
+def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
+    from saffron.evaluate import EvalConfig, resolve
+
+    assert resolve(EvalConfig(method="saffron", method_options={"final": "first"})).reward is None
+    assert resolve(EvalConfig(method="saffron")).reward == "smol-guard"

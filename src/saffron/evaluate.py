@@ -100,7 +100,7 @@ DEFAULT_MRM = "smol-mrm"
 def resolve(cfg: EvalConfig) -> EvalConfig:
     """Fill in the models the method needs and the user left out, so ``config.json`` names every model used;
     drop the ones it does not use, so they cannot make two equal runs look different."""
-    uses = getattr(get_method(cfg.method), "uses", ())
+    uses = get_method(cfg.method).models_for(cfg.method_options)
     reward = (cfg.reward or DEFAULT_REWARD) if "reward" in uses else None
     mrm = (cfg.mrm or DEFAULT_MRM) if "mrm" in uses else None
     return replace(cfg, reward=reward, mrm=mrm)

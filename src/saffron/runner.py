@@ -46,7 +46,7 @@ class RunnerStats:
     computed_tokens: int = 0  # query tokens run through the model
     reused_tokens: int = 0  # tokens served from the cache
     flops: int = 0
-    forward_seconds: float = 0.0  # inside the model's layers
+    forward_seconds: float = 0.0  # model compute: embedding, blocks, KV writes, head
     total_seconds: float = 0.0  # whole ``forward`` calls, bookkeeping included
     trie: TrieStats = field(default_factory=TrieStats)
 
@@ -178,7 +178,9 @@ class Runner:
         self.stats.reused_tokens += sum(plan.reused)
         h, hidden, n_keys = self._tree_forward(plan, layers)
         rows = torch.tensor(plan.out_rows, device=h.device)
+        t0 = time.perf_counter()
         lg = self.head(h[rows]).float() if want_logits else None
+        self.stats.forward_seconds += time.perf_counter() - t0  # the vocabulary head is model compute too
         hd = hidden[:, rows].transpose(0, 1).float() if hidden is not None else None
         self.stats.computed_tokens += plan.n_queries
         self.stats.flops += forward_flops(self.arch, plan.n_queries, plan.n_queries * n_keys,
@@ -236,14 +238,15 @@ class Runner:
         dev = self.model.device
         hi = self.trie.alloc.high_water
         self.pool.ensure(hi)
-        t0 = time.perf_counter()
         dec = self.hf.model
         tokens = torch.tensor([t for c in plan.chains for t in c.tokens], device=dev)[None]
         positions = torch.tensor([c.position0 + j for c in plan.chains for j in range(len(c.new))], device=dev)[None]
         slots = torch.tensor(plan.query_slots, device=dev)
-        x = dec.embed_tokens(tokens)
         cols = self._key_columns(plan)
-        mask = self._mask(plan, hi, cols, x.dtype)
+        mask = self._mask(plan, hi, cols, self.pool.dtype)
+        # Model time starts here: planning, the mask and index tensors above are the runner's own overhead.
+        t0 = time.perf_counter()
+        x = dec.embed_tokens(tokens)
         cos, sin = dec.rotary_emb(x, positions)
         captured = [x[0]] if 0 in layers else []
         n = x.shape[1]

@@ -48,6 +48,12 @@ class Method(ABC):
     # Models besides the policy that the method calls ("reward", "mrm"): the harness loads only these.
     uses: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def models_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
+        """The models besides the policy that a run with these options calls (default: ``uses``). A method
+        whose options can leave one out overrides this, so the harness neither loads nor records it."""
+        return cls.uses
+
     @abstractmethod
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         """Continue ``session`` (prompt + prefill) and return the chosen output. Must be deterministic in

@@ -23,6 +23,13 @@ final rules: ``first`` is the authors' (highest running reward, first on ties: t
 the first beam node, no reward model needed); ``rerank`` (default) scores every surviving node's full output
 with the reward model in one batched call and returns the best (first on ties), the "better final rule" the
 paper note invites us to add and measure.
+
+Two options, off by default (the paper's search), against the collapse we measured with a small MRM: the
+global top-N can fill the whole beam with children of one node, and a 135M policy pushed off its distribution
+proposes repeated tokens the MRM scores as safe. ``no_repeat_ngram=n`` ranks a candidate that would repeat an
+``n``-gram of the answer (prefill included) below every other candidate, like HF's ``no_repeat_ngram_size``
+but as a rank, not a ban; ``per_parent=k`` keeps at most ``k`` children of one node while other nodes still
+have candidates. The trace's ``parents_kept`` shows how many lineages survive each step.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 
 import torch
 
+from saffron.errors import SaffronError
 from saffron.methods.base import (
     FlopMeter,
     Method,
@@ -47,6 +55,41 @@ from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, p
 from saffron.session import Session
 
 FINAL_RULES = ("rerank", "first")
+# Below every seen candidate (rewards are log-odds, tens at most) and below the unseen penalty too: a repeat
+# fills the beam only when nothing else can.
+REPEAT_DEMOTION = 4096.0
+
+
+def repeat_candidates(outputs: list[tuple[int, ...]], n: int) -> set[tuple[int, int]]:
+    """``(row, token)`` pairs that would repeat an ``n``-gram already in ``outputs[row]`` (HF's
+    ``no_repeat_ngram_size``): after the last ``n - 1`` tokens, every token that followed them before."""
+    out: set[tuple[int, int]] = set()
+    for row, seq in enumerate(outputs):
+        if len(seq) < n:
+            continue
+        tail = seq[len(seq) - n + 1:]
+        for i in range(len(seq) - n + 1):
+            if seq[i : i + n - 1] == tail:
+                out.add((row, seq[i + n - 1]))
+    return out
+
+
+def cap_per_parent(order: list[int], rows: list[int], cap: int, width: int) -> list[int]:
+    """The first ``width`` candidates of ``order`` taking at most ``cap`` children of one parent (``cap=0``:
+    no limit); the beam is filled from the over-cap candidates, best first, only if too few parents remain."""
+    if cap <= 0:
+        return order[:width]
+    taken: dict[int, int] = {}
+    picked, spill = [], []
+    for i in order:
+        if taken.get(rows[i], 0) < cap:
+            taken[rows[i]] = taken.get(rows[i], 0) + 1
+            picked.append(i)
+            if len(picked) == width:
+                return picked
+        else:
+            spill.append(i)
+    return (picked + spill)[:width]
 
 
 class Saffron(Method):
@@ -54,19 +97,29 @@ class Saffron(Method):
     budget = "width"
     uses = ("mrm", "reward")
 
+    @classmethod
+    def models_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
+        return ("mrm",) if options.get("final") == "first" else cls.uses  # the authors' rule needs no reward model
+
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
-                 final: str = "rerank") -> None:
+                 final: str = "rerank", no_repeat_ngram: int = 0, per_parent: int = 0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
         check_lengths(max_new_tokens, min_new_tokens)
         check_choice("final", final, FINAL_RULES)
+        check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
+        check_int("per_parent", per_parent, lo=0)
+        if no_repeat_ngram == 1:
+            raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
         self.width, self.top_p, self.final = width, top_p, final
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.no_repeat_ngram, self.per_parent = no_repeat_ngram, per_parent
         self._checked: set[tuple[int, int]] = set()
 
     def options(self) -> dict[str, Any]:
         return {"width": self.width, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "min_new_tokens": self.min_new_tokens, "final": self.final}
+                "min_new_tokens": self.min_new_tokens, "final": self.final,
+                "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent}
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
@@ -80,6 +133,7 @@ class Saffron(Method):
         limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
         beam = [Node(())]
         steps = explored = 0
+        parents_kept: list[int] = []  # per step, how many distinct nodes the kept children come from
         for _ in range(self.max_new_tokens):
             finished = [n for n in beam if n.finished]
             active = [n for n in beam if not n.finished]
@@ -92,9 +146,17 @@ class Saffron(Method):
             cand = one_eos(nucleus_mask(logits[:, :v], self.top_p), q, limits.eos)
             rows, toks = cand.nonzero(as_tuple=True)  # row-major: node order, then token id
             scores = q[rows, toks]
-            top = torch.sort(scores, descending=True, stable=True).indices[: self.width]
+            rank = scores
+            if self.no_repeat_ngram:
+                repeats = repeat_candidates([session.prefill_ids + n.tokens for n in active], self.no_repeat_ngram)
+                hit = torch.tensor([(int(r), int(t)) in repeats for r, t in zip(rows, toks, strict=True)],
+                                   dtype=torch.bool, device=scores.device)
+                rank = scores - hit.to(scores.dtype) * REPEAT_DEMOTION
+            order = torch.sort(rank, descending=True, stable=True).indices.tolist()
+            top = cap_per_parent(order, rows.tolist(), self.per_parent, self.width)
+            parents_kept.append(len({int(rows[i]) for i in top}))
             children = []
-            for i in top.tolist():
+            for i in top:
                 parent, tok, s = active[int(rows[i])], int(toks[i]), float(scores[i])
                 if tok in limits.eos:
                     children.append(Node(parent.tokens, reward=s, finished=True))
@@ -105,6 +167,7 @@ class Saffron(Method):
             explored += int(cand.sum())
         trace: dict[str, Any] = {"steps": steps, "n_mrm_calls": steps, "explored_children": explored,
                                  "finished": sum(n.finished for n in beam), "final": self.final,
+                                 "parents_kept": parents_kept,
                                  "beam_rewards": [n.reward if n.reward != NEG_INF else None for n in beam]}
         chosen = 0  # the beam is sorted: the first node has the highest running reward
         if reward is not None:
