@@ -363,11 +363,16 @@ def main(argv: list[str] | None = None) -> Any:
         return app(args=argv, standalone_mode=False)
     except SaffronError as e:
         _fail(str(e), e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         _fail("interrupted", 130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    # typer >= 0.29 raises its own copy of click's exceptions (typer.TyperException), not click's
+    except (click.ClickException, typer.TyperException) as e:
+        show = getattr(e, "show", None)
+        if show is None:
+            _fail(str(e), 2)
+        else:
+            show()
+        sys.exit(int(getattr(e, "exit_code", 2)))
     except KeyboardInterrupt:
         _fail("interrupted; finished records are kept, re-run the same command to resume", 130)
     return None
