@@ -53,3 +53,13 @@ def test_generate_with_tiny_model(tiny_dir: Path, capsys: pytest.CaptureFixture[
 
     out = json.loads(capsys.readouterr().out)
     assert out["prefill"] == "Sure" and out["new_tokens"] <= 4 and out["unsafe"] == (out["reward"] < 0)
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["eval", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+    (["eval", "--no-such-option"], "No such option: --no-such-option"),
+])
+def test_option_parsing_errors_are_usage_errors_not_tracebacks(argv: list[str], msg: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(argv, capsys)
+    assert code == 2 and msg in err and "Traceback" not in err

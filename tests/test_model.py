@@ -14,6 +14,19 @@ def test_eos_and_chat_template_come_from_the_tokenizer(tiny) -> None:  # type: i
     assert tiny.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_conversation_goes_through_the_chat_template(tiny) -> None:  # type: ignore[no-untyped-def]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "why?"}]
+    assert tiny.tokenizer.decode(tiny.chat_messages_ids(msgs)) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!"
+        "<|im_end|>\n<|im_start|>user\nwhy?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny.chat_messages_ids(msgs[1:2]) == tiny.chat_prompt_ids("hi")
+    with pytest.raises(SaffronError, match=r"message 1 \(user\) is empty"):
+        tiny.chat_messages_ids([msgs[0], {"role": "user", "content": " "}])
+    with pytest.raises(SaffronError, match="no messages"):
+        tiny.chat_messages_ids([])
+
+
 def test_bad_sequences_are_refused(tiny) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SaffronError, match="empty"):
         tiny.check_ids([])

@@ -340,6 +340,57 @@ def bench_annotate_cmd(
     _emit(annotation_throughput(rows=rows), as_json)
 
 
+@app.command("serve")
+def serve_cmd(
+    method: str = typer.Option("saffron", "--method", help="Defence answering requests that name none."),
+    policy: str = POLICY,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    judge: str | None = typer.Option(None, "--judge", help="Judge that scores every answer (off by default)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length when a request sets none."),
+    opt: list[str] = OPTS,
+    seed: int = typer.Option(0, "--seed", help="Seed when a request sets none."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    max_tokens_limit: int = typer.Option(256, "--max-tokens-limit", min=1, help="Most max_tokens a request may ask."),
+    max_width: int = typer.Option(64, "--max-width", min=1, help="Most search budget a request may ask (the "
+                                  "method's width, n or simulations)."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Searches run at once."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
+) -> None:
+    """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
+    from saffron.evaluate import parse_options
+    from saffron.serve import ServeConfig, ServeSettings, serve
+
+    settings = ServeSettings(method=method, method_options=parse_options(opt), default_max_tokens=max_new_tokens,
+                             max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
+                             max_queue=max_queue, seed=seed)
+    cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
+                      threads=threads)
+    settings.check()
+    _quiet_hf()
+    serve(cfg)
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    clients: int = typer.Option(50, "--clients", min=1, help="Concurrent clients (each: one harmful, one benign)."),
+    width: int = typer.Option(2, "--width", min=1, help="Saffron width."),
+    max_tokens: int = typer.Option(8, "--max-tokens", min=1, help="max_tokens of every request."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Server's searches at once."),
+    threads: int | None = typer.Option(1, "--threads", min=1, help="Torch CPU threads (one is fastest for the "
+                                       "135M model on a busy 2-core machine)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The server under load on loopback: latency, failures, well-formed answers, malformed input refused."""
+    from saffron.bench.serve import bench_serve
+
+    _quiet_hf()
+    _emit(bench_serve(clients=clients, width=width, max_tokens=max_tokens, max_concurrent=max_concurrent,
+                      threads=threads), as_json)
+
+
 @mrm_app.command("inspect")
 def mrm_inspect_cmd(
     path: Path = typer.Argument(..., help="An MRM folder (adapter_config.json, adapter_model.safetensors, ...)."),
@@ -363,11 +414,16 @@ def main(argv: list[str] | None = None) -> Any:
         return app(args=argv, standalone_mode=False)
     except SaffronError as e:
         _fail(str(e), e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         _fail("interrupted", 130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    # typer >= 0.29 raises its own copy of click's exceptions (typer.TyperException), not click's
+    except (click.ClickException, typer.TyperException) as e:
+        show = getattr(e, "show", None)
+        if show is None:
+            _fail(str(e), 2)
+        else:
+            show()
+        sys.exit(int(getattr(e, "exit_code", 2)))
     except KeyboardInterrupt:
         _fail("interrupted; finished records are kept, re-run the same command to resume", 130)
     return None

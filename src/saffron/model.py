@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,30 @@ class Model:
         """The token ids up to where the assistant's answer starts."""
         if not prompt.strip():
             raise SaffronError("the prompt is empty")
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.chat_messages_ids(msgs)
+
+    def chat_messages_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The token ids of a conversation (``role``/``content`` dicts: system, user, assistant) in the chat
+        template, up to where the next assistant turn starts. A model without a chat template reads a lone user
+        message as plain text and refuses anything else."""
+        if not messages:
+            raise SaffronError("the conversation has no messages")
+        for i, m in enumerate(messages):
+            if not m["content"].strip():
+                raise SaffronError(f"message {i} ({m['role']}) is empty")
         if self.tokenizer.chat_template is None:
-            ids = list(self.tokenizer.encode(prompt))
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise SaffronError(f"{self.name} has no chat template: it can read one user message only")
+            ids = list(self.tokenizer.encode(messages[0]["content"]))
         else:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            ids = list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False))
+            from jinja2 import TemplateError
+
+            try:
+                ids = list(self.tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False))
+            except TemplateError as e:  # templates raise on conversations they do not accept (role order, ...)
+                raise SaffronError(f"{self.name}'s chat template refused the conversation: {e}") from None
         self.check_ids(ids)
         return ids
 

@@ -1,0 +1,415 @@
+"""The serving engine: models loaded once, workers that each own a set of runners, a bounded queue.
+
+A request becomes a ``Plan`` on the event loop (validation and tokenisation, cheap; every user error is an
+``ApiError`` before anything is queued), then a search on one of ``max_concurrent`` worker threads. The runners
+(KV caches, FLOP counters) are not thread-safe, so each worker has its own over weights loaded once and shared:
+the policy's, the search-time reward model's, the MRM's and the judge's. A worker resets its runners before every
+request, as ``run_eval`` does between prompts, so an answer depends on the request alone, never on what ran before.
+
+The models a method needs besides the policy are loaded the first time a method needs them and kept: the
+server's own method is made ready at start; another method asked for through the ``saffron`` extension loads
+its reward model or MRM on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from saffron.errors import SaffronError
+from saffron.evaluate import DEFAULT_MRM, DEFAULT_REWARD, EvalConfig, build_method, method_option_names, prompt_seed
+from saffron.guards.base import RewardModel, check_guard_spec
+from saffron.methods import Method, Stack, get_method
+from saffron.model import Model
+from saffron.mrm import Mrm
+from saffron.runner import Runner
+from saffron.serve.schemas import ApiError, ChatCompletionRequest
+from saffron.session import Session
+
+# ``saffron generate`` seeds its one prompt with prompt_seed(seed, "cli"); so does the server, so the same
+# conversation and seed give the same answer from both.
+SEED_KEY = "cli"
+RESERVED = ("method", "judge")  # keys of the ``saffron`` extension that are not method options
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the server answers with when a request does not say, and the limits no request may pass."""
+
+    method: str = "saffron"
+    method_options: dict[str, Any] = field(default_factory=dict)  # the -o options of ``method`` (not its length)
+    default_max_tokens: int = 32
+    max_tokens_limit: int = 256
+    max_width: int = 64
+    max_concurrent: int = 1
+    max_queue: int = 64
+    seed: int = 0
+
+    def check(self) -> Method:
+        """Refuse settings no request could be served with; return the configured method."""
+        for name in ("max_tokens_limit", "max_width", "max_concurrent"):
+            if getattr(self, name) < 1:
+                raise SaffronError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise SaffronError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise SaffronError(f"--max-new-tokens {self.default_max_tokens} exceeds --max-tokens-limit "
+                               f"{self.max_tokens_limit}")
+        if "max_new_tokens" in self.method_options:
+            raise SaffronError("set the default length with --max-new-tokens, not -o max_new_tokens")
+        opts = method_options(self.method, self.method_options, self.default_max_tokens)
+        check_budget(self.method, opts, self.max_width, "--max-width", "-o ")
+        return build_method(EvalConfig(method=self.method, method_options=opts))
+
+
+def method_options(method: str, given: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """``given`` plus the length; a method's default ``min_new_tokens`` is cut to the length asked for (an
+    explicit one is kept, and refused by the method if it exceeds the length)."""
+    opts = {**given, "max_new_tokens": max_tokens}
+    if "min_new_tokens" in method_option_names(method) and "min_new_tokens" not in given:
+        default = inspect.signature(get_method(method).__init__).parameters["min_new_tokens"].default
+        opts["min_new_tokens"] = min(int(default), max_tokens)
+    return opts
+
+
+def check_budget(method: str, opts: dict[str, Any], limit: int, flag: str, prefix: str) -> None:
+    """The method's budget option (width, n, simulations: what buys more search) may not exceed ``limit``."""
+    budget = get_method(method).budget
+    if budget is None:
+        return
+    value = opts.get(budget, inspect.signature(get_method(method).__init__).parameters[budget].default)
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise SaffronError(f"{prefix}{budget}={value} for method '{method}' exceeds this server's {flag} of {limit}")
+
+
+class ModelSet:
+    """The models a server may use. The policy is loaded up front; each other model is loaded on its first
+    ``reward()`` / ``mrm()`` / ``judge()`` call and kept. Every call returns a new instance with its own runner
+    over the shared weights (one per worker). ``names`` say which models these are (reported to clients)."""
+
+    def __init__(self, policy: Model, reward: Callable[[], RewardModel] | None = None,
+                 mrm: Callable[[], Mrm] | None = None, judge: Callable[[], RewardModel] | None = None,
+                 names: dict[str, str | None] | None = None) -> None:
+        self.policy = policy
+        self._make = {"reward": reward, "mrm": mrm, "judge": judge}
+        self.names: dict[str, str | None] = {"policy": policy.name, "reward": None, "mrm": None, "judge": None,
+                                             **(names or {})}
+        self._lock = threading.Lock()
+
+    def has(self, role: str) -> bool:
+        return self._make[role] is not None
+
+    def make(self, role: str) -> Any:
+        fn = self._make[role]
+        if fn is None:
+            raise SaffronError(f"this server has no {role} model")
+        with self._lock:  # the first call loads weights; two workers must not load them twice
+            return fn()
+
+
+def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
+                judge: str | None = None) -> ModelSet:
+    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm). Reward and MRM are
+    loaded when a method first needs them; guards share their backbone through ``load_model``'s memo, and every
+    MRM instance after the first shares the first one's weights."""
+    from saffron.guards import load_guard
+    from saffron.model import load_model
+    from saffron.mrm import check_mrm_spec, load_mrm_spec
+
+    reward_spec, mrm_spec = reward or DEFAULT_REWARD, mrm or DEFAULT_MRM
+    check_guard_spec(reward_spec)
+    check_mrm_spec(mrm_spec)
+    if judge is not None:
+        check_guard_spec(judge)
+    model = load_model(policy)
+    first: list[Mrm] = []
+
+    def make_mrm() -> Mrm:
+        if not first:
+            m = load_mrm_spec(mrm_spec)
+            m.check_tokenizer(model)
+            first.append(m)
+            return m
+        p = first[0]
+        return Mrm(p.model, p.manifest, p.bias, p.unseen)
+
+    return ModelSet(model, reward=lambda: load_guard(reward_spec), mrm=make_mrm,
+                    judge=(lambda: load_guard(judge)) if judge is not None else None,
+                    names={"reward": reward_spec, "mrm": mrm_spec, "judge": judge})
+
+
+class Worker:
+    """One search slot: a policy runner and, once needed, its own reward model, MRM and judge."""
+
+    def __init__(self, models: ModelSet) -> None:
+        self.models = models
+        self.policy = Runner(models.policy)
+        self.held: dict[str, Any] = {}
+
+    def get(self, role: str) -> Any:
+        if role not in self.held:
+            self.held[role] = self.models.make(role)
+        return self.held[role]
+
+    def stack(self, uses: tuple[str, ...]) -> Stack:
+        return Stack(policy=self.policy, reward=self.get("reward") if "reward" in uses else None,
+                     mrm=self.get("mrm") if "mrm" in uses else None)
+
+    def reset(self) -> None:
+        self.policy.reset()
+        for m in self.held.values():
+            m.runner.reset()
+
+
+@dataclass
+class Plan:
+    """A validated request, ready to search."""
+
+    method: Method
+    method_name: str
+    options: dict[str, Any]
+    session: Session
+    seed: int
+    max_tokens: int
+    stop: list[str]
+    judge: bool
+    ignored: list[str]
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class Outcome:
+    text: str
+    output_ids: tuple[int, ...]
+    finish_reason: str
+    flops: dict[str, int]  # per role, the judge's included when it ran; "total" is their sum
+    method_flops: int
+    reward: float | None
+    trace: dict[str, Any]
+    queue_s: float
+    search_s: float
+
+
+class Busy(ApiError):
+    def __init__(self, running: int, queued: int, max_queue: int) -> None:
+        super().__init__(503, f"server busy: {running} request(s) searching and {queued} queued, the most this "
+                         f"server holds (--max-queue {max_queue}); retry later", code="server_busy",
+                         type="server_error", headers={"Retry-After": "1"})
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with non-finite floats as None (JSON has no infinities)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+class Engine:
+    def __init__(self, models: ModelSet, settings: ServeSettings | None = None, model_id: str | None = None) -> None:
+        self.models = models
+        self.settings = settings or ServeSettings()
+        self.settings.check()
+        self.model_id = model_id or models.policy.name
+        self.created = int(time.time())
+        self.workers = [Worker(models) for _ in range(self.settings.max_concurrent)]
+        self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        for w in self.workers:
+            w.stack(get_method(self.settings.method).uses)  # the server's own method: ready before it listens
+            if models.has("judge"):
+                w.get("judge")
+            self._idle.put(w)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.settings.max_concurrent,
+                                                               thread_name_prefix="saffron-search")
+        self._methods: OrderedDict[str, Method] = OrderedDict()
+        self._lock = threading.Lock()
+        self.admitted = 0  # searching or queued
+        self.running = 0
+        self.finished = 0
+
+    # -- on the event loop ------------------------------------------------------------------------------------
+
+    def prepare(self, req: ChatCompletionRequest) -> Plan:
+        """Check a parsed request against this server and tokenise it. Raises ``ApiError`` for anything wrong."""
+        s = self.settings
+        if req.model is not None and req.model != self.model_id:
+            raise ApiError(404, f"model '{req.model}' is not served here; this server serves '{self.model_id}'",
+                           param="model", code="model_not_found")
+        if req.n is not None and req.n != 1:
+            raise ApiError(400, f"n={req.n}: this server returns one choice per request (n must be 1)", param="n")
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(400, f"max_tokens ({req.max_tokens}) and max_completion_tokens "
+                           f"({req.max_completion_tokens}) disagree; send one", param="max_tokens")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if asked is not None and asked > s.max_tokens_limit:
+            raise ApiError(400, f"{param}={asked} exceeds this server's limit of {s.max_tokens_limit} tokens "
+                           "(--max-tokens-limit)", param=param)
+        max_tokens = asked if asked is not None else s.default_max_tokens
+        if len(req.stop_list()) > 4 or any(not x for x in req.stop_list()):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
+
+        ext = dict(req.saffron or {})
+        method_name = ext.pop("method", s.method)
+        if not isinstance(method_name, str):
+            raise ApiError(400, f"saffron.method must be a string, got {json.dumps(method_name)}",
+                           param="saffron.method")
+        judge = ext.pop("judge", self.models.has("judge"))
+        if not isinstance(judge, bool):
+            raise ApiError(400, f"saffron.judge must be true or false, got {json.dumps(judge)}", param="saffron.judge")
+        if judge and not self.models.has("judge"):
+            raise ApiError(400, "saffron.judge: this server has no judge (start it with --judge smol-guard)",
+                           param="saffron.judge")
+        if "max_new_tokens" in ext:
+            raise ApiError(400, "set the length with max_tokens (or max_completion_tokens), not "
+                           "saffron.max_new_tokens", param="saffron.max_new_tokens")
+        try:
+            known = method_option_names(method_name)
+        except SaffronError as e:
+            raise ApiError(400, str(e), param="saffron.method", code="unknown_method") from None
+        given = dict(s.method_options) if method_name == s.method else {}
+        ignored = []
+        for key in ("temperature", "top_p"):
+            value = getattr(req, key)
+            if value is None:
+                continue
+            if key in known:
+                given[key] = value
+            else:
+                ignored.append(key)  # e.g. Saffron's search draws nothing at random: temperature means nothing
+        given.update(ext)
+        opts = method_options(method_name, given, max_tokens) if set(given) <= set(known) else {
+            **given, "max_new_tokens": max_tokens}
+        try:
+            check_budget(method_name, opts, s.max_width, "--max-width", "saffron.")
+            method = self._method(method_name, opts)
+        except SaffronError as e:
+            named = [*(f"saffron.{k}" for k in ext), *(k for k in ("temperature", "top_p") if k in given)]
+            msg = str(e) if str(e).startswith(("method '", "bad option", "saffron.")) else \
+                f"method '{method_name}': {e}"
+            raise ApiError(400, msg, param=next((p for p in named if p.split(".")[-1] in str(e)), "saffron"),
+                           code="invalid_method_option") from None
+
+        msgs: list[dict[str, str]] = []
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            if not text.strip():
+                raise ApiError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if not msgs:
+            raise ApiError(400, "messages is empty: send at least one user message", param="messages")
+        prefill = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None  # continued, not answered
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        if not users:
+            raise ApiError(400, "messages hold no user message (a final assistant message is a prefill to "
+                           "continue, not a prompt)", param="messages")
+        policy = self.models.policy
+        try:
+            prompt_ids = tuple(policy.chat_messages_ids(msgs))
+            prefill_ids = tuple(policy.encode(prefill)) if prefill is not None else ()
+            policy.check_ids(prompt_ids + prefill_ids, reserve=max_tokens)
+        except SaffronError as e:
+            code = "context_length_exceeded" if "context limit" in str(e) else None
+            raise ApiError(400, str(e), param="messages", code=code) from None
+        # The reward models judge the output as an answer to the last user message (prefill excluded, as in eval)
+        session = Session(prompt=users[-1], prompt_ids=prompt_ids, prefill_ids=prefill_ids)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Plan(method=method, method_name=method_name, options=method.options() or opts, session=session,
+                    seed=req.seed if req.seed is not None else s.seed, max_tokens=max_tokens, stop=req.stop_list(),
+                    judge=judge, ignored=ignored, stream=bool(req.stream), include_usage=include_usage)
+
+    def _method(self, name: str, opts: dict[str, Any]) -> Method:
+        """A configured method, kept for reuse (a method may cache per-model checks across runs)."""
+        key = json.dumps([name, opts], sort_keys=True, default=str)
+        with self._lock:
+            m = self._methods.get(key)
+            if m is not None:
+                self._methods.move_to_end(key)
+                return m
+        m = build_method(EvalConfig(method=name, method_options=opts))
+        with self._lock:
+            self._methods[key] = m
+            while len(self._methods) > 64:
+                self._methods.popitem(last=False)
+        return m
+
+    async def submit(self, plan: Plan) -> Outcome:
+        """Queue ``plan`` for a worker and wait for its outcome; ``Busy`` when the queue is full."""
+        with self._lock:
+            if self.admitted >= self.settings.max_concurrent + self.settings.max_queue:
+                running = self.running
+                raise Busy(running, self.admitted - running, self.settings.max_queue)
+            self.admitted += 1
+        t0 = time.perf_counter()
+        try:
+            fut = self._executor.submit(self.run, plan, t0)
+        except BaseException:
+            self._release()
+            raise
+        fut.add_done_callback(lambda _: self._release())  # when the search ends, or the queued job is dropped
+        return await asyncio.wrap_future(fut)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"running": self.running, "queued": self.admitted - self.running, "finished": self.finished,
+                    "max_concurrent": self.settings.max_concurrent, "max_queue": self.settings.max_queue}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- on a worker thread -----------------------------------------------------------------------------------
+
+    def run(self, plan: Plan, queued_at: float | None = None) -> Outcome:
+        """Search ``plan`` on an idle worker (blocking). Also usable directly, without the queue."""
+        t0 = time.perf_counter()
+        worker = self._idle.get()
+        with self._lock:
+            self.running += 1
+        try:
+            worker.reset()
+            result = plan.method.run(plan.session, worker.stack(plan.method.uses), prompt_seed(plan.seed, SEED_KEY))
+            t1 = time.perf_counter()
+            policy = self.models.policy
+            ids = tuple(result.output_ids)
+            text = policy.decode(ids)
+            finish = "length" if len(ids) >= plan.max_tokens else "stop"
+            cut = min((i for i in (text.find(x) for x in plan.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            flops = {k: int(v) for k, v in result.flops.items()}
+            method_flops = sum(flops.values())
+            reward = None
+            if plan.judge:
+                judge = worker.get("judge")
+                j0 = judge.flops
+                reward = float(judge.score(plan.session.prompt, [text])[0])
+                flops["judge"] = judge.flops - j0
+            flops["total"] = sum(flops.values())
+            return Outcome(text=text, output_ids=ids, finish_reason=finish, flops=flops, method_flops=method_flops,
+                           reward=reward if reward is None or math.isfinite(reward) else None,
+                           trace=_finite(result.trace), queue_s=t0 - (queued_at if queued_at is not None else t0),
+                           search_s=t1 - t0)
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.finished += 1
+            self._idle.put(worker)
