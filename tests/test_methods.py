@@ -206,6 +206,7 @@ BAD_OPTIONS = [
     (Saffron, {"no_repeat_ngram": 1}, "no_repeat_ngram must be 0"),
     (Saffron, {"no_repeat_ngram": -2}, "no_repeat_ngram"),
     (Saffron, {"per_parent": -1}, "per_parent"),
+    (Saffron, {"policy_weight": -1.0}, "policy_weight"),
 ]
 
 
@@ -217,7 +218,7 @@ def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: di
 
 def test_options_are_what_was_asked() -> None:
     assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
-                                   "final": "rerank", "no_repeat_ngram": 0, "per_parent": 0}
+                                   "final": "rerank", "no_repeat_ngram": 0, "per_parent": 0, "policy_weight": 0.0}
     assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
     assert BestOfN(n=8).options()["n"] == 8
 
@@ -541,3 +542,10 @@ def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
 
     assert resolve(EvalConfig(method="saffron", method_options={"final": "first"})).reward is None
     assert resolve(EvalConfig(method="saffron")).reward == "smol-guard"
+
+
+def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base: Model, session: Session) -> None:
+    opts = {"width": 1, "top_p": 1.0, "max_new_tokens": 6, "min_new_tokens": 3, "final": "first"}
+    plain = run(Saffron(**opts), session, stack(tiny, mrm_base)).output_ids
+    heavy = run(Saffron(policy_weight=1e6, **opts), session, stack(tiny, mrm_base)).output_ids
+    assert heavy == greedy(tiny, session, 6, 3) != plain

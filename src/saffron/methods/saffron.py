@@ -29,7 +29,9 @@ global top-N can fill the whole beam with children of one node, and a 135M polic
 proposes repeated tokens the MRM scores as safe. ``no_repeat_ngram=n`` ranks a candidate that would repeat an
 ``n``-gram of the answer (prefill included) below every other candidate, like HF's ``no_repeat_ngram_size``
 but as a rank, not a ban; ``per_parent=k`` keeps at most ``k`` children of one node while other nodes still
-have candidates. The trace's ``parents_kept`` shows how many lineages survive each step.
+have candidates; ``policy_weight=b`` ranks by ``reward + b * log p_policy(token)`` (the KL-regularised
+objective), so a token the MRM overrates but the policy finds unlikely loses to a plausible one. The trace's
+``parents_kept`` shows how many lineages survive each step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from saffron.methods.base import (
     MethodResult,
     Stack,
     check_choice,
+    check_float,
     check_int,
     check_lengths,
     require_mrm,
@@ -102,24 +105,28 @@ class Saffron(Method):
         return ("mrm",) if options.get("final") == "first" else cls.uses  # the authors' rule needs no reward model
 
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
-                 final: str = "rerank", no_repeat_ngram: int = 0, per_parent: int = 0) -> None:
+                 final: str = "rerank", no_repeat_ngram: int = 0, per_parent: int = 0,
+                 policy_weight: float = 0.0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
         check_lengths(max_new_tokens, min_new_tokens)
         check_choice("final", final, FINAL_RULES)
         check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
         check_int("per_parent", per_parent, lo=0)
+        check_float("policy_weight", policy_weight)
         if no_repeat_ngram == 1:
             raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
         self.width, self.top_p, self.final = width, top_p, final
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.no_repeat_ngram, self.per_parent = no_repeat_ngram, per_parent
+        self.policy_weight = float(policy_weight)
         self._checked: set[tuple[int, int]] = set()
 
     def options(self) -> dict[str, Any]:
         return {"width": self.width, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "min_new_tokens": self.min_new_tokens, "final": self.final,
-                "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent}
+                "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent,
+                "policy_weight": self.policy_weight}
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
@@ -147,6 +154,9 @@ class Saffron(Method):
             rows, toks = cand.nonzero(as_tuple=True)  # row-major: node order, then token id
             scores = q[rows, toks]
             rank = scores
+            if self.policy_weight:
+                logp = torch.log_softmax(logits[:, :v].float(), dim=-1)
+                rank = rank + self.policy_weight * logp[rows, toks].to(rank.dtype)
             if self.no_repeat_ngram:
                 repeats = repeat_candidates([session.prefill_ids + n.tokens for n in active], self.no_repeat_ngram)
                 hit = torch.tensor([(int(r), int(t)) in repeats for r, t in zip(rows, toks, strict=True)],
