@@ -229,7 +229,8 @@ class Engine:
         self.workers = [Worker(models) for _ in range(self.settings.max_concurrent)]
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         for w in self.workers:
-            w.stack(get_method(self.settings.method).uses)  # the server's own method: ready before it listens
+            # the server's own method: ready before it listens
+            w.stack(get_method(self.settings.method).models_for(self.settings.method_options))
             if models.has("judge"):
                 w.get("judge")
             self._idle.put(w)
@@ -386,7 +387,8 @@ class Engine:
             self.running += 1
         try:
             worker.reset()
-            result = plan.method.run(plan.session, worker.stack(plan.method.uses), prompt_seed(plan.seed, SEED_KEY))
+            uses = type(plan.method).models_for(plan.method.options())
+            result = plan.method.run(plan.session, worker.stack(uses), prompt_seed(plan.seed, SEED_KEY))
             t1 = time.perf_counter()
             policy = self.models.policy
             ids = tuple(result.output_ids)
