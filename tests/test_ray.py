@@ -189,3 +189,13 @@ def test_compare_on_ray_matches_local(backend: Any, tmp_path: Path, tiny_dir: Pa
     strip = {m: {k: v for k, v in d.items() if k != "records"} for m, d in local["methods"].items()}
     assert strip == {m: {k: v for k, v in d.items() if k != "records"} for m, d in ray["methods"].items()}
 
+
+def test_bench_ray_measures_identical_runs(backend: Any, tmp_path: Path, tiny_dir: Path) -> None:
+    from saffron.bench.ray import bench_ray
+
+    tiny = str(tiny_dir)
+    res = bench_ray(prompts=2, n=1, max_new_tokens=3, policy=tiny, judge=f"llama-guard-3:{tiny}",
+                    reward=f"llama-guard-3:{tiny}", dataset=_dataset(tmp_path, n=3), backend=backend)
+    assert res["identical"] is True and res["prompts"] == 2 and res["workers"] == 2
+    assert res["overhead_s"] == pytest.approx(res["ray_s"] - res["local_s"], abs=0.02)
+    assert res["worker_torch_threads"] == [1, 1]

@@ -277,6 +277,26 @@ def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JS
     _emit(bench_flops(), as_json)
 
 
+@bench_app.command("ray")
+def bench_ray_cmd(
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray actors."),
+    prompts: int = typer.Option(6, "--prompts", min=1, help="Held-out prompts."),
+    n: int = typer.Option(4, "--n", min=1, help="Best-of-N samples per prompt."),
+    max_new_tokens: int = MAX_NEW,
+    local_threads: int | None = typer.Option(None, "--local-threads", min=1, help="Torch threads for the local "
+                                             "run (default: one per core)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The same eval on the local backend and on a local Ray instance: byte-identical files, Ray's overhead."""
+    from saffron.bench.ray import bench_ray
+    from saffron.distributed import import_ray
+
+    import_ray()
+    _quiet_hf()
+    _emit(bench_ray(workers=workers, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
+                    local_threads=local_threads), as_json)
+
+
 @app.command("build-rewards")
 def build_rewards_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the Parquet shards and manifest.json (resumable)."),
