@@ -199,3 +199,13 @@ def test_bench_ray_measures_identical_runs(backend: Any, tmp_path: Path, tiny_di
     assert res["identical"] is True and res["prompts"] == 2 and res["workers"] == 2
     assert res["overhead_s"] == pytest.approx(res["ray_s"] - res["local_s"], abs=0.02)
     assert res["worker_torch_threads"] == [1, 1]
+
+
+@pytest.mark.parametrize(("workers", "gpus"), [(2, 1.0), (5, None)])
+def test_a_request_the_cluster_cannot_place_is_refused(ray_instance: Any, workers: int, gpus: float | None) -> None:
+    from saffron.distributed import RayBackend
+
+    be = RayBackend(workers=workers, gpus_per_worker=gpus)  # the instance has 4 CPUs and no GPU
+    with pytest.raises(SaffronError, match=f"cannot place {workers} actors"):
+        be.start()
+    assert ray_instance.is_initialized() and not be.actors  # someone else's instance is left running

@@ -11,6 +11,7 @@ Ray is optional (``pip install 'saffron[ray]'``); this module imports it only wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,7 +69,6 @@ class EvalWorker:
     """A Ray actor's state: loaded models by ``models_key`` and methods by configuration, kept across calls."""
 
     def __init__(self) -> None:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.models: dict[tuple[str | None, ...], Models] = {}
         self.methods: dict[str, Method] = {}
         self.loads = 0
@@ -171,7 +171,9 @@ class RayBackend:
                 yield record
         finally:
             for ref in running:  # the driver stopped early (an error, Ctrl-C): do not leave work queued
-                ray.cancel(ref)
+                # some Ray versions cannot cancel actor tasks; close() kills the actors anyway
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
         if error is not None:
             raise error
 
