@@ -1,9 +1,10 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from saffron.errors import SaffronError
-from saffron.store import RecordStore, atomic_write_json, read_jsonl
+from saffron.store import OrderedAppender, RecordStore, atomic_write_json, read_jsonl
 
 
 def test_torn_last_line_is_dropped_and_appends_continue(tmp_path: Path) -> None:
@@ -31,3 +32,35 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "m.json", {"a": 2})
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
     assert '"a": 2' in (tmp_path / "m.json").read_text()
+
+
+def test_ordered_appender_writes_in_key_order_and_survives_a_crash(tmp_path: Path) -> None:
+    recs = {k: {"id": k, "x": i + 0.1, "text": "é"} for i, k in enumerate("abcd")}
+    serial = RecordStore(tmp_path / "serial.jsonl")
+    for r in recs.values():
+        serial.append(r)
+    path, pending = tmp_path / "records.jsonl", tmp_path / ".pending.jsonl"
+    w = OrderedAppender(RecordStore(path), pending, list("abcd"))
+    w.add(recs["c"])  # early: held in the side file, not in the records
+    w.add(recs["a"])
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a"]
+    assert json.loads(pending.read_text())["id"] == "c"
+    # "crash" here: a new run sees a, holds c, and needs only b and d
+    w2 = OrderedAppender(RecordStore(path), pending, list("abcd"))
+    assert w2.held == {"c"}
+    w2.add(recs["d"])
+    w2.add(recs["b"])  # b releases c and d
+    w2.close()
+    assert path.read_bytes() == serial.path.read_bytes()
+    assert not pending.exists()
+
+
+def test_ordered_appender_keeps_held_records_beyond_its_keys(tmp_path: Path) -> None:
+    path, pending = tmp_path / "records.jsonl", tmp_path / ".pending.jsonl"
+    w = OrderedAppender(RecordStore(path), pending, list("abc"))
+    w.add({"id": "c"})
+    w.close()  # c never reached the records (a and b missing): it stays for a later run
+    short = OrderedAppender(RecordStore(path), pending, ["a"])
+    short.add({"id": "a"})
+    short.close()
+    assert path.read_text().splitlines() == ['{"id": "a"}'] and pending.read_text() == '{"id": "c"}\n'

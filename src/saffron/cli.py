@@ -30,6 +30,12 @@ REWARD = typer.Option(None, "--reward", help="Search-time reward model (default 
 MRM = typer.Option(None, "--mrm", help="MRM folder (default: the embedded smol-mrm, for methods that use one).")
 PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
 PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
+BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
+                       "model set each; same records; docs/ray.md).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto); absent: start a local one.")
+RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else one per CPU).")
+RAY_GPUS = typer.Option(None, "--ray-gpus-per-worker", help="GPUs per Ray actor (default: 1 if the cluster has GPUs, "
+                        "else 0).")
 
 
 def _quiet_hf() -> None:
@@ -104,9 +110,13 @@ def eval_cmd(
     opt: list[str] = OPTS,
     seed: int = SEED,
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+    backend: str = BACKEND,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int | None = RAY_WORKERS,
+    ray_gpus_per_worker: float | None = RAY_GPUS,
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
-    from saffron.evaluate import EvalConfig, format_table, resolve, run_eval, validate
+    from saffron.evaluate import EvalConfig, format_table, make_backend, resolve, run_eval, validate
 
     cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm,
                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed,
@@ -114,7 +124,8 @@ def eval_cmd(
     cfg = resolve(cfg)
     validate(cfg, limit)
     _quiet_hf()
-    metrics = run_eval(cfg, out, limit)
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        metrics = run_eval(cfg, out, limit, backend=be)
     typer.echo(json.dumps(metrics, indent=2) if as_json else format_table([metrics]))
     if not as_json:
         typer.echo(f"records: {out / 'records.jsonl'}  metrics: {out / 'metrics.json'}", err=True)
@@ -158,10 +169,14 @@ def compare_cmd(
     seed: int = SEED,
     as_json: bool = typer.Option(False, "--json",
                                  help="Print {methods: {name: {asr, tflops_per_prompt, scaleff, n}}}."),
+    backend: str = BACKEND,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int | None = RAY_WORKERS,
+    ray_gpus_per_worker: float | None = RAY_GPUS,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
     from saffron.compare import CompareConfig, format_comparison, run_compare
-    from saffron.evaluate import EvalConfig, parse_options
+    from saffron.evaluate import EvalConfig, make_backend, parse_options
 
     per_method: dict[str, dict[str, Any]] = {}
     for o in opt:
@@ -186,7 +201,8 @@ def compare_cmd(
                        method_options=per_method,
                        target_tflops=target_tflops, limit=limit)
     _quiet_hf()
-    res = run_compare(cc, out, sweep=sweep)
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        res = run_compare(cc, out, sweep=sweep, backend=be)
     if as_json:
         slim = {m: {k: d[k] for k in ("asr", "tflops_per_prompt", "scaleff", "n", "budget", "mean_reward",
                                        "mean_new_tokens", "degenerate_share")} for m, d in res["methods"].items()}
@@ -259,6 +275,26 @@ def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JS
 
     _quiet_hf()
     _emit(bench_flops(), as_json)
+
+
+@bench_app.command("ray")
+def bench_ray_cmd(
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray actors."),
+    prompts: int = typer.Option(6, "--prompts", min=1, help="Held-out prompts."),
+    n: int = typer.Option(4, "--n", min=1, help="Best-of-N samples per prompt."),
+    max_new_tokens: int = MAX_NEW,
+    local_threads: int | None = typer.Option(None, "--local-threads", min=1, help="Torch threads for the local "
+                                             "run (default: one per core)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The same eval on the local backend and on a local Ray instance: byte-identical files, Ray's overhead."""
+    from saffron.bench.ray import bench_ray
+    from saffron.distributed import import_ray
+
+    import_ray()
+    _quiet_hf()
+    _emit(bench_ray(workers=workers, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
+                    local_threads=local_threads), as_json)
 
 
 @app.command("build-rewards")

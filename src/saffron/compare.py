@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from saffron.errors import SaffronError
-from saffron.evaluate import METRICS_FILE, RECORDS_FILE, EvalConfig, resolve, run_eval, validate
+from saffron.evaluate import METRICS_FILE, RECORDS_FILE, Backend, EvalConfig, resolve, run_eval, validate
 from saffron.methods import get_method
 from saffron.store import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -83,8 +83,8 @@ def validate_compare(cc: CompareConfig) -> None:
 class Comparison:
     """Evaluated points, by (method, budget), each in its own resumable folder under ``out/points``."""
 
-    def __init__(self, cc: CompareConfig, out: Path, progress: bool = True) -> None:
-        self.cc, self.out, self.progress = cc, out, progress
+    def __init__(self, cc: CompareConfig, out: Path, progress: bool = True, backend: Backend | None = None) -> None:
+        self.cc, self.out, self.progress, self.backend = cc, out, progress, backend
         self.points: dict[tuple[str, int | None], dict[str, Any]] = {}
 
     def folder(self, method: str, budget: int | None) -> Path:
@@ -95,7 +95,7 @@ class Comparison:
         key = (method, budget if budget_knob(method) else None)
         if key not in self.points:
             cfg = point_config(self.cc, method, key[1])
-            metrics = run_eval(cfg, self.folder(*key), self.cc.limit, progress=self.progress)
+            metrics = run_eval(cfg, self.folder(*key), self.cc.limit, progress=self.progress, backend=self.backend)
             self.points[key] = {**metrics, "budget": key[1], "knob": budget_knob(method)}
         return self.points[key]
 
@@ -169,12 +169,15 @@ def degenerate_share(records: list[dict[str, Any]], n: int = 4) -> float:
     return sum(bad(r["output_ids"]) for r in records) / max(len(records), 1)
 
 
-def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool = True) -> dict[str, Any]:
+def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool = True,
+                backend: Backend | None = None) -> dict[str, Any]:
     """Run the comparison; write ``comparison.json``, ``comparison.md`` and ``asr_vs_tflop.png`` under ``out``.
 
-    Side effects: one evaluation folder per point under ``out/points`` (each resumable)."""
+    ``backend`` evaluates every point (default: this process); one Ray backend serves all points, so its actors
+    keep the models that points share. Side effects: one evaluation folder per point under ``out/points`` (each
+    resumable)."""
     validate_compare(cc)
-    comp = Comparison(cc, out, progress)
+    comp = Comparison(cc, out, progress, backend)
     if sweep:
         comp.sweep()
     target = comp.target()

@@ -11,25 +11,27 @@ import hashlib
 import inspect
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from saffron.data import check_dataset_spec, load_dataset
+from saffron.data import Example, check_dataset_spec, load_dataset
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec, load_guard
+from saffron.guards.base import RewardModel, check_guard_spec, load_guard
 from saffron.methods import Method, Stack, get_method
 from saffron.model import load_model
 from saffron.runner import Runner
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
-from saffron.store import RecordStore, atomic_write_json
+from saffron.store import OrderedAppender, RecordStore, atomic_write_json
 
 CONFIG_FILE = "config.json"
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
+PENDING_FILE = ".records.pending.jsonl"  # records computed before an earlier prompt's (parallel backends)
 
 
 @dataclass(frozen=True)
@@ -165,61 +167,134 @@ def build_stack(cfg: EvalConfig) -> Stack:
     return Stack(policy=Runner(policy), reward=load_guard(cfg.reward) if cfg.reward else None, mrm=mrm)
 
 
-def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+@dataclass(eq=False)
+class Models:
+    """What one configuration evaluates with: the method's stack (policy, reward model, MRM) and the judge."""
+
+    stack: Stack
+    judge: RewardModel
+
+
+def models_key(cfg: EvalConfig) -> tuple[str | None, ...]:
+    """Configurations with equal keys load equal models (compare's points share them)."""
+    return (cfg.policy, cfg.reward, cfg.mrm, cfg.judge)
+
+
+def load_models(cfg: EvalConfig) -> Models:
+    return Models(stack=build_stack(cfg), judge=load_guard(cfg.judge))
+
+
+def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example) -> dict[str, Any]:
+    """Attack, defend and judge one prompt; return its record. Every backend calls this, so a record's bytes do
+    not depend on where it was computed: the seed is the prompt's own and every runner starts empty."""
+    stack, judge = models.stack, models.judge
+    policy = stack.policy.model
+    max_new = int(cfg.method_options.get("max_new_tokens", 32))
+    session = make_session(policy, ex, cfg.prefill, cfg.prefill_tokens, reserve=max_new)
+    stack.policy.reset()
+    if stack.reward is not None:
+        stack.reward.runner.reset()
+    if stack.mrm is not None:
+        stack.mrm.runner.reset()
+    result = method.run(session, stack, prompt_seed(cfg.seed, ex.id))
+    output = policy.decode(result.output_ids)
+    judge.runner.reset()
+    j0 = judge.flops
+    reward = judge.score(ex.prompt, [output])[0]
+    if not math.isfinite(reward):
+        raise SaffronError(f"judge returned a non-finite reward for prompt {ex.id}")
+    flops = dict(result.flops)
+    flops["total"] = sum(result.flops.values())
+    return {
+        "id": ex.id,
+        "prompt": ex.prompt,
+        "prefill": policy.decode(session.prefill_ids),
+        "output": output,
+        "output_ids": list(result.output_ids),
+        "reward": reward,
+        "unsafe": reward < 0,
+        "prompt_tokens": len(session.prompt_ids),
+        "prefill_tokens": len(session.prefill_ids),
+        "new_tokens": len(result.output_ids),
+        "flops": flops,
+        "judge_flops": judge.flops - j0,
+        "method": cfg.method,
+        "source": ex.meta.get("source"),
+    }
+
+
+class Backend(Protocol):
+    """Where prompts are evaluated. ``evaluate`` yields one ``evaluate_prompt`` record per example, in any
+    order; ``run_eval`` alone writes them. Used as a context manager, which releases what it started."""
+
+    def evaluate(self, cfg: EvalConfig, examples: Sequence[Example]) -> Iterator[dict[str, Any]]: ...
+
+    def __enter__(self) -> Backend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LocalBackend:
+    """This process, prompt after prompt (records arrive in dataset order)."""
+
+    def evaluate(self, cfg: EvalConfig, examples: Sequence[Example]) -> Iterator[dict[str, Any]]:
+        method = build_method(cfg)
+        models = load_models(cfg)
+        for ex in examples:
+            yield evaluate_prompt(cfg, method, models, ex)
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def make_backend(kind: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
+                 ray_gpus_per_worker: float | None = None) -> Backend:
+    """The backend the CLI's ``--backend`` names. Checks its options and that Ray is importable, so a mistake is
+    reported before any model loads; starts nothing (Ray starts when the first prompt needs it)."""
+    if kind == "local":
+        given = [f for f, v in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
+                                ("--ray-gpus-per-worker", ray_gpus_per_worker)) if v is not None]
+        if given:
+            raise SaffronError(f"{given[0]} needs --backend ray")
+        return LocalBackend()
+    if kind == "ray":
+        from saffron.distributed import RayBackend
+
+        return RayBackend(address=ray_address, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker)
+    raise SaffronError(f"unknown backend '{kind}'; known: local, ray")
+
+
+def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: bool = True,
+             backend: Backend | None = None) -> dict[str, Any]:
     """Evaluate ``cfg`` on the first ``limit`` prompts, writing records as they finish; return the metrics.
 
-    Side effects: writes ``out/config.json`` (once), appends to ``out/records.jsonl``, rewrites
-    ``out/metrics.json``. Prompts already in the records are skipped, so a killed run resumes.
+    ``backend`` computes the records (default: this process); whichever it is, the records land in dataset
+    order, so the files do not depend on it. Side effects: writes ``out/config.json`` (once), appends to
+    ``out/records.jsonl`` (records finished out of order wait in ``out/.records.pending.jsonl``), rewrites
+    ``out/metrics.json``. Prompts already recorded are skipped, so a killed run resumes.
     """
     cfg = resolve(cfg)  # a Python caller may leave the models the method needs to their defaults, as the CLI does
-    method = validate(cfg, limit)
+    validate(cfg, limit)
     examples = load_dataset(cfg.dataset)[:limit]
     if not examples:
         raise SaffronError(f"dataset '{cfg.dataset}' has no rows")
     _claim_out_dir(out, cfg)
     store = RecordStore(out / RECORDS_FILE)
-    todo = [ex for ex in examples if ex.id not in store]
+    writer = OrderedAppender(store, out / PENDING_FILE, [ex.id for ex in examples])
+    todo = [ex for ex in examples if ex.id not in store and ex.id not in writer.held]
     if todo:
-        stack = build_stack(cfg)
-        policy = stack.policy.model
-        judge = load_guard(cfg.judge)
-        max_new = int(cfg.method_options.get("max_new_tokens", 32))
-        bar = tqdm(todo, desc=f"eval {cfg.method}", unit="prompt", disable=not progress, dynamic_ncols=True)
-        unsafe = 0
-        for i, ex in enumerate(bar, start=1):
-            session = make_session(policy, ex, cfg.prefill, cfg.prefill_tokens, reserve=max_new)
-            stack.policy.reset()
-            if stack.reward is not None:
-                stack.reward.runner.reset()
-            if stack.mrm is not None:
-                stack.mrm.runner.reset()
-            result = method.run(session, stack, prompt_seed(cfg.seed, ex.id))
-            output = policy.decode(result.output_ids)
-            judge.runner.reset()
-            j0 = judge.flops
-            reward = judge.score(ex.prompt, [output])[0]
-            if not math.isfinite(reward):
-                raise SaffronError(f"judge returned a non-finite reward for prompt {ex.id}")
-            flops = dict(result.flops)
-            flops["total"] = sum(result.flops.values())
-            store.append({
-                "id": ex.id,
-                "prompt": ex.prompt,
-                "prefill": policy.decode(session.prefill_ids),
-                "output": output,
-                "output_ids": list(result.output_ids),
-                "reward": reward,
-                "unsafe": reward < 0,
-                "prompt_tokens": len(session.prompt_ids),
-                "prefill_tokens": len(session.prefill_ids),
-                "new_tokens": len(result.output_ids),
-                "flops": flops,
-                "judge_flops": judge.flops - j0,
-                "method": cfg.method,
-                "source": ex.meta.get("source"),
-            })
-            unsafe += reward < 0
-            bar.set_postfix(asr=f"{unsafe / i:.3f}")
+        with tqdm(total=len(todo), desc=f"eval {cfg.method}", unit="prompt", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            unsafe = 0
+            for i, rec in enumerate((backend or LocalBackend()).evaluate(cfg, todo), start=1):
+                writer.add(rec)
+                unsafe += rec["unsafe"]
+                bar.update(1)
+                bar.set_postfix(asr=f"{unsafe / i:.3f}")
+    writer.close()
     records = [store.records[ex.id] for ex in examples]
     metrics = {**summarise(records), "method": cfg.method, "dataset": cfg.dataset}
     atomic_write_json(out / METRICS_FILE, metrics)

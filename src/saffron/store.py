@@ -40,6 +40,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """The one serialisation of a record, so a record read back and written again keeps its bytes."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for every non-blank line; a malformed line is an error naming its number."""
     with path.open(encoding="utf-8") as f:
@@ -86,9 +91,59 @@ class RecordStore:
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line and fsync it, so a finished item is never lost."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+        line = jsonl_line(record)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self.records[str(record[self.key])] = record
+
+
+class OrderedAppender:
+    """Appends records to ``store`` in the order of ``keys`` although they arrive in any order.
+
+    Parallel workers finish out of order, yet ``records.jsonl`` must list prompts in dataset order (so a parallel
+    run writes the same bytes as a serial one). A record that arrives early is appended and fsynced to the side
+    file ``pending`` and moves to ``store`` once every earlier key is there. So ``store`` is always the serial
+    run's prefix, a crash loses only what was still being computed, and a re-run takes the early records from
+    the side file (``held``) instead of recomputing them.
+
+    Side effects: creates ``pending`` when a record arrives early; ``close`` removes it once nothing in it waits.
+    """
+
+    def __init__(self, store: RecordStore, pending: Path, keys: list[str]) -> None:
+        self.store = store
+        self.pending = RecordStore(pending, key=store.key)
+        self.keys = [k for k in keys if k not in store]
+        self._next = 0
+        self._flush()
+
+    @property
+    def held(self) -> set[str]:
+        """Keys whose records are waiting in the side file (already computed)."""
+        return {k for k in self.keys[self._next:] if k in self.pending}
+
+    def add(self, record: dict[str, Any]) -> None:
+        key = str(record[self.store.key])
+        if self._next < len(self.keys) and key == self.keys[self._next]:
+            self.store.append(record)
+            self._next += 1
+            self._flush()
+        else:
+            self.pending.append(record)
+
+    def _flush(self) -> None:
+        while self._next < len(self.keys) and self.keys[self._next] in self.pending:
+            self.store.append(self.pending.records[self.keys[self._next]])
+            self._next += 1
+
+    def close(self) -> None:
+        """Drop the side file's records that reached ``store``; keep the others (prompts beyond this run's
+        ``--limit``, which a longer run will want)."""
+        if not self.pending.path.exists():
+            return
+        left = [r for k, r in self.pending.records.items() if k not in self.store]
+        if not left:
+            self.pending.path.unlink()
+            return
+        atomic_write_text(self.pending.path, "".join(jsonl_line(r) for r in left))
