@@ -63,3 +63,13 @@ def test_option_parsing_errors_are_usage_errors_not_tracebacks(argv: list[str], 
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(argv, capsys)
     assert code == 2 and msg in err and "Traceback" not in err
+
+
+def test_ctrl_c_says_work_is_kept_and_exits_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("saffron.evaluate.run_eval", interrupted)
+    code, err = _run(["eval", "--limit", "1", "--out", str(tmp_path / "o")], capsys)
+    assert code == 130 and "interrupted; finished records are kept" in err and "Traceback" not in err

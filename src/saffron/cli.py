@@ -447,7 +447,13 @@ def main(argv: list[str] | None = None) -> Any:
     import click
 
     try:
-        return app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # typer >= 0.29 turns Ctrl-C into Exit(130), which click (standalone_mode=False) returns as a value
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc:
+            if rc == 130:
+                raise KeyboardInterrupt
+            sys.exit(rc)
+        return rc
     except SaffronError as e:
         _fail(str(e), e.exit_code)
     except (click.exceptions.Abort, typer.Abort):
