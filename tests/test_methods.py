@@ -549,3 +549,6 @@ def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base:
     plain = run(Saffron(**opts), session, stack(tiny, mrm_base)).output_ids
     heavy = run(Saffron(policy_weight=1e6, **opts), session, stack(tiny, mrm_base)).output_ids
     assert heavy == greedy(tiny, session, 6, 3) != plain
+    # the repeat rule demotes on top of the weighted rank (a 9-gram cannot repeat in 6 tokens + a short prefill)
+    both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session, stack(tiny, mrm_base)).output_ids
+    assert both == heavy

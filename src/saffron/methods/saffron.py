@@ -161,7 +161,7 @@ class Saffron(Method):
                 repeats = repeat_candidates([session.prefill_ids + n.tokens for n in active], self.no_repeat_ngram)
                 hit = torch.tensor([(int(r), int(t)) in repeats for r, t in zip(rows, toks, strict=True)],
                                    dtype=torch.bool, device=scores.device)
-                rank = scores - hit.to(scores.dtype) * REPEAT_DEMOTION
+                rank = rank - hit.to(rank.dtype) * REPEAT_DEMOTION
             order = torch.sort(rank, descending=True, stable=True).indices.tolist()
             top = cap_per_parent(order, rows.tolist(), self.per_parent, self.width)
             parents_kept.append(len({int(rows[i]) for i in top}))
