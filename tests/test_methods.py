@@ -34,6 +34,7 @@ from tests.conftest import make_tiny_llama
 
 PROMPT = "How do I pick a lock?"
 GUARD_PROMPT = GuardPrompt(head="User: {prompt}\nAgent:", tail="\nVerdict:")
+PAPER: dict[str, Any] = {"no_repeat_ngram": 0, "per_parent": 0, "policy_weight": 0.0}  # Saffron as published
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: di
 
 def test_options_are_what_was_asked() -> None:
     assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
-                                   "final": "rerank", "no_repeat_ngram": 0, "per_parent": 0, "policy_weight": 0.0}
+                                   "final": "rerank", "no_repeat_ngram": 3, "per_parent": 2, "policy_weight": 1.0}
     assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
     assert BestOfN(n=8).options()["n"] == 8
 
@@ -377,7 +378,7 @@ def test_saffron_width_one_tiny_nucleus_is_greedy_decoding(tiny: Model, mrm_base
 
 def test_saffron_chooses_the_top_mrm_token_in_the_nucleus(tiny: Model, mrm_base: Model, session: Session) -> None:
     st = stack(tiny, mrm_base)
-    res = run(Saffron(width=1, top_p=0.8, max_new_tokens=5, min_new_tokens=5, final="first"), session, st)
+    res = run(Saffron(width=1, top_p=0.8, max_new_tokens=5, min_new_tokens=5, final="first", **PAPER), session, st)
     assert len(res.output_ids) == 5
     ref, mrm = Runner(tiny), make_mrm(mrm_base)
     differs = False
@@ -518,10 +519,11 @@ def test_saffron_no_repeat_ngram_forbids_repeats_it_would_otherwise_make(tiny: M
                                                                           session: Session) -> None:
     # One token rewarded far above all others: the plain search repeats it; with no_repeat_ngram=2 the bigram
     # (t, t) may appear once and no bigram twice
-    opts = {"width": 2, "top_p": 1.0, "max_new_tokens": 8, "min_new_tokens": 8, "final": "first"}
+    opts = {"width": 2, "top_p": 1.0, "max_new_tokens": 8, "min_new_tokens": 8, "final": "first",
+            "per_parent": 0, "policy_weight": 0.0}
     tok = greedy(tiny, session, 1, 1)[0]
     kw: dict[str, Any] = {"unseen": set(), "bias": {tok: 100.0}}
-    plain = run(Saffron(**opts), session, stack(tiny, mrm_base, **kw)).output_ids
+    plain = run(Saffron(no_repeat_ngram=0, **opts), session, stack(tiny, mrm_base, **kw)).output_ids
     assert plain.count(tok) >= 6 and ngram_repeats(plain, 2)
     fixed = run(Saffron(no_repeat_ngram=2, **opts), session, stack(tiny, mrm_base, **kw)).output_ids
     assert len(fixed) == 8 and not ngram_repeats(session.prefill_ids + fixed, 2)
@@ -529,7 +531,7 @@ def test_saffron_no_repeat_ngram_forbids_repeats_it_would_otherwise_make(tiny: M
 
 def test_saffron_per_parent_cap_keeps_several_parents(tiny: Model, mrm_base: Model, session: Session) -> None:
     opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 3, "min_new_tokens": 3, "final": "first"}
-    free = run(Saffron(**opts), session, stack(tiny, mrm_base))
+    free = run(Saffron(per_parent=0, **opts), session, stack(tiny, mrm_base))
     capped = run(Saffron(per_parent=1, **opts), session, stack(tiny, mrm_base))
     # step 1 has one parent (the root), which may then give all 4 children; with a cap of one child each,
     # every later step keeps one child of each of the 4 parents
@@ -545,9 +547,9 @@ def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
 
 
 def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base: Model, session: Session) -> None:
-    opts = {"width": 1, "top_p": 1.0, "max_new_tokens": 6, "min_new_tokens": 3, "final": "first"}
-    plain = run(Saffron(**opts), session, stack(tiny, mrm_base)).output_ids
-    heavy = run(Saffron(policy_weight=1e6, **opts), session, stack(tiny, mrm_base)).output_ids
+    opts = {"width": 1, "top_p": 1.0, "max_new_tokens": 6, "min_new_tokens": 3, "final": "first", "per_parent": 0}
+    plain = run(Saffron(policy_weight=0.0, no_repeat_ngram=0, **opts), session, stack(tiny, mrm_base)).output_ids
+    heavy = run(Saffron(policy_weight=1e6, no_repeat_ngram=0, **opts), session, stack(tiny, mrm_base)).output_ids
     assert heavy == greedy(tiny, session, 6, 3) != plain
     # the repeat rule demotes on top of the weighted rank (a 9-gram cannot repeat in 6 tokens + a short prefill)
     both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session, stack(tiny, mrm_base)).output_ids

@@ -9,7 +9,7 @@ one-reward-call-per-child cost of Rebase/DeAL. Step by step, as the authors' cod
         logits = policy(active nodes); EOS banned while t < min_new_tokens
         candidates = each active node's top-p nucleus of its logits (no temperature)
         q = MRM(active nodes), unseen tokens already at the penalty (-1024)
-        keep the global top ``width`` candidates (node, token) by q[node, token]
+        keep the global top ``width`` candidates (node, token) by q[node, token]  (+ the options below)
         child.reward = q if token is EOS else parent.reward
         beam = finished + children, stable-sorted by reward, cut to ``width``
 
@@ -24,14 +24,16 @@ the first beam node, no reward model needed); ``rerank`` (default) scores every 
 with the reward model in one batched call and returns the best (first on ties), the "better final rule" the
 paper note invites us to add and measure.
 
-Two options, off by default (the paper's search), against the collapse we measured with a small MRM: the
-global top-N can fill the whole beam with children of one node, and a 135M policy pushed off its distribution
-proposes repeated tokens the MRM scores as safe. ``no_repeat_ngram=n`` ranks a candidate that would repeat an
-``n``-gram of the answer (prefill included) below every other candidate, like HF's ``no_repeat_ngram_size``
-but as a rank, not a ban; ``per_parent=k`` keeps at most ``k`` children of one node while other nodes still
-have candidates; ``policy_weight=b`` ranks by ``reward + b * log p_policy(token)`` (the KL-regularised
-objective), so a token the MRM overrates but the policy finds unlikely loses to a plausible one. The trace's
-``parents_kept`` shows how many lineages survive each step.
+Three departures from the paper, on by default because on the embedded stack they cut attack success from 0.88
+to 0.38 at equal compute (docs/benchmarks.md); ``-o no_repeat_ngram=0 -o per_parent=0 -o policy_weight=0`` is
+the paper's search exactly. They answer the collapse we measured with a small MRM: the global top-N can fill the
+whole beam with children of one node, and a 135M policy pushed off its distribution proposes word fragments and
+repeats that the MRM, trained on natural text only, scores as safe.
+``no_repeat_ngram=n`` ranks a candidate that would repeat an ``n``-gram of the answer (prefill included) below
+every other candidate, like HF's ``no_repeat_ngram_size`` but as a rank, not a ban; ``per_parent=k`` keeps at
+most ``k`` children of one node while other nodes still have candidates; ``policy_weight=b`` ranks by
+``reward + b * log p_policy(token)`` (the KL-regularised objective), so a token the MRM overrates but the policy
+finds unlikely loses to a plausible one. The trace's ``parents_kept`` shows how many lineages survive each step.
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ class Saffron(Method):
         return ("mrm",) if options.get("final") == "first" else cls.uses  # the authors' rule needs no reward model
 
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
-                 final: str = "rerank", no_repeat_ngram: int = 0, per_parent: int = 0,
-                 policy_weight: float = 0.0) -> None:
+                 final: str = "rerank", no_repeat_ngram: int = 3, per_parent: int = 2,
+                 policy_weight: float = 1.0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
         check_lengths(max_new_tokens, min_new_tokens)
