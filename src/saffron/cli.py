@@ -443,6 +443,9 @@ def _fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
+INTERRUPTED = "interrupted; finished records are kept, re-run the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> Any:
     import click
 
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> Any:
         # typer >= 0.29 turns Ctrl-C into Exit(130), which click (standalone_mode=False) returns as a value
         if isinstance(rc, int) and not isinstance(rc, bool) and rc:
             if rc == 130:
-                raise KeyboardInterrupt
+                _fail(INTERRUPTED, 130)
             sys.exit(rc)
         return rc
     except SaffronError as e:
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> Any:
             show()
         sys.exit(int(getattr(e, "exit_code", 2)))
     except KeyboardInterrupt:
-        _fail("interrupted; finished records are kept, re-run the same command to resume", 130)
+        _fail(INTERRUPTED, 130)
     return None
 
 

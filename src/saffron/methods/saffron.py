@@ -160,16 +160,20 @@ class Saffron(Method):
                 logp = torch.log_softmax(logits[:, :v].float(), dim=-1)
                 rank = rank + self.policy_weight * logp[rows, toks].to(rank.dtype)
             if self.no_repeat_ngram:
-                repeats = repeat_candidates([session.prefill_ids + n.tokens for n in active], self.no_repeat_ngram)
-                hit = torch.tensor([(int(r), int(t)) in repeats for r, t in zip(rows, toks, strict=True)],
-                                   dtype=torch.bool, device=scores.device)
-                rank = rank - hit.to(rank.dtype) * REPEAT_DEMOTION
+                repeats = [rt for rt in repeat_candidates([session.prefill_ids + n.tokens for n in active],
+                                                          self.no_repeat_ngram) if rt[1] < v]
+                if repeats:
+                    # one [nodes, V] mask read at the candidates, not a Python test per candidate
+                    hit = torch.zeros_like(cand)
+                    hit[tuple(torch.tensor(sorted(repeats), device=cand.device).T)] = True
+                    rank = rank - hit[rows, toks].to(rank.dtype) * REPEAT_DEMOTION
             order = torch.sort(rank, descending=True, stable=True).indices.tolist()
-            top = cap_per_parent(order, rows.tolist(), self.per_parent, self.width)
-            parents_kept.append(len({int(rows[i]) for i in top}))
+            parent_of = rows.tolist()
+            top = cap_per_parent(order, parent_of, self.per_parent, self.width)
+            parents_kept.append(len({parent_of[i] for i in top}))
             children = []
             for i in top:
-                parent, tok, s = active[int(rows[i])], int(toks[i]), float(scores[i])
+                parent, tok, s = active[parent_of[i]], int(toks[i]), float(scores[i])
                 if tok in limits.eos:
                     children.append(Node(parent.tokens, reward=s, finished=True))
                 else:
