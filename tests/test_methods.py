@@ -197,7 +197,7 @@ BAD_OPTIONS = [
     (Saffron, {"top_p": 0.0}, "top_p"),
     (Saffron, {"top_p": 1.01}, "top_p"),
     (Saffron, {"min_new_tokens": 33}, "min_new_tokens"),
-    (Saffron, {"final": "best"}, "final must be one of rerank, first"),
+    (Saffron, {"final": "best"}, "final must be one of rerank, first, mrm"),
     (Saffron, {"no_repeat_ngram": 1}, "no_repeat_ngram must be 0"),
     (Saffron, {"no_repeat_ngram": -2}, "no_repeat_ngram"),
     (Saffron, {"per_parent": -1}, "per_parent"),
@@ -444,6 +444,35 @@ def test_saffron_final_rules(tiny: Model, mrm_base: Model, session: Session) -> 
     run(Saffron(final="first", **opts), session, Stack(policy=Runner(tiny), mrm=make_mrm(mrm_base, **kw)))
 
 
+def test_saffron_final_mrm_takes_the_mrm_prediction_of_each_output_and_calls_no_reward_model(
+        tiny: Model, mrm_base: Model, session: Session) -> None:
+    opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 5, "min_new_tokens": 5, "final": "mrm"}
+    mrm = make_mrm(mrm_base, unseen=set())
+    res = run(Saffron(**opts), session, Stack(policy=Runner(tiny), mrm=mrm))  # no reward model given
+    predicted = res.trace["final_predicted"]
+    assert len(predicted) == 4 and "reward" not in res.flops and "n_reward_calls" not in res.trace
+    assert res.trace["chosen"] == predicted.index(max(predicted))
+    # each survivor's prediction is the MRM's score of its last token given the tokens before it
+    out = res.output_ids
+    again = make_mrm(mrm_base, unseen=set()).rewards(session.prompt, [out[:-1]])[0, out[-1]]
+    assert float(again) == pytest.approx(max(predicted), abs=1e-4)
+    # the same search as "first": only the choice differs
+    first = run(Saffron(**{**opts, "final": "first"}), session, Stack(policy=Runner(tiny), mrm=mrm))
+    assert first.trace["beam_rewards"] == res.trace["beam_rewards"]
+
+
+def test_saffron_rerank_skips_the_reward_model_when_one_output_survives(tiny: Model, mrm_base: Model,
+                                                                         session: Session) -> None:
+    opts = {"top_p": 1.0, "max_new_tokens": 4, "min_new_tokens": 4, "final": "rerank"}
+    st = stack(tiny, mrm_base)
+    one = run(Saffron(width=1, **opts), session, st)
+    assert isinstance(st.reward, RecordingGuard) and st.reward.calls == []
+    assert not one.flops.get("reward") and "n_reward_calls" not in one.trace
+    st = stack(tiny, mrm_base)
+    two = run(Saffron(width=2, **opts), session, st)
+    assert isinstance(st.reward, RecordingGuard) and len(st.reward.calls) == 1 and two.flops["reward"] > 0
+
+
 def test_saffron_needs_an_mrm_for_the_same_tokenizer(tiny: Model, mrm_base: Model, session: Session) -> None:
     with pytest.raises(SaffronError, match="needs an MRM"):
         run(Saffron(), session, stack(tiny))
@@ -537,6 +566,7 @@ def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
     from saffron.evaluate import EvalConfig, resolve
 
     assert resolve(EvalConfig(method="saffron", method_options={"final": "first"})).reward is None
+    assert resolve(EvalConfig(method="saffron", method_options={"final": "mrm"})).reward is None
     assert resolve(EvalConfig(method="saffron")).reward == "smol-guard"
 
 

@@ -230,7 +230,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=120)
     for m, pts in result["curves"].items():
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
         if len(pts) == 1:
@@ -243,7 +243,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # outside: never over a point
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     path.parent.mkdir(parents=True, exist_ok=True)

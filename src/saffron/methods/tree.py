@@ -23,6 +23,7 @@ class Node:
     tokens: tuple[int, ...]  # the output so far, EOS excluded
     reward: float = NEG_INF
     finished: bool = False  # the policy emitted EOS here
+    predicted: float = NEG_INF  # a value model's estimate of this output's reward (Saffron: the MRM's)
 
     def done(self, max_new_tokens: int) -> bool:
         """Nothing left to expand: ended by EOS or at the length limit."""
