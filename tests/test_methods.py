@@ -23,7 +23,7 @@ from saffron.methods.best_of_n import BestOfN
 from saffron.methods.deal_mcts import DealMcts
 from saffron.methods.rebase import Rebase
 from saffron.methods.rejection import Rejection
-from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates
+from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates, select_diverse
 from saffron.methods.sampling import choose_distinct, nucleus_mask
 from saffron.methods.tree import one_eos
 from saffron.model import Model, load_model_copy
@@ -202,6 +202,7 @@ BAD_OPTIONS = [
     (Saffron, {"no_repeat_ngram": -2}, "no_repeat_ngram"),
     (Saffron, {"per_parent": -1}, "per_parent"),
     (Saffron, {"policy_weight": -1.0}, "policy_weight"),
+    (Saffron, {"diversity": -0.5}, "diversity must be a number >= 0"),
 ]
 
 
@@ -213,7 +214,8 @@ def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: di
 
 def test_options_are_what_was_asked() -> None:
     assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
-                                   "final": "rerank", "no_repeat_ngram": 3, "per_parent": 2, "policy_weight": 1.0}
+                                   "final": "rerank", "no_repeat_ngram": 3, "per_parent": 2, "policy_weight": 1.0,
+                                   "diversity": 0.0}
     assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
     assert BestOfN(n=8).options()["n"] == 8
 
@@ -531,6 +533,42 @@ def test_cap_per_parent_keeps_lineages_apart_and_still_fills_the_beam() -> None:
     assert cap_per_parent(order, rows, 1, 4) == [0, 3, 5, 1]  # one child per parent first, then the best left
     assert cap_per_parent(order, rows, 2, 3) == [0, 1, 3]
     assert cap_per_parent([2, 1, 0], [0, 0, 0], 1, 2) == [2, 1]
+
+
+def test_select_diverse_pushes_a_repeated_token_down_and_is_cap_per_parent_without_a_penalty() -> None:
+    rank = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    rows = [0, 0, 1, 1, 2, 2]
+    toks = torch.tensor([7, 8, 7, 9, 7, 8])
+    for cap in (0, 1, 2):
+        assert select_diverse(rank, rows, toks, cap, 4, 0.0) == cap_per_parent(list(range(6)), rows, cap, 4)
+    # keeping 0 (token 7) costs candidate 2 (token 7) 2.5: 3 -> 0.5, so 1 and 3 go first
+    assert select_diverse(rank, rows, toks, 0, 4, 2.5) == [0, 1, 3, 2]
+    # ties go to the earlier candidate; a full penalty still fills the beam
+    assert select_diverse(torch.zeros(3), [0, 1, 2], torch.tensor([4, 4, 4]), 0, 3, 100.0) == [0, 1, 2]
+
+
+def test_saffron_diversity_spreads_the_kept_children_over_tokens(tiny: Model, mrm_base: Model,
+                                                                 session: Session) -> None:
+    # one child per parent, and an MRM that loves token 25: without a penalty every lineage takes it
+    opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 6, "min_new_tokens": 6, "final": "first",
+            "per_parent": 1, "no_repeat_ngram": 0, "policy_weight": 0.0}
+
+    def last_tokens(diversity: float) -> list[set[int]]:
+        st = stack(tiny, mrm_base, bias={25: 50.0})
+        seen: list[set[int]] = []
+        forward = st.policy.forward
+
+        def spy(seqs: Any, **kw: Any) -> Any:  # the sequences scored at a step are the kept children
+            seen.append({s[-1] for s in seqs})
+            return forward(seqs, **kw)
+
+        st.policy.forward = spy  # type: ignore[method-assign]
+        run(Saffron(diversity=diversity, **opts), session, st)
+        return seen[2:]  # from step 2 on, every row is a child kept at the step before
+
+    plain, spread = last_tokens(0.0), last_tokens(1e4)
+    assert plain == [{25}] * 4
+    assert all(len(s) == 4 for s in spread)  # 4 children, 4 different tokens at every step
 
 
 def ngram_repeats(ids: Sequence[int], n: int) -> bool:

@@ -99,6 +99,29 @@ def cap_per_parent(order: list[int], rows: list[int], cap: int, width: int) -> l
     return (picked + spill)[:width]
 
 
+def select_diverse(rank: torch.Tensor, rows: list[int], toks: torch.Tensor, cap: int, width: int,
+                   diversity: float) -> list[int]:
+    """Greedy top-``width`` by ``rank`` where every kept child lowers by ``diversity`` the rank of the other
+    candidates proposing its token (Hamming diversity, as in diverse beam search, within one step): parallel
+    lineages that would take the same next token are pushed apart. ``cap`` as in ``cap_per_parent``; ties go to
+    the earlier candidate. ``diversity=0`` gives ``cap_per_parent`` over the stable sort."""
+    adj = rank.double().clone()
+    free = torch.ones(len(rows), dtype=torch.bool, device=rank.device)
+    taken: dict[int, int] = {}
+    picked: list[int] = []
+    spill: list[int] = []
+    while len(picked) < width and bool(free.any()):
+        i = int(torch.where(free, adj, NEG_INF).argmax())  # argmax returns the first maximum
+        free[i] = False
+        if cap > 0 and taken.get(rows[i], 0) >= cap:
+            spill.append(i)
+            continue
+        taken[rows[i]] = taken.get(rows[i], 0) + 1
+        picked.append(i)
+        adj = adj - (toks == toks[i]).double() * diversity
+    return (picked + spill)[:width]
+
+
 class Saffron(Method):
     name = "saffron"
     budget = "width"
@@ -111,7 +134,7 @@ class Saffron(Method):
 
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
                  final: str = "rerank", no_repeat_ngram: int = 3, per_parent: int = 2,
-                 policy_weight: float = 1.0) -> None:
+                 policy_weight: float = 1.0, diversity: float = 0.0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
         check_lengths(max_new_tokens, min_new_tokens)
@@ -119,19 +142,20 @@ class Saffron(Method):
         check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
         check_int("per_parent", per_parent, lo=0)
         check_float("policy_weight", policy_weight)
+        check_float("diversity", diversity)
         if no_repeat_ngram == 1:
             raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
         self.width, self.top_p, self.final = width, top_p, final
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.no_repeat_ngram, self.per_parent = no_repeat_ngram, per_parent
-        self.policy_weight = float(policy_weight)
+        self.policy_weight, self.diversity = float(policy_weight), float(diversity)
         self._checked: set[tuple[int, int]] = set()
 
     def options(self) -> dict[str, Any]:
         return {"width": self.width, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "min_new_tokens": self.min_new_tokens, "final": self.final,
                 "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent,
-                "policy_weight": self.policy_weight}
+                "policy_weight": self.policy_weight, "diversity": self.diversity}
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
@@ -170,9 +194,12 @@ class Saffron(Method):
                     hit = torch.zeros_like(cand)
                     hit[tuple(torch.tensor(sorted(repeats), device=cand.device).T)] = True
                     rank = rank - hit[rows, toks].to(rank.dtype) * REPEAT_DEMOTION
-            order = torch.sort(rank, descending=True, stable=True).indices.tolist()
             parent_of = rows.tolist()
-            top = cap_per_parent(order, parent_of, self.per_parent, self.width)
+            if self.diversity:
+                top = select_diverse(rank, parent_of, toks, self.per_parent, self.width, self.diversity)
+            else:
+                order = torch.sort(rank, descending=True, stable=True).indices.tolist()
+                top = cap_per_parent(order, parent_of, self.per_parent, self.width)
             parents_kept.append(len({parent_of[i] for i in top}))
             children = []
             for i in top:
