@@ -72,7 +72,8 @@ def convert(force: bool = False) -> Path:
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     # The dequantised weights are plain fp32 tensors; drop the GGUF quantiser so they can be saved.
-    model.hf_quantizer = None
+    # torch types Module.__setattr__ as Tensor | Module only; at runtime any value is stored.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     out.parent.mkdir(parents=True, exist_ok=True)

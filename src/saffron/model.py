@@ -119,7 +119,9 @@ def _from_pretrained(path: str, device: str) -> tuple[Any, Any]:
 
     tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=_default_dtype(device))
-    hf.to(device)
+    # transformers wraps PreTrainedModel.to in functools.wraps, and typeshed's _Wrapped is no method
+    # descriptor, so mypy takes ``device`` for ``self``.
+    hf.to(device)  # type: ignore[arg-type]
     hf.eval()
     hf.requires_grad_(False)
     return tok, hf

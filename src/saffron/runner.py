@@ -152,8 +152,8 @@ class Runner:
         t0 = time.perf_counter()
         if not seqs:
             return RunnerOutput(None, None)
-        seqs = [list(s) for s in seqs]
-        for s in seqs:
+        rows = [list(s) for s in seqs]
+        for s in rows:
             self.model.check_ids(s)
         layers = tuple(hidden_layers)
         bad = [i for i in layers if not 0 <= i <= self.arch.n_layers]
@@ -161,7 +161,7 @@ class Runner:
             raise SaffronError(f"hidden layer {bad[0]} out of range 0..{self.arch.n_layers}")
         if self.truncated and logits:
             raise SaffronError(f"this runner stops after block {self.depth}: it returns hidden states, not logits")
-        out = self._cached_forward(seqs, logits, layers) if self.cached else self._uncached(seqs, logits, layers)
+        out = self._cached_forward(rows, logits, layers) if self.cached else self._uncached(rows, logits, layers)
         self.stats.calls += 1
         self.stats.total_seconds += time.perf_counter() - t0
         return out

@@ -16,7 +16,7 @@ from typing import Any
 from saffron.errors import SaffronError
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Replace ``path`` with what ``write(tmp_path)`` produces, so that readers see the old or the new file,
     never a mix: ``write`` fills a temporary file beside ``path``, which is fsynced and renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)

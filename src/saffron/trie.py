@@ -123,7 +123,8 @@ class RadixTrie:
     def _walk(self, seq: Sequence[int]) -> tuple[Node, int, list[int]]:
         """Follow ``seq`` down the tree: the deepest node reached, how many of its tokens matched, and the slots
         of the matched prefix."""
-        node, slots, i = self.root, [], 0
+        node, i = self.root, 0
+        slots: list[int] = []
         while i < len(seq):
             child = node.children.get(seq[i])
             if child is None:

@@ -72,6 +72,7 @@ def _time_runner(model: Model, trace: list[list[list[int]]], cache: bool) -> tup
 def _time_copies(model: Model, trace: list[list[list[int]]]) -> tuple[float, int]:
     """Beam-search style: one cache row per beam, ``reorder_cache``-like index_select of the parents each step."""
     from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin
 
     hf, dev = model.hf, model.device
     t0 = time.perf_counter()
@@ -86,8 +87,12 @@ def _time_copies(model: Model, trace: list[list[list[int]]]) -> tuple[float, int
         n = len(seqs[0])
         hf(input_ids=torch.tensor([[s[-1]] for s in seqs], device=dev),
            position_ids=torch.full((len(seqs), 1), n - 1, device=dev), past_key_values=cache, use_cache=True)
-        peak = max(peak, sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys,
-                                                                                              layer.values)))
+        held = 0
+        for layer in cache.layers:
+            # The prefill above filled every layer; this baseline assumes attention layers, holding keys and values.
+            assert isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None
+            held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        peak = max(peak, held)
         prev = seqs
     return time.perf_counter() - t0, peak
 

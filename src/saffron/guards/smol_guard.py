@@ -72,6 +72,9 @@ class ProbeSpec:
 class Probe(torch.nn.Module):
     """Standardise the concatenated hidden states, then a logistic or one-hidden-layer head -> log-odds(safe)."""
 
+    mean: torch.Tensor  # registered as buffers in __init__; declared so mypy reads them as tensors, not modules
+    std: torch.Tensor
+
     def __init__(self, n_features: int, hidden: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))

@@ -54,7 +54,11 @@ def guard_features(model: Model, prompt: GuardPrompt, rows: Sequence[Example], l
     """
     runner = Runner(model, depth=None if logit_pair is not None else max(1, *layers))
     tail = model.encode(prompt.tail)
-    feats, labels, rows_idx, lengths, diffs = [], [], [], [], []
+    feats: list[np.ndarray] = []
+    labels: list[bool] = []
+    rows_idx: list[int] = []
+    lengths: list[int] = []
+    diffs: list[float] = []
     for i, row in enumerate(tqdm(rows, desc=desc, unit="row", disable=not progress, dynamic_ncols=True)):
         if row.response is None or row.unsafe is None:
             raise SaffronError(f"row {row.id} has no labelled response")

@@ -595,9 +595,9 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
     buffer: list[RewardRow] = []
     next_index = max((int(m.group(1)) for p in shard_paths(out) if (m := SHARD_PATTERN.match(p.name))),
                      default=-1) + 1
-    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": 0, "tokens": 0, "empty": 0,
-           "reward_flops": 0, "annotate_seconds": 0.0, "sample_seconds": 0.0, "seconds": 0.0,
-           "command": command or " ".join(sys.argv)}
+    run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": 0, "tokens": 0, "empty": 0,
+                           "reward_flops": 0, "annotate_seconds": 0.0, "sample_seconds": 0.0, "seconds": 0.0,
+                           "command": command or " ".join(sys.argv)}
     flops0 = rm.flops
 
     def flush() -> None:

@@ -155,7 +155,7 @@ def mean_offset_bias(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos
 def _data_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """Row indices of every step: each epoch a fresh seeded permutation cut into batches (last one short)."""
     gen = torch.Generator().manual_seed(seed)
-    batches = []
+    batches: list[list[int]] = []
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen).tolist()
         batches.extend(perm[i: i + batch_size] for i in range(0, n, batch_size))
