@@ -31,6 +31,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
 
 lint: setup

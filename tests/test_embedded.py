@@ -55,7 +55,9 @@ def test_shipped_mrm_defends_on_the_embedded_stack(tmp_path: Path) -> None:
     mrm = load_mrm_spec("smol-mrm")
     assert mrm.manifest.base_model == EMBEDDED_POLICY and mrm.manifest.reward_model is not None
     assert 0 < int(mrm.unseen.sum()) < mrm.unseen.numel()
-    cfg = EvalConfig(method="saffron", method_options={"width": 2, "max_new_tokens": 4, "min_new_tokens": 2})
+    # top_p=1: every step offers more than one child, so two outputs survive and the rerank calls the reward model
+    cfg = EvalConfig(method="saffron", method_options={"width": 2, "max_new_tokens": 4, "min_new_tokens": 2,
+                                                       "top_p": 1.0})
     m = run_eval(cfg, tmp_path / "s", limit=1, progress=False)
     rec = json.loads((tmp_path / "s" / "records.jsonl").read_text())
     assert m["n"] == 1 and 0 < rec["new_tokens"] <= 4
