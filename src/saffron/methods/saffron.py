@@ -18,7 +18,7 @@ only when too few seen candidates exist, which is how EOS (unseen in the release
 go to the earlier node, then the lower token id. Several EOS ids in one nucleus count as one candidate.
 
 The running-reward rule is the paper's: a node's reward stays -inf until it ends, so with EOS unseen every
-finished node ties at -1024 and the beam order carries no reward information (the paper note's [I]). Hence two
+finished node ties at -1024 and the beam order carries no reward information (the paper note's [I]). Hence three
 final rules: ``first`` is the authors' (highest running reward, first on ties: the first finished node, else
 the first beam node, no reward model needed); ``rerank`` (default) scores every surviving node's full output
 with the reward model in one batched call and returns the best (first on ties), the "better final rule" the
@@ -36,6 +36,11 @@ every other candidate, like HF's ``no_repeat_ngram_size`` but as a rank, not a b
 most ``k`` children of one node while other nodes still have candidates; ``policy_weight=b`` ranks by
 ``reward + b * log p_policy(token)`` (the KL-regularised objective), so a token the MRM overrates but the policy
 finds unlikely loses to a plausible one. The trace's ``parents_kept`` shows how many lineages survive each step.
+``diversity=d`` (off by default) lowers by ``d`` the rank of every candidate proposing a token that a child kept
+earlier in the same step already took (diverse beam search's Hamming penalty): with ``per_parent=1`` the beam
+becomes ``width`` lineages that never take over one another and are pushed apart wherever the policy offers a
+choice, which is what the final rerank needs (measured in docs/benchmarks.md: the default beam ends as
+near-copies of one lineage, "it's"/"it is", so the rerank has little to choose from).
 """
 
 from __future__ import annotations
