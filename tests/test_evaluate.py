@@ -73,3 +73,23 @@ def test_prompt_only_dataset_needs_a_prefill(tmp_path: Path, tiny_dir: Path) -> 
     m = run_eval(_cfg(tiny_dir, f"jsonl:{p}", prefill="Sure, here is"), tmp_path / "o2", progress=False)
     rec = json.loads((tmp_path / "o2" / "records.jsonl").read_text())
     assert m["n"] == 1 and rec["prefill"] == "Sure, here is"
+
+
+def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_path: Path, tiny_dir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from saffron.methods.none import NoDefence
+
+    ds = _dataset(tmp_path, 1)
+    out = tmp_path / "run"
+    cfg = EvalConfig(dataset=ds, policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}", prefill_tokens=3,
+                     method_options={"max_new_tokens": 4})
+    run_eval(cfg, out, progress=False)
+    saved = json.loads((out / "config.json").read_text())["method_options"]
+    assert saved == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+    run_eval(cfg, out, progress=False)  # same defaults: resumes
+    before = (out / "records.jsonl").read_bytes()
+    # a release that changes a default must not extend this folder with records of another search
+    monkeypatch.setattr(NoDefence.__init__, "__defaults__", (32, 0.5, 1.0))  # temperature 0.0 -> 0.5
+    with pytest.raises(SaffronError, match=r"different configuration .*method_options"):
+        run_eval(cfg, out, progress=False)
+    assert (out / "records.jsonl").read_bytes() == before

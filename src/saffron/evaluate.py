@@ -277,7 +277,9 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
     ``out/metrics.json``. Prompts already recorded are skipped, so a killed run resumes.
     """
     cfg = resolve(cfg)  # a Python caller may leave the models the method needs to their defaults, as the CLI does
-    validate(cfg, limit)
+    # config.json holds every option, defaults included: a folder written under older defaults is refused, not
+    # silently extended with records of a different search
+    cfg = replace(cfg, method_options=validate(cfg, limit).options() or cfg.method_options)
     examples = load_dataset(cfg.dataset)[:limit]
     if not examples:
         raise SaffronError(f"dataset '{cfg.dataset}' has no rows")
