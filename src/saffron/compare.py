@@ -229,16 +229,19 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=120)
-    for m, pts in result["curves"].items():
+    for i, (m, pts) in enumerate(result["curves"].items()):
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        color = f"C{i}"  # one cycle for points and lines: scatter and plot would each restart at C0
         if len(pts) == 1:
-            ax.scatter(xs, ys, label=m, marker="x")
+            ax.scatter(xs, ys, label=m, marker="x", color=color)
         else:
-            ax.plot(xs, ys, marker="o", label=m)
+            ax.plot(xs, ys, marker="o", label=m, color=color)
     ax.axvline(result["target_tflops"], color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
     ax.set_xlabel("TFLOP per prompt (policy + reward model + MRM)")
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.02, 1.02)
