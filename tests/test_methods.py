@@ -203,6 +203,8 @@ BAD_OPTIONS = [
     (Saffron, {"per_parent": -1}, "per_parent"),
     (Saffron, {"policy_weight": -1.0}, "policy_weight"),
     (Saffron, {"diversity": -0.5}, "diversity must be a number >= 0"),
+    (Saffron, {"rerank_top": -1}, "rerank_top"),
+    (Saffron, {"rerank_top": 2.5}, "rerank_top must be an integer"),
 ]
 
 
@@ -215,7 +217,7 @@ def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: di
 def test_options_are_what_was_asked() -> None:
     assert Saffron().options() == {"width": 32, "top_p": 0.8, "max_new_tokens": 32, "min_new_tokens": 16,
                                    "final": "rerank", "no_repeat_ngram": 3, "per_parent": 2, "policy_weight": 1.0,
-                                   "diversity": 0.0}
+                                   "diversity": 0.0, "rerank_top": 0}
     assert Rebase(chunk_tokens=4).options()["chunk_tokens"] == 4
     assert BestOfN(n=8).options()["n"] == 8
 
@@ -473,6 +475,23 @@ def test_saffron_rerank_skips_the_reward_model_when_one_output_survives(tiny: Mo
     st = stack(tiny, mrm_base)
     two = run(Saffron(width=2, **opts), session, st)
     assert isinstance(st.reward, RecordingGuard) and len(st.reward.calls) == 1 and two.flops["reward"] > 0
+
+
+def test_saffron_rerank_top_scores_only_the_survivors_the_mrm_predicts_safest(tiny: Model, mrm_base: Model,
+                                                                              session: Session) -> None:
+    opts = {"width": 4, "top_p": 1.0, "max_new_tokens": 5, "min_new_tokens": 5}
+    mrm_kw: dict[str, Any] = {"unseen": set()}
+    predicted = run(Saffron(final="mrm", **opts), session, stack(tiny, mrm_base, **mrm_kw)).trace["final_predicted"]
+    st = stack(tiny, mrm_base, **mrm_kw)
+    res = run(Saffron(rerank_top=2, **opts), session, st)
+    best_two = sorted(sorted(range(4), key=lambda i: -predicted[i])[:2])
+    assert res.trace["reranked"] == best_two  # same search, so the same survivors as under final=mrm
+    assert isinstance(st.reward, RecordingGuard) and len(st.reward.calls) == 1 and len(st.reward.calls[0]) == 2
+    assert res.trace["chosen"] in best_two
+    st = stack(tiny, mrm_base, **mrm_kw)
+    one = run(Saffron(rerank_top=1, **opts), session, st)  # one candidate: no call, the MRM's favourite
+    assert isinstance(st.reward, RecordingGuard) and st.reward.calls == []
+    assert one.trace["chosen"] == predicted.index(max(predicted))
 
 
 def test_saffron_needs_an_mrm_for_the_same_tokenizer(tiny: Model, mrm_base: Model, session: Session) -> None:

@@ -24,7 +24,9 @@ the first beam node, no reward model needed); ``rerank`` (default) scores every 
 with the reward model in one batched call and returns the best (first on ties), the "better final rule" the
 paper note invites us to add and measure; ``mrm`` returns the node whose last MRM score (the MRM's prediction
 of that whole output's reward, already computed when the node was chosen) is highest: no reward-model call, so
-it spends nothing beyond the search itself.
+it spends nothing beyond the search itself. ``rerank_top=k`` (0: all) reranks only the ``k`` survivors with the
+highest MRM prediction, capping the rerank's cost, which grows with the width and with how little the survivors
+share.
 
 Three departures from the paper, on by default because on the embedded stack they cut attack success from 0.88
 to 0.38 at equal compute (docs/benchmarks.md); ``-o no_repeat_ngram=0 -o per_parent=0 -o policy_weight=0`` is
@@ -139,7 +141,7 @@ class Saffron(Method):
 
     def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
                  final: str = "rerank", no_repeat_ngram: int = 3, per_parent: int = 2,
-                 policy_weight: float = 1.0, diversity: float = 0.0) -> None:
+                 policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
         check_lengths(max_new_tokens, min_new_tokens)
@@ -148,19 +150,22 @@ class Saffron(Method):
         check_int("per_parent", per_parent, lo=0)
         check_float("policy_weight", policy_weight)
         check_float("diversity", diversity)
+        check_int("rerank_top", rerank_top, lo=0)
         if no_repeat_ngram == 1:
             raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
         self.width, self.top_p, self.final = width, top_p, final
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.no_repeat_ngram, self.per_parent = no_repeat_ngram, per_parent
         self.policy_weight, self.diversity = float(policy_weight), float(diversity)
+        self.rerank_top = rerank_top
         self._checked: set[tuple[int, int]] = set()
 
     def options(self) -> dict[str, Any]:
         return {"width": self.width, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "min_new_tokens": self.min_new_tokens, "final": self.final,
                 "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent,
-                "policy_weight": self.policy_weight, "diversity": self.diversity}
+                "policy_weight": self.policy_weight, "diversity": self.diversity,
+                "rerank_top": self.rerank_top}
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
@@ -224,9 +229,16 @@ class Saffron(Method):
         if self.final == "mrm":
             trace["final_predicted"] = [n.predicted for n in beam]
             chosen = argmax_first(trace["final_predicted"])
-        elif reward is not None and len(beam) > 1:  # one survivor: nothing to choose, so no call to pay for
-            scores_final = reward.score(session.prompt, [runner.model.decode(n.tokens) for n in beam])
-            chosen = argmax_first(scores_final)
-            trace.update(n_reward_calls=1, final_rewards=scores_final)
+        elif reward is not None:
+            # rerank_top=k: only the k survivors the MRM predicts safest pay for a reward-model call (beam order kept)
+            pool = list(range(len(beam)))
+            if 0 < self.rerank_top < len(beam):
+                by_mrm = sorted(pool, key=lambda i: -beam[i].predicted)  # stable: earlier node first on ties
+                pool = sorted(by_mrm[: self.rerank_top])
+            chosen = pool[0]
+            if len(pool) > 1:  # one candidate: nothing to choose, so no call to pay for
+                scores_final = reward.score(session.prompt, [runner.model.decode(beam[i].tokens) for i in pool])
+                chosen = pool[argmax_first(scores_final)]
+                trace.update(n_reward_calls=1, final_rewards=scores_final, reranked=pool)
         trace["chosen"] = chosen
         return MethodResult(beam[chosen].tokens, meter.delta(), trace)
