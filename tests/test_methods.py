@@ -205,6 +205,7 @@ BAD_OPTIONS = [
     (Saffron, {"diversity": -0.5}, "diversity must be a number >= 0"),
     (Saffron, {"rerank_top": -1}, "rerank_top"),
     (Saffron, {"rerank_top": 2.5}, "rerank_top must be an integer"),
+    (Saffron, {"rerank_top": 4, "final": "first"}, "rerank_top applies to final='rerank' only"),
 ]
 
 

@@ -151,6 +151,8 @@ class Saffron(Method):
         check_float("policy_weight", policy_weight)
         check_float("diversity", diversity)
         check_int("rerank_top", rerank_top, lo=0)
+        if rerank_top and final != "rerank":
+            raise SaffronError(f"rerank_top applies to final='rerank' only; final is '{final}'")
         if no_repeat_ngram == 1:
             raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
         self.width, self.top_p, self.final = width, top_p, final
