@@ -27,7 +27,7 @@ from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates, 
 from saffron.methods.sampling import choose_distinct, nucleus_mask
 from saffron.methods.tree import one_eos
 from saffron.model import Model, load_model_copy
-from saffron.mrm.model import Mrm, MrmManifest, tokenizer_fingerprint
+from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
 from saffron.runner import Runner
 from saffron.session import Session
 from tests.conftest import make_tiny_llama
@@ -90,7 +90,7 @@ def mrm_base(tmp_path_factory: pytest.TempPathFactory, tiny: Model) -> Model:
 
 
 def make_mrm(base: Model, unseen: set[int] | None = None, bias: dict[int, float] | None = None,
-             fingerprint: str | None = None) -> Mrm:
+             fingerprint: str | None = None) -> LoraMrm:
     v = base.vocab_size
     mask = torch.zeros(v, dtype=torch.bool)
     mask[sorted(base.eos_ids if unseen is None else unseen)] = True  # default: EOS unseen, as released
@@ -98,7 +98,7 @@ def make_mrm(base: Model, unseen: set[int] | None = None, bias: dict[int, float]
     for tok, val in (bias or {}).items():
         b[tok] = val
     manifest = MrmManifest(base_model="tiny-mrm", tokenizer_sha256=fingerprint or tokenizer_fingerprint(base.tokenizer))
-    return Mrm(base, manifest, b, mask)
+    return LoraMrm(base, manifest, b, mask)
 
 
 @pytest.fixture

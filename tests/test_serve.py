@@ -31,7 +31,7 @@ from saffron.methods.base import Method, MethodResult
 from saffron.methods.none import NoDefence
 from saffron.methods.saffron import Saffron
 from saffron.model import Model
-from saffron.mrm.model import Mrm, MrmManifest, tokenizer_fingerprint
+from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
 from saffron.runner import Runner
 from saffron.serve import Engine, ModelSet, ServeSettings, background_server, create_app
 from saffron.serve.app import text_pieces
@@ -52,7 +52,7 @@ def tiny_guard(tiny: Model) -> LogitPairGuard:
                           " safe", " unsafe")
 
 
-def tiny_mrm(tiny: Model) -> Mrm:
+def tiny_mrm(tiny: Model) -> LoraMrm:
     """An MRM over the policy's own weights plus a random bias, EOS unseen as in the released mask. Special
     tokens are pushed down, so the search writes visible text (they decode to nothing)."""
     v = tiny.vocab_size
@@ -60,7 +60,7 @@ def tiny_mrm(tiny: Model) -> Mrm:
     mask[sorted(tiny.eos_ids)] = True
     bias = 3 * torch.randn(v, generator=torch.Generator().manual_seed(0))
     bias[list(tiny.tokenizer.all_special_ids)] = -20
-    return Mrm(tiny, MrmManifest(base_model="tiny", tokenizer_sha256=tokenizer_fingerprint(tiny.tokenizer)), bias,
+    return LoraMrm(tiny, MrmManifest(base_model="tiny", tokenizer_sha256=tokenizer_fingerprint(tiny.tokenizer)), bias,
                mask)
 
 

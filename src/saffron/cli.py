@@ -322,26 +322,47 @@ def build_rewards_cmd(
 @app.command("train-mrm")
 def train_mrm_cmd(
     data: Path = typer.Option(..., "--data", help="Reward folder written by build-rewards."),
-    out: Path = typer.Option(..., "--out", help="MRM folder (adapter, lm_head_bias, unseen_mask, saffron.json)."),
+    out: Path = typer.Option(..., "--out", help="MRM folder (weights, unseen_mask, saffron.json)."),
+    kind: str = typer.Option("lora", "--kind", help="lora: the paper's MRM, a LoRA-adapted copy of the backbone; "
+                             "head: a small network on the policy's own hidden states (the policy is the "
+                             "backbone; a search pays only the head)."),
     base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
-                                   "tokenizer)."),
-    r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank."),
-    alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per step."),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later)."),
+                                   "tokenizer); for --kind head, the policy itself."),
+    r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank (lora)."),
+    alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha (lora)."),
+    layers: str | None = typer.Option(None, "--layers", help="Policy hidden states the head reads, comma-separated "
+                                      "(head; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
+    width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head; default 256)."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head)."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4 lora, 1e-3 head)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Sequences per step (lora, default "
+                                          "4) or supervised tokens per step (head, default 256)."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the data (default 1 lora, "
+                                      "20 head)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later; "
+                                         "lora)."),
     bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
-                                  "under the frozen backbone) or zero (the paper's)."),
+                                  "under the frozen backbone) or zero (the paper's) (lora)."),
     seed: int = SEED,
 ) -> None:
-    """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable."""
-    from saffron.mrm.train import train_mrm
-
+    """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
+    command = " ".join(["saffron", *sys.argv[1:]])
     _quiet_hf()
-    man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr, batch_size=batch_size,
-                    epochs=epochs, max_steps=max_steps, seed=seed, bias_init=bias_init,
-                    command=" ".join(["saffron", *sys.argv[1:]]))
+    if kind == "head":
+        from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH, train_head_mrm
+
+        layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
+        man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
+                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
+                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
+    elif kind == "lora":
+        from saffron.mrm.train import train_mrm
+
+        man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr if lr is not None else 1e-4,
+                        batch_size=batch_size or 4, epochs=epochs or 1, max_steps=max_steps, seed=seed,
+                        bias_init=bias_init, command=command)
+    else:
+        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 

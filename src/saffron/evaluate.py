@@ -163,7 +163,7 @@ def build_stack(cfg: EvalConfig) -> Stack:
     policy = load_model(cfg.policy)
     mrm = load_mrm_spec(cfg.mrm) if cfg.mrm else None
     if mrm is not None:
-        mrm.check_tokenizer(policy)
+        mrm.check_policy(policy)
     return Stack(policy=Runner(policy), reward=load_guard(cfg.reward) if cfg.reward else None, mrm=mrm)
 
 

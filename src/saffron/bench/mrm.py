@@ -119,9 +119,7 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
     f0 = model.flops
     for r in tqdm(rows, desc="bench mrm", unit="row", disable=not progress, dynamic_ncols=True):
         resp = list(r.response_ids)
-        head = model.head_ids(r.prompt)
-        out = model.runner.forward([head + resp[:j] for j in range(len(resp))]).logits
-        assert out is not None
+        out = model.rewards(r.prompt, [resp[:j] for j in range(len(resp))], raw=True)
         tok = torch.tensor(resp, device=out.device)
         preds.append(out[torch.arange(len(resp), device=out.device), tok].float().cpu().numpy())
         seen_t.append((~model.unseen[tok]).cpu().numpy())
@@ -160,6 +158,9 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
         "rm_calls_replaced_vocab": vocab,
         "mrm_seen_tokens": int(vocab - int(model.unseen.sum())),
         "mrm_flops_per_node": (model.flops - f0) / len(want),
+        # in a search a head MRM reads the policy's states from the policy's own forward: only its head runs
+        "mrm_search_flops_per_node": getattr(model, "flops_per_node", (model.flops - f0) / len(want)),
+        "mrm_kind": model.manifest.kind,
         "mrm": model.manifest.base_model,
         "mrm_reward_model": model.manifest.reward_model,
         "policy": pol.name,

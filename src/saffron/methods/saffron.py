@@ -65,7 +65,7 @@ from saffron.methods.base import (
     require_reward,
 )
 from saffron.methods.sampling import check_sampling, nucleus_mask
-from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, policy_logits, prune
+from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, policy_step, prune
 from saffron.session import Session
 
 FINAL_RULES = ("rerank", "first", "mrm")
@@ -175,7 +175,7 @@ class Saffron(Method):
         reward = require_reward(stack, f"{self.name} with final='rerank'") if self.final == "rerank" else None
         runner = stack.policy
         if (id(mrm), id(runner.model)) not in self._checked:  # hashing a vocabulary is not free: once per pair
-            mrm.check_tokenizer(runner.model)
+            mrm.check_policy(runner.model)
             self._checked.add((id(mrm), id(runner.model)))
         meter = FlopMeter(policy=runner, mrm=mrm, reward=reward)
         limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
@@ -187,8 +187,10 @@ class Saffron(Method):
             active = [n for n in beam if not n.finished]
             if not active:
                 break
-            logits = policy_logits(runner, session.context_ids, [n.tokens for n in active], limits)
-            q = mrm.rewards(session.prompt, [n.tokens for n in active]).to(logits.device)
+            # a head MRM reads the policy's states from this very forward: no second model runs
+            logits, hidden = policy_step(runner, session.context_ids, [n.tokens for n in active], limits,
+                                         mrm.policy_layers)
+            q = mrm.rewards(session.prompt, [n.tokens for n in active], policy_hidden=hidden).to(logits.device)
             v = min(logits.shape[-1], q.shape[-1])  # padded embedding rows differ; a token past either is out
             q = q[:, :v]
             cand = one_eos(nucleus_mask(logits[:, :v], self.top_p), q, limits.eos)

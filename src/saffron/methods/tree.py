@@ -57,13 +57,22 @@ def argmax_first(values: Sequence[float]) -> int:
 def policy_logits(runner: Runner, context: Sequence[int], outputs: Sequence[Sequence[int]],
                   limits: Limits) -> torch.Tensor:
     """``[B, V]`` next-token logits after ``context + output`` for each output, EOS banned on short rows."""
+    return policy_step(runner, context, outputs, limits)[0]
+
+
+def policy_step(runner: Runner, context: Sequence[int], outputs: Sequence[Sequence[int]], limits: Limits,
+                hidden_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``policy_logits`` plus the hidden states at ``hidden_layers`` from the same forward (None if none asked):
+    what a head MRM reads instead of running a model of its own."""
     ctx = list(context)
-    logits = runner.forward([ctx + list(o) for o in outputs]).logits
+    seqs = [ctx + list(o) for o in outputs]
+    out = runner.forward(seqs, hidden_layers=hidden_layers) if hidden_layers else runner.forward(seqs)
+    logits = out.logits
     assert logits is not None
     short = torch.tensor([len(o) < limits.min_new for o in outputs], device=logits.device)
     if bool(short.any()):
         ban(logits, limits.eos, short)
-    return logits
+    return logits, out.hidden
 
 
 def extend(runner: Runner, context: Sequence[int], outputs: Sequence[tuple[int, ...]], n_tokens: int,

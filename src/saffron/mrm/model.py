@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,10 +60,51 @@ class MrmManifest:
     corpus: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
+    kind: str = "lora"  # "lora": its own backbone (this module); "head": reads the policy's states (head.py)
+    head: dict[str, Any] = field(default_factory=dict)  # kind "head" only: layers, width, policy fingerprint
 
 
-class Mrm:
-    """A loaded MRM. ``rewards`` returns ``[B, V]`` predicted rewards, the conservative mask applied."""
+class Mrm(ABC):
+    """A loaded MRM: ``rewards`` returns ``[B, V]`` predicted rewards, the conservative mask applied.
+
+    ``policy_layers`` name the policy hidden states (runner indexing) the MRM reads instead of running a model
+    of its own; empty for an MRM with its own backbone. A search that runs the policy anyway passes those states
+    as ``policy_hidden``, so the MRM costs only its head (``head.py``)."""
+
+    manifest: MrmManifest
+    unseen: torch.Tensor
+    runner: Runner
+    policy_layers: tuple[int, ...] = ()
+
+    @property
+    def flops(self) -> int:
+        return self.runner.flops
+
+    @abstractmethod
+    def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
+                raw: bool = False) -> torch.Tensor:
+        """Predicted reward of every next token after each response (policy token ids, prefill excluded).
+        ``raw`` skips the conservative mask (benchmarks read unseen tokens' raw outputs too)."""
+
+    @abstractmethod
+    def share(self) -> Mrm:
+        """A new instance over the same weights with its own runner and FLOPs count (one per server worker)."""
+
+    def check_policy(self, policy: Model) -> None:
+        """Refuse to guide a policy this MRM cannot read: by default one whose tokenizer differs."""
+        self.check_tokenizer(policy)
+
+    def check_tokenizer(self, policy: Model) -> None:
+        """Refuse to guide a policy whose tokenizer differs: the MRM's outputs index the policy's vocabulary."""
+        theirs = tokenizer_fingerprint(policy.tokenizer)
+        if theirs != self.manifest.tokenizer_sha256:
+            raise SaffronError(f"the MRM was trained for the tokenizer of {self.manifest.base_model}, which differs "
+                               f"from the policy {policy.name}'s; train an MRM for this policy with "
+                               f"`saffron train-mrm --policy {policy.name}`")
+
+
+class LoraMrm(Mrm):
+    """The paper's MRM: a LoRA-adapted copy of the base LM whose biased LM-head outputs are the rewards."""
 
     def __init__(self, model: Model, manifest: MrmManifest, bias: torch.Tensor, unseen: torch.Tensor) -> None:
         if bias.shape != (model.vocab_size,) or unseen.shape != (model.vocab_size,):
@@ -75,28 +117,19 @@ class Mrm:
         head = model.hf.get_output_embeddings()
         self.runner = Runner(model, head=lambda h: head(h) + self.bias)
 
-    @property
-    def flops(self) -> int:
-        return self.runner.flops
+    def share(self) -> LoraMrm:
+        return LoraMrm(self.model, self.manifest, self.bias, self.unseen)
 
     def head_ids(self, prompt: str) -> list[int]:
         bos = self.model.tokenizer.bos_token or ""
         return self.model.encode(bos + self.manifest.template.format(prompt=prompt))
 
-    def rewards(self, prompt: str, responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Predicted reward of every next token after each response (policy token ids, prefill excluded)."""
+    def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
+                raw: bool = False) -> torch.Tensor:
         head = self.head_ids(prompt)
         out = self.runner.forward([head + list(r) for r in responses]).logits
         assert out is not None
-        return out.masked_fill(self.unseen, self.manifest.penalty)
-
-    def check_tokenizer(self, policy: Model) -> None:
-        """Refuse to guide a policy whose tokenizer differs: the MRM's outputs index the policy's vocabulary."""
-        theirs = tokenizer_fingerprint(policy.tokenizer)
-        if theirs != self.manifest.tokenizer_sha256:
-            raise SaffronError(f"the MRM was trained for the tokenizer of {self.manifest.base_model}, which differs "
-                               f"from the policy {policy.name}'s; train an MRM for this policy with "
-                               f"`saffron train-mrm --policy {policy.name}`")
+        return out if raw else out.masked_fill(self.unseen, self.manifest.penalty)
 
 
 def add_lora(model: Model, r: int = 4, alpha: int = 4, targets: Sequence[str] = ("q_proj", "v_proj")) -> Any:
@@ -157,15 +190,19 @@ def adapter_config(path: Path) -> dict[str, Any]:
 def load_mrm(path: str | Path, base_model: str | None = None, device: str | None = None) -> Mrm:
     """Load an MRM folder; ``base_model`` overrides where the base weights come from (e.g. a local copy)."""
     path = Path(path)
-    cfg = adapter_config(path)
     manifest = read_manifest(path)
+    if manifest is not None and manifest.kind == "head":
+        from saffron.mrm.head import load_head_mrm
+
+        return load_head_mrm(path, base_model, device)
+    cfg = adapter_config(path)
     base = base_model or (manifest.base_model if manifest else cfg.get("base_model_name_or_path"))
     if not base:
         raise SaffronError(f"{path}: no base model recorded; pass the base model explicitly")
     return apply_mrm(load_model_copy(base, device), path)
 
 
-def apply_mrm(model: Model, path: Path) -> Mrm:
+def apply_mrm(model: Model, path: Path) -> LoraMrm:
     """Turn ``model`` (a private copy of the base) into the MRM stored at ``path``: inject its LoRA in place,
     read its bias and mask, and check the tokenizer it was trained with."""
     cfg = adapter_config(path)
@@ -187,7 +224,7 @@ def apply_mrm(model: Model, path: Path) -> Mrm:
         raise SaffronError(f"cannot apply the LoRA adapter in {path} to {model.name} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]})") from None
     model.hf.eval()
-    return Mrm(model, manifest, _load_tensor(path / "lm_head_bias.pt").float(),
+    return LoraMrm(model, manifest, _load_tensor(path / "lm_head_bias.pt").float(),
                _load_tensor(path / "unseen_mask.pt").bool())
 
 

@@ -137,11 +137,11 @@ def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
     def make_mrm() -> Mrm:
         if not first:
             m = load_mrm_spec(mrm_spec)
-            m.check_tokenizer(model)
+            m.check_policy(model)
             first.append(m)
             return m
         p = first[0]
-        return Mrm(p.model, p.manifest, p.bias, p.unseen)
+        return p.share()
 
     return ModelSet(model, reward=lambda: load_guard(reward_spec), mrm=make_mrm,
                     judge=(lambda: load_guard(judge)) if judge is not None else None,

@@ -1,0 +1,321 @@
+"""The head MRM: a multifurcation reward model that reads the policy's own hidden states.
+
+The paper's MRM is a second LM (a LoRA-adapted guard) run beside the policy: every search step pays one forward
+of it per active node. On the embedded stack that model is as large as the policy, so it doubles the cost of a
+candidate. Yet the policy has just read the same response to propose the next tokens: its hidden states at a
+few layers already encode the conversation. The head MRM is a small network on those states:
+
+    f  = standardise(concat(policy hidden states at ``layers``, last position))
+    z  = gelu(W1 f)                                  (``width`` units)
+    q[a] = v(z) + <E[a] / |E[a]|, W2 z> + b[a]       for every token a the corpus supervised
+    q[a] = penalty                                   for every other token (the conservative mask)
+
+``v`` predicts the reward the response is heading for, ``W2 z`` scores each next token through the policy's own
+(normalised, frozen) output embedding ``E`` so that similar tokens share what is learnt, and ``b`` is a bias
+per token as in the paper's MRM. In a search the policy runner returns the hidden states with the logits (no
+extra forward), so one MRM call costs ``2 (F w + w d + S d)`` FLOPs for ``S`` supervised tokens: about 8 MFLOP
+per node on SmolLM2 against 335 MFLOP for the LoRA MRM. Called alone (``saffron bench mrm``), it runs the
+policy through its own runner and counts that forward too.
+
+It reads exactly one policy: the one it was trained on (checked by a fingerprint of that model's weights, not
+only its tokenizer). The policy reads ``chat(prompt) + prefill + output``; training reads ``chat(prompt) +
+response`` (the reward corpus stores no prefill), so a prefilled search shows it contexts it was not trained on,
+as the LoRA MRM (which never sees the prefill) is not.
+
+On disk: ``head.safetensors`` (the network and its feature statistics), ``unseen_mask.pt`` and ``saffron.json``
+(``kind: "head"``; ``head``: layers, width, policy fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from saffron.embedded import EMBEDDED_POLICY
+from saffron.errors import SaffronError
+from saffron.model import Model, load_model
+from saffron.mrm.model import (
+    MANIFEST,
+    UNSEEN_PENALTY,
+    Mrm,
+    MrmManifest,
+    _load_tensor,
+    read_manifest,
+    tokenizer_fingerprint,
+)
+from saffron.mrm.rewards import RewardRow, read_rewards
+from saffron.runner import Runner
+from saffron.store import atomic_write, atomic_write_json
+
+WEIGHTS = "head.safetensors"
+DEFAULT_LAYERS = (10, 14, 18, 22, 26, 30)
+DEFAULT_WIDTH = 256
+
+
+def policy_fingerprint(model: Model) -> str:
+    """A hash of the model's shape and a sample of its weights: equal iff the head reads the same states."""
+    hf = model.hf
+    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
+    h.update(repr((hf.config.num_hidden_layers, hf.config.hidden_size)).encode())
+    for t in (hf.get_input_embeddings().weight[::997], hf.model.norm.weight,
+              hf.model.layers[-1].mlp.down_proj.weight[::97]):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class HeadNet(torch.nn.Module):
+    """``f -> q`` as in the module docstring; ``emb`` holds the normalised output embedding (not trained)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    emb: torch.Tensor
+
+    def __init__(self, n_features: int, width: int, emb: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("emb", emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6), persistent=False)
+        self.inner = torch.nn.Linear(n_features, width)
+        self.value = torch.nn.Linear(width, 1)
+        self.token = torch.nn.Linear(width, emb.shape[1], bias=False)
+        torch.nn.init.zeros_(self.token.weight)  # start as a pure value head: every token scored alike
+        self.bias = torch.nn.Parameter(torch.zeros(emb.shape[0]))
+
+    def hidden(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.inner((feats - self.mean) / self.std))
+
+    def at(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Predicted reward of one token per row (training reads only the supervised pairs)."""
+        z = self.hidden(feats)
+        return self.value(z).squeeze(-1) + (self.token(z) * self.emb[tokens]).sum(-1) + self.bias[tokens]
+
+    def over(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, len(tokens)]`` predicted rewards of the given tokens after each row."""
+        z = self.hidden(feats)
+        return self.value(z) + self.token(z) @ self.emb[tokens].T + self.bias[tokens]
+
+
+class HeadMrm(Mrm):
+    """A head MRM bound to its policy (see the module docstring)."""
+
+    def __init__(self, policy: Model, manifest: MrmManifest, net: HeadNet, unseen: torch.Tensor) -> None:
+        if unseen.shape != (policy.vocab_size,) or net.bias.shape != (policy.vocab_size,):
+            raise SaffronError(f"head MRM tensors have {unseen.shape[0]} entries but {policy.name} has a vocabulary "
+                               f"of {policy.vocab_size}")
+        self.model = policy
+        self.manifest = manifest
+        self.net = net.to(policy.device).eval()
+        self.unseen = unseen.to(policy.device, torch.bool)
+        self.seen = torch.nonzero(~self.unseen).squeeze(-1)
+        self.policy_layers = tuple(int(x) for x in manifest.head["layers"])
+        self.runner = Runner(policy)  # only for calls without the policy's states (benchmarks)
+        self.head_flops = 0
+        n_features, width = net.inner.in_features, net.inner.out_features
+        d = net.token.out_features
+        # per node: inner layer, value, token projection, the seen tokens' scores (adds and gelu neglected)
+        self.flops_per_node = 2 * (n_features * width + width + width * d + len(self.seen) * d)
+
+    @property
+    def flops(self) -> int:
+        return self.runner.flops + self.head_flops
+
+    def share(self) -> HeadMrm:
+        return HeadMrm(self.model, self.manifest, self.net, self.unseen)
+
+    def check_policy(self, policy: Model) -> None:
+        self.check_tokenizer(policy)
+        if policy_fingerprint(policy) != self.manifest.head.get("policy_fingerprint"):
+            raise SaffronError(f"this head MRM reads the hidden states of {self.manifest.base_model}, and the policy "
+                               f"{policy.name} is another model; train a head MRM for it with `saffron train-mrm "
+                               f"--kind head --base {policy.name}`")
+
+    @torch.inference_mode()
+    def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
+                raw: bool = False) -> torch.Tensor:
+        """With ``policy_hidden`` ([B, len(policy_layers), d], the policy runner's states after ``chat(prompt) +
+        prefill + response``) nothing is run; without, the policy reads ``chat(prompt) + response`` here."""
+        if policy_hidden is None:
+            ctx = self.model.chat_prompt_ids(prompt)
+            policy_hidden = self.runner.forward([ctx + list(r) for r in responses], logits=False,
+                                                hidden_layers=self.policy_layers).hidden
+            assert policy_hidden is not None
+        if policy_hidden.shape[0] != len(responses) or policy_hidden.shape[1] != len(self.policy_layers):
+            raise SaffronError(f"head MRM: expected hidden states [{len(responses)}, {len(self.policy_layers)}, d], "
+                               f"got {list(policy_hidden.shape)}")
+        feats = policy_hidden.float().flatten(1)
+        self.head_flops += self.flops_per_node * len(responses)
+        if raw:
+            return self.net.over(feats, torch.arange(self.model.vocab_size, device=feats.device))
+        out = torch.full((len(responses), self.model.vocab_size), self.manifest.penalty, device=feats.device)
+        out[:, self.seen] = self.net.over(feats, self.seen)
+        return out
+
+
+def load_head_mrm(path: Path, base_model: str | None = None, device: str | None = None) -> HeadMrm:
+    manifest = read_manifest(path)
+    assert manifest is not None and manifest.kind == "head"
+    policy = load_model(base_model or manifest.base_model, device)
+    try:
+        state = load_file(str(path / WEIGHTS))
+        net = HeadNet(int(state["mean"].shape[0]), int(state["inner.weight"].shape[0]),
+                      policy.hf.get_output_embeddings().weight.detach().float())
+        net.load_state_dict(state)
+    except FileNotFoundError:
+        raise SaffronError(f"head MRM file missing: {path / WEIGHTS}") from None
+    except Exception as e:
+        raise SaffronError(f"head MRM in {path} is corrupted ({type(e).__name__}); retrain it with `saffron "
+                           f"train-mrm --kind head`") from None
+    mrm = HeadMrm(policy, manifest, net, _load_tensor(path / "unseen_mask.pt").bool())
+    mrm.check_policy(policy)
+    return mrm
+
+
+def row_features(runner: Runner, rows: Sequence[RewardRow], layers: tuple[int, ...], progress: bool
+                 ) -> list[torch.Tensor]:
+    """Per row ``[n + 1, L * d]``: the policy's states after ``chat(prompt) + response[:j]``, j = 0..n, read
+    through the runner exactly as a search reads them (one forward per row; every prefix shares the cache)."""
+    model = runner.model
+    out = []
+    for r in tqdm(rows, desc="policy states", unit="row", disable=not progress, dynamic_ncols=True):
+        ctx = model.chat_prompt_ids(r.prompt)
+        resp = list(r.response_ids)
+        hidden = runner.forward([ctx + resp[:j] for j in range(len(resp) + 1)], logits=False,
+                                hidden_layers=layers).hidden
+        assert hidden is not None
+        out.append(hidden.flatten(1).cpu())
+        runner.reset()
+    return out
+
+
+def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY,
+                   layers: Sequence[int] = DEFAULT_LAYERS, width: int = DEFAULT_WIDTH, lr: float = 1e-3,
+                   weight_decay: float = 0.1, batch_size: int = 256, epochs: int = 20, seed: int = 0,
+                   eos: bool = True, penalty: float = UNSEEN_PENALTY, progress: bool = True,
+                   device: str | None = None, command: str | None = None) -> MrmManifest:
+    """Train a head MRM on the reward rows in ``data_dir`` and save it to ``out``.
+
+    Supervision as for the LoRA MRM (``train.py``): the state after ``response[:j]`` predicts ``response[j]``'s
+    reward, and on a complete row the state after the whole response predicts every EOS id with the final
+    reward. Reading the rows' policy states takes about two minutes on 2 CPU cores and fitting well under one,
+    so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
+    from saffron.mrm.train import check_training_rows
+
+    t_start = time.time()
+    data_dir, out = Path(data_dir), Path(out)
+    for name, v in (("width", width), ("batch_size", batch_size), ("epochs", epochs)):
+        if v < 1:
+            raise SaffronError(f"{name} must be >= 1, got {v}")
+    if not lr > 0 or not weight_decay >= 0:
+        raise SaffronError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
+    data_manifest, rows = read_rewards(data_dir)
+    check_training_rows(data_dir, data_manifest, rows)
+    data_cfg = data_manifest.get("config", {})
+    policy = load_model(base_model, device)
+    fingerprint = tokenizer_fingerprint(policy.tokenizer)
+    if data_cfg.get("policy_tokenizer_sha256") != fingerprint:
+        raise SaffronError(f"{data_dir} was tokenised for {data_cfg.get('policy')}, whose tokenizer differs from "
+                           f"{base_model}'s; rebuild the rewards with `--policy {base_model}`")
+    runner = Runner(policy)
+    layers = tuple(int(x) for x in layers)
+    top = runner.arch.n_layers
+    if not layers or any(not 0 <= x <= top for x in layers):
+        raise SaffronError(f"layers must be within 0..{top} (the policy's hidden states), got {list(layers)}")
+    eos_ids = sorted(policy.eos_ids)
+    if eos and not eos_ids:
+        raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
+
+    t0 = time.perf_counter()
+    states = row_features(runner, rows, layers, progress)
+    feature_seconds = time.perf_counter() - t0
+    feats: list[torch.Tensor] = []
+    toks: list[int] = []
+    want: list[float] = []
+    for r, s in zip(rows, states, strict=True):
+        n = len(r.response_ids)
+        feats.append(s[:n])
+        toks.extend(int(t) for t in r.response_ids)
+        want.extend(float(x) for x in r.rewards)
+        if eos and r.complete:
+            for e in eos_ids:
+                feats.append(s[n:])
+                toks.append(e)
+                want.append(float(r.rewards[-1]))
+    x = torch.cat(feats).float()
+    t = torch.tensor(toks, dtype=torch.long)
+    y = torch.tensor(want, dtype=torch.float32)
+
+    torch.manual_seed(seed)
+    net = HeadNet(x.shape[1], width, policy.hf.get_output_embeddings().weight.detach().float().cpu())
+    with torch.no_grad():
+        net.mean.copy_(x.mean(0))
+        net.std.copy_(x.std(0).clamp_min(1e-4))
+        net.value.bias.fill_(float(y.mean()))  # start at the corpus mean, not 0 (rewards sit around -2)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    t1 = time.perf_counter()
+    for _ in tqdm(range(epochs), desc="train head mrm", unit="epoch", disable=not progress, dynamic_ncols=True):
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = ((net.at(x[idx], t[idx]) - y[idx]) ** 2).mean()
+            if not torch.isfinite(loss):
+                raise SaffronError(f"head MRM training diverged (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        losses.append(total / len(y))
+    fit_seconds = time.perf_counter() - t1
+
+    seen = torch.zeros(policy.vocab_size, dtype=torch.bool)
+    seen[t] = True
+    unseen = ~seen
+    manifest = MrmManifest(
+        base_model=base_model, tokenizer_sha256=fingerprint, reward_model=data_manifest.get("reward_model"),
+        penalty=penalty, lora_r=0, lora_alpha=0, target_modules=[], kind="head",
+        head={"layers": list(layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
+              "flops_per_node": 2 * (x.shape[1] * width + width + width * net.token.out_features
+                                     + int(seen.sum()) * net.token.out_features)},
+        corpus={"data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
+                "tokens": sum(len(r.response_ids) for r in rows), "supervised_pairs": len(y),
+                "max_tokens": data_cfg.get("max_tokens"), "seen_tokens": int(seen.sum()),
+                "unseen_tokens": int(unseen.sum()), "eos_supervised": eos,
+                "reward_mean": float(y.mean()), "reward_std": float(y.std()),
+                "reward_model_identity": data_cfg.get("reward_model")},
+        train={"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
+               "optimizer": f"AdamW(weight_decay={weight_decay})", "loss_first": losses[0],
+               "final_loss": losses[-1], "feature_seconds": round(feature_seconds, 3),
+               "fit_seconds": round(fit_seconds, 3), "feature_flops": runner.flops,
+               "seconds": round(time.time() - t_start, 3), "device": str(policy.device),
+               "command": command or " ".join(sys.argv), "torch": torch.__version__,
+               "python": platform.python_version()},
+    )
+    if not math.isfinite(losses[-1]):
+        raise SaffronError("head MRM training ended with a non-finite loss")
+    save_head_mrm(out, manifest, net, unseen)
+    return manifest
+
+
+def save_head_mrm(path: Path, manifest: MrmManifest, net: HeadNet, unseen: torch.Tensor) -> None:
+    """Write ``head.safetensors``, ``unseen_mask.pt`` and ``saffron.json``. Side effects: creates ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(path / "unseen_mask.pt", lambda tmp: torch.save(unseen.detach().cpu().clone(), tmp))
+    atomic_write_json(path / MANIFEST, asdict(manifest))
+
+
+__all__ = ["HeadMrm", "HeadNet", "load_head_mrm", "policy_fingerprint", "train_head_mrm"]
