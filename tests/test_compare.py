@@ -41,6 +41,10 @@ def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) ->
     reb = res["methods"]["rebase"]
     assert reb["knob"] == "width" and reb["budget"] > 2  # the sweep's points were too cheap: it searched upwards
     assert res["methods"]["none"]["budget"] is None and res["methods"]["none"]["n"] == 2
+    # the guards' instructions are reported once per point, beside (not inside) the per-prompt figure
+    assert set(res["methods"]["none"]["setup_tflops"]) == {"judge"}
+    assert set(res["methods"]["best-of-n"]["setup_tflops"]) == {"judge", "reward"}
+    assert json.loads((out / "metrics.json").read_text())["rebase"]["setup_tflops"]["reward"] > 0
     for m in ("none", "best-of-n", "rebase"):
         assert set(res["curves"][m][0]) and all(len(p) == 3 for p in res["curves"][m])
     assert [p[0] for p in res["curves"]["best-of-n"]] == [1, 2, 32]

@@ -34,12 +34,14 @@ def test_eval_writes_records_and_metrics_then_resumes(tmp_path: Path, tiny_dir: 
     assert rec["new_tokens"] == len(rec["output_ids"]) <= 5
     assert rec["unsafe"] == (rec["reward"] < 0)
     assert rec["flops"]["total"] == rec["flops"]["policy"] > 0
+    assert set(rec["setup_flops"]) == {"judge"} and rec["setup_flops"]["judge"] > 0  # method none: no reward model
     m4 = run_eval(cfg, out, limit=4, progress=False)  # resumes: the first two are not recomputed
     lines4 = (out / "records.jsonl").read_text().splitlines()
     assert lines4[:2] == lines and len(lines4) == 4
     assert m4["n"] == 4
     assert m4["asr"] == sum(json.loads(x)["unsafe"] for x in lines4) / 4
     assert json.loads((out / "metrics.json").read_text()) == m4
+    assert m4["setup_tflops"] == {"judge": rec["setup_flops"]["judge"] / 1e12}
 
 
 def test_same_seed_gives_identical_records(tmp_path: Path, tiny_dir: Path) -> None:
@@ -92,4 +94,39 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
     monkeypatch.setattr(NoDefence.__init__, "__defaults__", (32, 0.5, 1.0))  # temperature 0.0 -> 0.5
     with pytest.raises(SaffronError, match=r"different configuration .*method_options"):
         run_eval(cfg, out, progress=False)
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+def test_judge_instructions_are_setup_so_a_prompt_costs_the_same_alone_or_after_others(tmp_path: Path,
+                                                                                         tiny_dir: Path) -> None:
+    from saffron.flops import straight_flops
+    from saffron.guards.base import load_guard
+
+    ds = _dataset(tmp_path, 3)
+    run_eval(_cfg(tiny_dir, ds), tmp_path / "all", progress=False)
+    run_eval(_cfg(tiny_dir, ds), tmp_path / "later", limit=1, progress=False)
+    both = [json.loads(x) for x in (tmp_path / "all" / "records.jsonl").read_text().splitlines()]
+    alone = json.loads((tmp_path / "later" / "records.jsonl").read_text())
+    assert alone == both[0]
+    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    kept = len(guard.fixed_prefix())
+    assert guard.setup_flops == straight_flops(guard.runner.arch, kept, 0, 0)
+    for rec in both:  # the judge pays for the prompt, response and closing after the kept instructions
+        assert rec["setup_flops"] == {"judge": guard.setup_flops}
+        n = len(guard.guard_ids(rec["prompt"], rec["output"])) - kept
+        assert rec["judge_flops"] == straight_flops(guard.runner.arch, n, kept, 1)
+
+
+def test_folder_of_the_older_flops_accounting_is_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    ds = _dataset(tmp_path, 2)
+    out = tmp_path / "run"
+    run_eval(_cfg(tiny_dir, ds), out, limit=1, progress=False)
+    cfg_path = out / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    assert saved["accounting"] == 2
+    del saved["accounting"]  # as written before the guards' instructions became setup
+    cfg_path.write_text(json.dumps(saved))
+    before = (out / "records.jsonl").read_bytes()
+    with pytest.raises(SaffronError, match=r"older FLOPs accounting \(accounting 1, now 2"):
+        run_eval(_cfg(tiny_dir, ds), out, progress=False)
     assert (out / "records.jsonl").read_bytes() == before

@@ -45,6 +45,32 @@ def test_guard_scoring_a_longer_prefix_reuses_the_cached_head(tiny_dir: Path) ->
     assert guard.runner.stats.computed_tokens - before == 2 + tail
 
 
+def test_guard_keeps_its_fixed_instructions_once_and_charges_prompts_only_for_the_rest(tiny_dir: Path) -> None:
+    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    prefix = guard.fixed_prefix()
+    text = guard.model.tokenizer.decode(prefix)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user") and text.endswith("\n\nUser: ")
+    for p in ("q", "How?", " leading space", "\n\nnewlines", "User: nested"):  # whatever follows, it is a prefix
+        assert guard.guard_ids(p, "r")[: len(prefix)] == prefix
+    st = guard.runner.stats
+    assert guard.flops == 0 and guard.setup_flops == st.setup_flops > 0 and st.setup_tokens == len(prefix)
+    assert guard.runner.trie.kept_tokens == len(prefix)
+    costs, rewards = {}, {}
+    for p in ("q", "another prompt", "q"):
+        guard.runner.reset()  # as the harness does before judging each prompt
+        f0, c0 = guard.flops, st.computed_tokens
+        rewards[p] = guard.score(p, ["an answer"])[0]
+        costs.setdefault(p, set()).add(guard.flops - f0)
+        assert st.computed_tokens - c0 == len(guard.guard_ids(p, "an answer")) - len(prefix)
+    assert len(costs["q"]) == 1  # a prompt's cost does not depend on what was judged before it
+    ids = guard.guard_ids("q", "an answer")
+    tok = guard.model.tokenizer
+    logits = guard.model.hf(torch.tensor([ids])).logits[0, -1]
+    want = logits[tok.convert_tokens_to_ids("safe")] - logits[tok.convert_tokens_to_ids("unsafe")]
+    assert rewards["q"] == pytest.approx(float(want), abs=1e-4)
+    assert guard.setup_flops == st.setup_flops  # paid once
+
+
 def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     spec = ProbeSpec(base_model="unused", layers=(1, 2), hidden=0)
     probe = Probe(2 * tiny.hf.config.hidden_size, 0)
@@ -53,6 +79,7 @@ def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:  # type: 
     spec2, probe2 = load_probe(tmp_path / "p")
     assert spec2 == spec
     g = ProbeGuard(tiny, spec2, probe2)
+    assert g.setup_flops > 0 and g.flops == 0 and g.runner.trie.kept_tokens == len(g.fixed_prefix())
     r = g.score("q", ["x", "y"])
     feats = g.features([g.guard_ids("q", "x")])
     assert r[0] == pytest.approx(float(probe(feats)[0].detach()), abs=1e-5)

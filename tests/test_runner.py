@@ -151,3 +151,60 @@ def test_truncated_runner_matches_the_full_stack_below_its_depth(tiny) -> None: 
         cut.forward(seqs, logits=False, hidden_layers=(2,))
     with pytest.raises(SaffronError, match="depth 0 out of range"):
         Runner(tiny, depth=0)
+
+
+def test_kept_prefix_is_computed_once_survives_reset_and_is_setup_not_flops(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    prefix = list(range(3, 23))
+    assert r.keep(prefix) == 20
+    setup = straight_flops(r.arch, 20, 0, 0)
+    assert r.flops == 0 and r.stats.setup_flops == setup
+    assert r.stats.setup_tokens == r.stats.computed_tokens == 20
+    assert r.keep(prefix) == 20 and r.keep(prefix[:7]) == 7  # already kept: nothing runs
+    assert r.stats.computed_tokens == 20 and r.stats.setup_flops == setup and r.stats.calls == 1
+    for suffix in ([30, 31, 32], [40, 41], [30, 31, 32]):  # each prompt costs the same whatever came before
+        r.forward([prefix + [7, 8, 9], [5, 6]])  # a previous prompt's search, dropped by reset
+        r.reset()
+        assert r.stats.trie.stored_tokens == 20 and r.trie.cached_length(prefix + [7]) == 20
+        computed, reused, flops = r.stats.computed_tokens, r.stats.reused_tokens, r.flops
+        lg = r.forward([prefix + suffix]).logits
+        assert lg is not None
+        assert r.stats.computed_tokens - computed == len(suffix)
+        assert r.stats.reused_tokens - reused == 20
+        assert r.flops - flops == straight_flops(r.arch, len(suffix), 20, 1)
+        torch.testing.assert_close(lg[0], _reference(tiny, prefix + suffix), atol=2e-4, rtol=2e-4)
+    assert r.stats.setup_flops == setup
+
+
+def test_keep_charges_setup_only_for_what_was_not_cached(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny)
+    r.forward([list(range(3, 11))])
+    paid = r.flops
+    assert r.keep(list(range(3, 15))) == 12
+    assert r.flops == paid and r.stats.setup_flops == straight_flops(r.arch, 4, 8, 0)
+    assert r.keep(list(range(3, 11))) == 8 and r.stats.setup_tokens == 4  # cached already: marked, not run
+
+
+def test_eviction_under_a_tight_budget_never_evicts_the_kept_prefix(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny, budget_bytes=40 * Runner(tiny).pool.bytes_per_token)
+    prefix = list(range(60, 75))
+    r.keep(prefix)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        seq = torch.randint(0, 50, (12,), generator=g).tolist()
+        for s in (seq, prefix + seq[:4]):
+            lg = r.forward([s]).logits
+            assert lg is not None
+            torch.testing.assert_close(lg[0], _reference(tiny, s), atol=2e-4, rtol=2e-4)
+        assert r.trie.cached_length(prefix) == 15
+    assert r.stats.trie.evicted_tokens > 0 and r.stats.trie.stored_tokens <= 40
+    with pytest.raises(SaffronError, match="cannot hold this batch"):
+        r.forward([list(range(100, 130))])  # 30 tokens fit the budget but not beside the 15 kept ones
+
+
+def test_a_runner_without_a_cache_keeps_nothing(tiny) -> None:  # type: ignore[no-untyped-def]
+    r = Runner(tiny, cache=False)
+    assert r.keep([5, 6, 7]) == 0
+    assert r.stats.setup_flops == 0 and r.stats.computed_tokens == 0
+    r.forward([[5, 6, 7, 8]])
+    assert r.flops == straight_flops(r.arch, 4, 0, 1)

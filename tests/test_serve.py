@@ -129,6 +129,8 @@ def test_the_answer_is_the_methods_on_the_same_conversation_and_seed(client: Tes
     out = chat(client, messages=ATTACK, max_tokens=5)
     assert out["choices"][0]["message"]["content"] == tiny.decode(want.output_ids)
     assert out["usage"]["flops"]["mrm"] == want.flops["mrm"]  # fresh runners: the same compute, to the FLOP
+    # the worker's guard kept its instructions from load; a fresh guard keeps them too: neither bills them
+    assert out["usage"]["flops"]["reward"] == want.flops["reward"]
 
     sampled = NoDefence(max_new_tokens=6, temperature=1.0).run(session, Stack(policy=Runner(tiny)),
                                                                 prompt_seed(7, SEED_KEY))
@@ -226,6 +228,9 @@ def test_models_and_health(client: TestClient, tiny: Model) -> None:
     assert m["data"][0]["object"] == "model"
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["method"] == "saffron" and h["running"] == 0 and h["queued"] == 0
+    # instructions computed once per worker at load, for the reward model and the judge alike (one worker here)
+    one = tiny_guard(tiny).setup_flops
+    assert one > 0 and h["setup_flops"] == {"reward": one, "mrm": 0, "judge": one}
     assert client.get("/v1/models/nope").status_code == 404
 
 

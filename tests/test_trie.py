@@ -64,3 +64,22 @@ def test_clear_forgets_everything() -> None:
     t.clear()
     assert t.cached_length([1, 2, 3]) == 0 and t.stats.stored_tokens == 0
     assert t.plan([[1, 2, 3]]).chains[0].new == [0, 1, 2]  # slots are reused from the bottom
+
+
+def test_kept_prefix_survives_clear_with_its_slots_and_is_never_evicted() -> None:
+    t = RadixTrie(capacity=8)
+    t.plan([[9, 9]])  # slots 0-1, then freed by clear
+    t.plan([[1, 2, 3, 4]])  # slots 2-5
+    assert t.keep([1, 2, 3]) == 3  # splits [1, 2, 3, 4] after 3; only the upper part is kept
+    assert t.keep([1, 2, 3]) == 3 and t.kept_tokens == 3
+    t.clear()
+    assert t.cached_length([1, 2, 3, 4]) == 3 and t.cached_length([9, 9]) == 0
+    assert t.stats.stored_tokens == 3
+    p = t.plan([[1, 2, 3, 7, 8]])
+    assert p.reused == [3] and p.chains[0].base == [2, 3, 4] and p.chains[0].new == [0, 1]  # freed slots first
+    for i in range(10):  # LRU pressure: 5 free slots, 3-token leaves: every plan evicts, never the kept prefix
+        t.plan([[50 + i, 60 + i, 70 + i]])
+        assert t.cached_length([1, 2, 3]) == 3
+    assert t.stats.evicted_tokens > 0
+    with pytest.raises(SaffronError, match="cannot hold this batch"):
+        t.plan([[40, 41, 42, 43, 44, 45]])  # 6 > 8 - 3 kept slots

@@ -10,6 +10,8 @@ Each method has one budget knob (``Method.budget``: samples, width, simulations)
    target (bisection between the bracketing sweep points, reusing every evaluated point), and reports it.
 
 Compute is what ``records.jsonl`` counts: every policy, reward-model and MRM FLOP, the final judge excluded.
+Per prompt: the reward model's fixed instructions, computed once per process, are each point's
+``setup_tflops`` (reported beside the per-prompt figure, not matched on).
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
             "budget": p["budget"], "knob": p["knob"],
             "within_tolerance": m == "none" or abs(p["tflops_per_prompt"] / target - 1) <= cc.tolerance,
             "mean_reward": p["mean_reward"], "mean_new_tokens": p["mean_new_tokens"],
+            "setup_tflops": p["setup_tflops"],
             "degenerate_share": degenerate_share(recs),
             "records": str(comp.folder(m, p["budget"]) / RECORDS_FILE),
         }

@@ -3,6 +3,11 @@
 A prompt's journey: ``Example`` (data.py) -> ``Session`` with the attack prefill (session.py) -> the method's
 search over the policy and reward model (methods/) -> the judge's reward of the output alone (guards/) -> one
 line of ``records.jsonl``. ``metrics.json`` summarises the records of the selected prompts.
+
+FLOPs: a record's ``flops`` (the method's search) and ``judge_flops`` count what that prompt needed. The guards'
+fixed instructions are computed once per process and kept (``Runner.keep``); their cost is each record's
+``setup_flops`` (the same in every record: it is paid once, not per prompt) and ``metrics.json``'s
+``setup_tflops``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ CONFIG_FILE = "config.json"
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
 PENDING_FILE = ".records.pending.jsonl"  # records computed before an earlier prompt's (parallel backends)
+# How records count FLOPs. 2: the guards' fixed instructions are setup, not charged to each prompt. A folder
+# written under another accounting is refused: its FLOPs mean something else and must not be averaged in.
+ACCOUNTING = 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class EvalConfig:
     prefill: str | None = None
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS
     seed: int = 0
+    accounting: int = field(default=ACCOUNTING, init=False)
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), sort_keys=True))
@@ -135,6 +144,11 @@ def _claim_out_dir(out: Path, cfg: EvalConfig) -> None:
         except ValueError:
             raise SaffronError(f"{path} is unreadable; remove the folder or use another --out") from None
         new = cfg.as_dict()
+        if old.get("accounting") != new["accounting"]:
+            raise SaffronError(f"{out} holds records of an older FLOPs accounting (accounting "
+                               f"{old.get('accounting', 1)}, now {new['accounting']}: the guards' fixed instructions "
+                               "were charged to every prompt); its TFLOP figures cannot be mixed with new ones: use "
+                               "another --out or remove it")
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SaffronError(f"{out} holds records of a different configuration (differs in: {', '.join(diff)});"
@@ -144,15 +158,20 @@ def _claim_out_dir(out: Path, cfg: EvalConfig) -> None:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-prompt means, and ``setup_tflops``: the one-time cost, per model role, of the kept fixed prefixes
+    (every record carries the same figure; it is not part of ``tflops_per_prompt``)."""
     n = len(records)
     if n == 0:
-        return {"n": 0, "asr": None, "mean_reward": None, "tflops_per_prompt": None, "mean_new_tokens": None}
+        return {"n": 0, "asr": None, "mean_reward": None, "tflops_per_prompt": None, "mean_new_tokens": None,
+                "setup_tflops": None}
+    roles = sorted({k for r in records for k in r["setup_flops"]})
     return {
         "n": n,
         "asr": sum(r["unsafe"] for r in records) / n,
         "mean_reward": sum(r["reward"] for r in records) / n,
         "tflops_per_prompt": sum(r["flops"]["total"] for r in records) / n / 1e12,
         "mean_new_tokens": sum(r["new_tokens"] for r in records) / n,
+        "setup_tflops": {k: max(r["setup_flops"].get(k, 0) for r in records) / 1e12 for k in roles},
     }
 
 
@@ -186,7 +205,8 @@ def load_models(cfg: EvalConfig) -> Models:
 
 def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example) -> dict[str, Any]:
     """Attack, defend and judge one prompt; return its record. Every backend calls this, so a record's bytes do
-    not depend on where it was computed: the seed is the prompt's own and every runner starts empty."""
+    not depend on where it was computed: the seed is the prompt's own and every runner starts from its kept prefix
+    alone (a guard's fixed instructions, computed at load and charged to ``setup_flops``, not to this prompt)."""
     stack, judge = models.stack, models.judge
     policy = stack.policy.model
     max_new = int(cfg.method_options.get("max_new_tokens", 32))
@@ -205,6 +225,9 @@ def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example
         raise SaffronError(f"judge returned a non-finite reward for prompt {ex.id}")
     flops = dict(result.flops)
     flops["total"] = sum(result.flops.values())
+    setup = {"judge": judge.setup_flops}
+    if stack.reward is not None:
+        setup["reward"] = stack.reward.setup_flops
     return {
         "id": ex.id,
         "prompt": ex.prompt,
@@ -218,6 +241,7 @@ def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example
         "new_tokens": len(result.output_ids),
         "flops": flops,
         "judge_flops": judge.flops - j0,
+        "setup_flops": setup,
         "method": cfg.method,
         "source": ex.meta.get("source"),
     }

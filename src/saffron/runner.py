@@ -7,7 +7,9 @@ tokens run in ONE forward pass, each attending to its own path through an additi
 (DeFT / SpecInfer style), so a prefix shared by many sequences is computed once and stored once.
 
 Every forward adds its analytic FLOPs (``flops.py``) to the runner's count: what was actually computed, cache
-hits free, the attention rectangle as the kernel runs it.
+hits free, the attention rectangle as the kernel runs it. A prefix every later call starts with (a guard's fixed
+instructions) can be computed once and kept across ``reset`` (``keep``); its FLOPs go to ``stats.setup_flops``,
+so ``flops`` counts only what each prompt itself needs, as with a serving system's prefix cache.
 
 Supported: Llama-family decoders (Llama 2/3, SmolLM2, Llama Guard 3, Mistral, Qwen2). Any other architecture
 is refused with its name, or, if asked (``allow_uncached=True``), run by full recompute through transformers.
@@ -45,7 +47,9 @@ class RunnerStats:
     gathered_forwards: int = 0  # forwards whose keys were gathered from a sparse part of the pool
     computed_tokens: int = 0  # query tokens run through the model
     reused_tokens: int = 0  # tokens served from the cache
-    flops: int = 0
+    flops: int = 0  # every forward's FLOPs except those spent computing a kept prefix
+    setup_flops: int = 0  # FLOPs spent computing kept prefixes (``Runner.keep``), paid once per runner
+    setup_tokens: int = 0  # tokens of kept prefixes computed (also in ``computed_tokens``)
     forward_seconds: float = 0.0  # model compute: embedding, blocks, KV writes, head
     total_seconds: float = 0.0  # whole ``forward`` calls, bookkeeping included
     trie: TrieStats = field(default_factory=TrieStats)
@@ -123,6 +127,7 @@ class Runner:
 
     @property
     def flops(self) -> int:
+        """FLOPs of every forward so far, kept prefixes excepted (they are ``stats.setup_flops``)."""
         return self.stats.flops
 
     @property
@@ -131,8 +136,29 @@ class Runner:
         return self.trie.stats.stored_tokens * self.pool.bytes_per_token
 
     def reset(self) -> None:
-        """Drop every cached prefix (between prompts, so memory stays bounded by one prompt's search)."""
+        """Drop every cached prefix but the kept ones (between prompts, so memory stays bounded by one prompt's
+        search); releases every pin."""
         self.trie.clear()
+
+    def keep(self, seq: Sequence[int]) -> int:
+        """Cache ``seq`` for good: a fixed prefix that later sequences start with, such as a guard's instructions.
+
+        Side effects: computes the tokens of ``seq`` not cached yet (one forward, no outputs) and adds its FLOPs
+        to ``stats.setup_flops``, not to ``flops``, so no prompt is charged for it; marks the prefix permanent:
+        ``reset`` keeps it and its pool slots, eviction never removes it, and it counts against the cache
+        budget from now on. Keeping a prefix that is already kept does nothing. Returns the number of tokens
+        kept. A runner without a cache (``cache=False``, an unsupported architecture) keeps nothing: it
+        recomputes every sequence in full, prefix included, and charges it to ``flops`` as before."""
+        rows = list(seq)
+        if not rows or not self.cached:
+            return 0
+        if self.trie.cached_length(rows) < len(rows):
+            before = self.stats.flops, self.stats.computed_tokens
+            self.forward([rows], logits=False)
+            self.stats.setup_flops += self.stats.flops - before[0]
+            self.stats.setup_tokens += self.stats.computed_tokens - before[1]
+            self.stats.flops = before[0]
+        return self.trie.keep(rows)
 
     def pin(self, seq: Sequence[int]) -> None:
         """Keep ``seq``'s cached prefix from eviction until ``unpin``."""

@@ -7,7 +7,8 @@ by itself (a "simulated mode", as in SGLang's radix cache): the runner asks it w
 which slots they go to and which slots each one may attend to.
 
 Memory control: at most ``capacity`` slots are live. When a batch needs more, least-recently-used leaves that
-are not pinned (by the caller, or by being on a path of the batch being served) are evicted first.
+are not pinned (by the caller, or by being on a path of the batch being served) are evicted first. A kept prefix
+(``keep``) is never evicted and survives ``clear``: it is a fixed prefix every later sequence starts with.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Node:
     children: dict[int, Node] = field(default_factory=dict)
     last_used: int = 0
     pins: int = 0
+    kept: bool = False  # on a kept prefix's path: survives ``clear`` and is never evicted
 
     @property
     def start(self) -> int:
@@ -147,7 +149,7 @@ class RadixTrie:
         """Cut ``node``'s edge after ``k`` tokens; return the upper part (which keeps the parent link)."""
         assert node.parent is not None and 0 < k < len(node.tokens)
         upper = Node(tokens=node.tokens[:k], slots=node.slots[:k], parent=node.parent, depth=node.start + k,
-                     last_used=node.last_used, pins=node.pins)
+                     last_used=node.last_used, pins=node.pins, kept=node.kept)
         node.parent.children[upper.tokens[0]] = upper
         node.tokens, node.slots, node.parent = node.tokens[k:], node.slots[k:], upper
         upper.children[node.tokens[0]] = node
@@ -170,12 +172,35 @@ class RadixTrie:
         for n in self._path(node):
             n.pins = max(0, n.pins + delta)
 
+    def keep(self, seq: Sequence[int]) -> int:
+        """Mark the cached prefix of ``seq`` permanent (never evicted, kept by ``clear``); return its length.
+        The caller computes ``seq`` first: only what is cached can be kept."""
+        node, k, slots = self._walk(seq)
+        if node.parent is not None and 0 < k < len(node.tokens):
+            node = self._split(node, k)
+        for n in self._path(node):
+            n.kept = True
+        return len(slots)
+
+    @property
+    def kept_tokens(self) -> int:
+        out, stack = 0, [self.root]
+        while stack:
+            n = stack.pop()
+            kept = [c for c in n.children.values() if c.kept]
+            out += sum(len(c.tokens) for c in kept)
+            stack.extend(kept)
+        return out
+
+    def _can_evict(self, n: Node) -> bool:
+        return n is not self.root and not n.children and n.pins == 0 and not n.kept and id(n) not in self._in_use
+
     def _evictable(self) -> list[Node]:
         out, stack = [], [self.root]
         while stack:
             n = stack.pop()
             stack.extend(n.children.values())
-            if n is not self.root and not n.children and n.pins == 0 and id(n) not in self._in_use:
+            if self._can_evict(n):
                 out.append(n)
         return out
 
@@ -200,15 +225,25 @@ class RadixTrie:
             self.alloc.give(victim.slots)
             self.stats.evicted_tokens += len(victim.slots)
             self.stats.stored_tokens -= len(victim.slots)
-            if (parent is not self.root and not parent.children and parent.pins == 0
-                    and id(parent) not in self._in_use):
+            if self._can_evict(parent):
                 heapq.heappush(heap, (parent.last_used, parent.depth, id(parent), parent))
 
     def clear(self) -> None:
-        """Forget every cached prefix (between prompts, so memory stays bounded by one prompt's search)."""
+        """Forget every cached prefix but the kept ones (between prompts, so memory stays bounded by one prompt's
+        search). Kept nodes keep their slots; every other slot is free again, lowest first."""
+        kept: list[int] = []
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            n.children = {t: c for t, c in n.children.items() if c.kept}
+            n.pins = 0
+            kept.extend(n.slots)
+            stack.extend(n.children.values())
         self.alloc = SlotAllocator(self.alloc.capacity)
-        self.root = Node(tokens=[], slots=[], parent=None, depth=0)
-        self.stats.stored_tokens = 0
+        if kept:
+            self.alloc.high_water = max(kept) + 1
+            self.alloc.give(sorted(set(range(self.alloc.high_water)) - set(kept)))
+        self.stats.stored_tokens = len(kept)
 
     # -- planning a batch -------------------------------------------------------------------------------------
 

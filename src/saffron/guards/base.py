@@ -3,6 +3,10 @@
 A guard reads ``HEAD(prompt) + response + TAIL`` and answers at the final position. The three pieces are
 tokenised separately and concatenated, so scoring a longer prefix of the same response re-uses the runner's
 cached ``HEAD + prefix`` and only pays for the new response tokens plus the fixed tail, as with Llama Guard.
+
+The head's fixed instructions (everything before the user's prompt) are the same for every prompt: a guard
+computes them once at construction and keeps them in its runner across ``reset`` (``Runner.keep``), as a
+serving system's prefix cache would. Their cost is ``setup_flops``, paid once per guard, not per prompt.
 """
 
 from __future__ import annotations
@@ -31,8 +35,15 @@ class GuardPrompt:
                 + model.encode(self.tail))
 
 
+# Prompts that share nothing after the instructions, whatever the tokenizer merges at the ``{prompt}`` boundary:
+# a letter, a capital with digits and punctuation, a newline. Their guard sequences agree exactly on the
+# prefix every prompt's sequence starts with.
+PROBE_PROMPTS = ("a", "Zebra 123?", "\n!")
+
+
 class RewardModel(ABC):
-    """Scores (prompt, response) pairs through a runner; ``flops`` accumulates what the scoring cost."""
+    """Scores (prompt, response) pairs through a runner; ``flops`` accumulates what the scoring cost, fixed
+    instructions kept at construction excepted (``setup_flops``)."""
 
     name: str
     runner: Runner
@@ -40,6 +51,25 @@ class RewardModel(ABC):
     @property
     def flops(self) -> int:
         return self.runner.flops
+
+    @property
+    def setup_flops(self) -> int:
+        """FLOPs spent once on the kept fixed prefix (0 for a guard that keeps none)."""
+        return self.runner.stats.setup_flops
+
+    def fixed_prefix(self) -> list[int]:
+        """The tokens every guard sequence starts with, whatever the prompt and response: the longest common
+        prefix of the sequences of very different prompts, so it never includes a token the prompt could merge
+        into."""
+        seqs = [self.guard_ids(p, "x") for p in PROBE_PROMPTS]
+        n = 0
+        while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+            n += 1
+        return seqs[0][:n]
+
+    def keep_fixed_prefix(self) -> int:
+        """Compute ``fixed_prefix`` once and keep it in the runner (see ``Runner.keep``); return its length."""
+        return self.runner.keep(self.fixed_prefix())
 
     @abstractmethod
     def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
@@ -71,6 +101,7 @@ class LogitPairGuard(RewardModel):
         self.unsafe_id = single_token(model, unsafe_word)
         if self.safe_id == self.unsafe_id:
             raise SaffronError(f"{name}: '{safe_word}' and '{unsafe_word}' map to the same token")
+        self.keep_fixed_prefix()
 
     def guard_ids(self, prompt: str, response: str) -> list[int]:
         return self.prompt.ids(self.model, prompt, response)

@@ -100,6 +100,7 @@ class ProbeGuard(RewardModel):
         self.probe = probe.eval()
         self.prompt = chat_guard_prompt(model, spec.instructions, spec.closing)
         self.runner = Runner(model, depth=max(1, *spec.layers))  # the blocks above the probe never run
+        self.keep_fixed_prefix()
 
     def guard_ids(self, prompt: str, response: str) -> list[int]:
         return self.prompt.ids(self.model, prompt, response)

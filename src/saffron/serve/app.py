@@ -5,6 +5,10 @@ ignore: ``usage.flops`` (FLOPs per model role and in total) and a ``saffron`` ob
 prefill, the judge's reward when one scored the answer, the search's trace, queue and search seconds). With
 ``stream: true`` the search runs to the end first, then the chosen answer is sent as ``chat.completion.chunk``
 server-sent events, one per token boundary, and ``data: [DONE]``.
+
+``usage.flops`` counts what the request computed. The guards' fixed instructions are computed once per worker
+when the models load and kept across requests, as a serving system's prefix cache keeps a shared system prompt;
+that one-time cost is ``/health``'s ``setup_flops`` (per role, all workers), billed to no request.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_id, "method": engine.settings.method, **engine.status()}
+        return {"status": "ok", "model": engine.model_id, "method": engine.settings.method, **engine.status(),
+                "setup_flops": engine.setup_flops()}
 
     def model_card() -> dict[str, Any]:
         return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "saffron"}

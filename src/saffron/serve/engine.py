@@ -374,6 +374,16 @@ class Engine:
             return {"running": self.running, "queued": self.admitted - self.running, "finished": self.finished,
                     "max_concurrent": self.settings.max_concurrent, "max_queue": self.settings.max_queue}
 
+    def setup_flops(self) -> dict[str, int]:
+        """Per role, over every worker: FLOPs spent once when its models were loaded on their kept fixed
+        prefixes (a guard's instructions, ``Runner.keep``). Resets keep those prefixes, so no request pays
+        for them and none is billed for them in ``usage.flops``."""
+        out: dict[str, int] = {}
+        for w in self.workers:
+            for role, m in list(w.held.items()):
+                out[role] = out.get(role, 0) + int(getattr(m, "setup_flops", 0))
+        return out
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
