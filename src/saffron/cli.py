@@ -27,7 +27,8 @@ TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greed
 TOP_P = typer.Option(None, "--top-p", help="Nucleus mass, in (0, 1] (methods that sample or expand a nucleus).")
 OPTS = typer.Option([], "--opt", "-o", help="Method option KEY=VALUE, repeatable (e.g. -o width=16 -o final=first).")
 REWARD = typer.Option(None, "--reward", help="Search-time reward model (default smol-guard for methods that use one).")
-MRM = typer.Option(None, "--mrm", help="MRM folder (default: the embedded smol-mrm, for methods that use one).")
+MRM = typer.Option(None, "--mrm", help="MRM folder or an embedded MRM: smol-mrm-head (default, reads the policy's "
+                   "hidden states) or smol-mrm (the paper's LoRA form).")
 PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
 PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
 BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
@@ -368,7 +369,7 @@ def train_mrm_cmd(
 
 @bench_app.command("mrm")
 def bench_mrm_cmd(
-    mrm: str = typer.Option("smol-mrm", "--mrm", help="MRM folder or smol-mrm (embedded)."),
+    mrm: str = typer.Option("smol-mrm-head", "--mrm", help="MRM folder, smol-mrm-head or smol-mrm (embedded)."),
     data: Path = typer.Option(Path("runs/rewards-heldout"), "--data", help="Held-out reward folder (built on "
                               "first use from the held-out pairs)."),
     rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),

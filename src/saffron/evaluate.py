@@ -52,7 +52,7 @@ class EvalConfig:
     policy: str = EMBEDDED_POLICY
     judge: str = "smol-guard"
     reward: str | None = None  # search-time reward model (methods that use one)
-    mrm: str | None = None  # MRM folder or "smol-mrm" (methods that use one)
+    mrm: str | None = None  # MRM folder, "smol-mrm-head" or "smol-mrm" (methods that use one)
     prefill: str | None = None
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS
     seed: int = 0
@@ -105,7 +105,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 DEFAULT_REWARD = "smol-guard"
-DEFAULT_MRM = "smol-mrm"
+DEFAULT_MRM = "smol-mrm-head"  # the embedded MRM on the policy's hidden states (mrm/head.py)
 
 
 def resolve(cfg: EvalConfig) -> EvalConfig:

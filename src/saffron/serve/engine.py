@@ -119,7 +119,7 @@ class ModelSet:
 
 def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
                 judge: str | None = None) -> ModelSet:
-    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm). Reward and MRM are
+    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head). Reward and MRM are
     loaded when a method first needs them; guards share their backbone through ``load_model``'s memo, and every
     MRM instance after the first shares the first one's weights."""
     from saffron.guards import load_guard
