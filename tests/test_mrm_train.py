@@ -389,3 +389,112 @@ def test_bench_mrm_on_heldout_rows(tmp_path: Path, tiny_dir: Path, trained: Path
 
 def model_vocab(tiny_dir: Path) -> int:
     return load_model(str(tiny_dir)).vocab_size
+
+
+# --- the head MRM (mrm/head.py) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_data(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """Rewards a head can learn: +2 after an even token id, -2 after an odd one (12 rows, 8 tokens each)."""
+    model = load_model(str(tiny_dir))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i, p in enumerate(_prompts(12, heldout=False, tag="head")):
+        ids = (torch.randint(10, 30, (8,), generator=gen)).tolist()
+        rows.append(_row(model, i, p, ids, i % 2 == 0, [2.0 if t % 2 == 0 else -2.0 for t in ids]))
+    return _hand_made(tmp_path_factory.mktemp("head-data") / "d", model, rows)
+
+
+@pytest.fixture(scope="module")
+def head_trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, head_data: Path) -> Path:
+    from saffron.mrm.head import train_head_mrm
+
+    out = tmp_path_factory.mktemp("head") / "mrm"
+    train_head_mrm(head_data, out, base_model=str(tiny_dir), layers=(1, 2), width=16, lr=1e-2, epochs=40,
+                   batch_size=16, progress=False, device="cpu")
+    return out
+
+
+def test_head_mrm_fits_its_corpus_and_saves_what_it_learnt(tiny_dir: Path, head_data: Path,
+                                                            head_trained: Path) -> None:
+    from saffron.mrm.head import HeadMrm
+
+    mrm = load_mrm(head_trained)
+    assert isinstance(mrm, HeadMrm) and mrm.manifest.kind == "head" and mrm.policy_layers == (1, 2)
+    assert mrm.manifest.train["final_loss"] < 0.5 * mrm.manifest.train["loss_first"]
+    _, rows = read_rewards(head_data)
+    pred, want = [], []
+    for r in rows:  # the loaded files predict the training targets far better than the corpus mean does
+        q = mrm.rewards(r.prompt, [r.response_ids[:j] for j in range(len(r.response_ids))])
+        pred += q[torch.arange(len(r.response_ids)), torch.tensor(r.response_ids)].tolist()
+        want += list(r.rewards)
+    p, w = torch.tensor(pred), torch.tensor(want)
+    assert float(((p - w) ** 2).mean()) < 0.1 * float(((w - w.mean()) ** 2).mean())
+    seen = {t for r in rows for t in r.response_ids} | set(load_model(str(tiny_dir)).eos_ids)
+    assert set(torch.nonzero(~mrm.unseen).squeeze(-1).tolist()) == seen
+    q = mrm.rewards(rows[0].prompt, [[]])
+    assert bool((q[0, mrm.unseen] == mrm.manifest.penalty).all()) and bool(q[0, ~mrm.unseen].abs().lt(1e3).all())
+
+
+def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Path, head_trained: Path) -> None:
+    from saffron.runner import Runner
+
+    mrm = load_mrm(head_trained)
+    policy = load_model(str(tiny_dir))
+    prompt, outs = "how do I do it?", [[], list(policy.encode("Sure, ")), list(policy.encode("No"))]
+    alone = mrm.rewards(prompt, outs)  # runs the policy itself, and counts that forward
+    assert mrm.runner.flops > 0
+    runner = Runner(policy)
+    ctx = policy.chat_prompt_ids(prompt)
+    out = runner.forward([ctx + o for o in outs], hidden_layers=mrm.policy_layers)
+    before_runner, before = mrm.runner.flops, mrm.flops
+    given = mrm.rewards(prompt, outs, policy_hidden=out.hidden)
+    assert torch.allclose(given, alone, atol=1e-5)
+    assert mrm.runner.flops == before_runner and mrm.flops - before == 3 * mrm.flops_per_node
+    with pytest.raises(SaffronError, match="expected hidden states"):
+        mrm.rewards(prompt, outs, policy_hidden=out.hidden[:, :1])
+
+
+def test_head_mrm_refuses_another_policy_and_bad_layers(tmp_path: Path, tiny_dir: Path, built: Path,
+                                                        head_trained: Path) -> None:
+    from saffron.mrm.head import train_head_mrm
+    from tests.conftest import make_tiny_llama
+
+    other = load_model(str(make_tiny_llama(tmp_path / "other", seed=1)))  # same tokenizer, other weights
+    mrm = load_mrm(head_trained)
+    mrm.check_policy(load_model(str(tiny_dir)))
+    with pytest.raises(SaffronError, match=r"reads the hidden states of .* another model"):
+        mrm.check_policy(other)
+    with pytest.raises(SaffronError, match=r"layers must be within 0\.\.2"):
+        train_head_mrm(built, tmp_path / "bad", base_model=str(tiny_dir), layers=(3,), progress=False)
+
+
+def test_head_mrm_training_is_deterministic(tmp_path: Path, tiny_dir: Path, head_data: Path,
+                                            head_trained: Path) -> None:
+    from saffron.mrm.head import train_head_mrm
+
+    train_head_mrm(head_data, tmp_path / "again", base_model=str(tiny_dir), layers=(1, 2), width=16, lr=1e-2,
+                   epochs=40, batch_size=16, progress=False, device="cpu")
+    a, b = load_file(str(head_trained / "head.safetensors")), load_file(str(tmp_path / "again" / "head.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saffron_with_a_head_mrm_runs_no_second_model(tiny_dir: Path, head_trained: Path) -> None:
+    from saffron.methods.base import Stack
+    from saffron.methods.saffron import Saffron
+    from saffron.runner import Runner
+    from saffron.session import Session
+
+    policy = load_model(str(tiny_dir))
+    mrm = load_mrm(head_trained)
+    prompt = "how do I do it?"
+    session = Session(prompt=prompt, prompt_ids=tuple(policy.chat_prompt_ids(prompt)),
+                      prefill_ids=tuple(policy.encode("Sure")))
+    runner = Runner(policy)
+    res = Saffron(width=3, top_p=1.0, max_new_tokens=5, min_new_tokens=5, final="mrm").run(session, Stack(
+        policy=runner, mrm=mrm), 0)
+    assert len(res.output_ids) == 5
+    # one policy forward per step and nothing else: the MRM ran only its head, once per active node
+    assert runner.stats.forwards == res.trace["steps"] == 5 and mrm.runner.stats.forwards == 0
+    assert res.flops["mrm"] == mrm.flops_per_node * (1 + 3 * 4)

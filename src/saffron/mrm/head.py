@@ -276,7 +276,7 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(y))
     fit_seconds = time.perf_counter() - t1
 
