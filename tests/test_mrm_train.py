@@ -17,7 +17,7 @@ from saffron.errors import SaffronError
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.model import Model, load_model, load_model_copy
 from saffron.mrm import rewards as rewards_mod
-from saffron.mrm.model import DEFAULT_TEMPLATE, add_lora, load_mrm, tokenizer_fingerprint
+from saffron.mrm.model import DEFAULT_TEMPLATE, add_lora, inspect_mrm, load_mrm, tokenizer_fingerprint
 from saffron.mrm.rewards import (
     FORMAT,
     FORMAT_VERSION,
@@ -435,6 +435,9 @@ def test_head_mrm_fits_its_corpus_and_saves_what_it_learnt(tiny_dir: Path, head_
     assert set(torch.nonzero(~mrm.unseen).squeeze(-1).tolist()) == seen
     q = mrm.rewards(rows[0].prompt, [[]])
     assert bool((q[0, mrm.unseen] == mrm.manifest.penalty).all()) and bool(q[0, ~mrm.unseen].abs().lt(1e3).all())
+    info = inspect_mrm(head_trained)
+    assert info["kind"] == "head" and info["layers"] == [1, 2] and info["width"] == 16
+    assert info["unseen_tokens"] == int(mrm.unseen.sum()) and info["flops_per_node"] == mrm.flops_per_node
 
 
 def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Path, head_trained: Path) -> None:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -318,4 +319,28 @@ def save_head_mrm(path: Path, manifest: MrmManifest, net: HeadNet, unseen: torch
     atomic_write_json(path / MANIFEST, asdict(manifest))
 
 
-__all__ = ["HeadMrm", "HeadNet", "load_head_mrm", "policy_fingerprint", "train_head_mrm"]
+def inspect_head_mrm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
+    """``saffron mrm inspect`` for a head MRM: its shapes and manifest, from its files alone."""
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except FileNotFoundError:
+        raise SaffronError(f"head MRM file missing: {path / WEIGHTS}") from None
+    except Exception as e:
+        raise SaffronError(f"{path / WEIGHTS} is corrupted ({type(e).__name__})") from None
+    unseen = _load_tensor(path / "unseen_mask.pt")
+    return {
+        "path": str(path),
+        "kind": "head",
+        "base_model": manifest.base_model,
+        "layers": manifest.head.get("layers"),
+        "width": int(state["inner.weight"].shape[0]),
+        "features": int(state["mean"].shape[0]),
+        "parameters": sum(int(v.numel()) for k, v in state.items() if k not in ("mean", "std")),
+        "vocab_size": int(unseen.shape[0]),
+        "unseen_tokens": int(unseen.bool().sum()),
+        "flops_per_node": manifest.head.get("flops_per_node"),
+        "manifest": asdict(manifest),
+    }
+
+
+__all__ = ["HeadMrm", "HeadNet", "inspect_head_mrm", "load_head_mrm", "policy_fingerprint", "train_head_mrm"]

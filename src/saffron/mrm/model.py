@@ -233,8 +233,12 @@ def inspect_mrm(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
-    cfg = adapter_config(path)
     manifest = read_manifest(path)
+    if manifest is not None and manifest.kind == "head":
+        from saffron.mrm.head import inspect_head_mrm
+
+        return inspect_head_mrm(path, manifest)
+    cfg = adapter_config(path)
     try:
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
             keys = list(f.keys())
