@@ -27,7 +27,7 @@ demo: setup
 	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep \
 		--methods none,best-of-n,rebase,deal-mcts,saffron \
 		--method-budgets best-of-n=32 --method-budgets rebase=3 --method-budgets deal-mcts=5 \
-		--method-budgets saffron=29
+		--method-budgets saffron=44
 
 test: setup
 	$(VENV)/bin/ruff check src tests
