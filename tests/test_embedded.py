@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from saffron.data import guard_labelled, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
@@ -49,16 +50,23 @@ def test_shipped_guard_ranks_heldout_unsafe_below_safe() -> None:
 
 
 @embedded
-def test_shipped_mrm_defends_on_the_embedded_stack(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", ["smol-mrm-head", "smol-mrm"])
+def test_shipped_mrm_defends_on_the_embedded_stack(tmp_path: Path, spec: str) -> None:
     from saffron.mrm import load_mrm_spec
 
-    mrm = load_mrm_spec("smol-mrm")
+    mrm = load_mrm_spec(spec)
     assert mrm.manifest.base_model == EMBEDDED_POLICY and mrm.manifest.reward_model is not None
     assert 0 < int(mrm.unseen.sum()) < mrm.unseen.numel()
     # top_p=1: every step offers more than one child, so two outputs survive and the rerank calls the reward model
-    cfg = EvalConfig(method="saffron", method_options={"width": 2, "max_new_tokens": 4, "min_new_tokens": 2,
-                                                       "top_p": 1.0})
+    cfg = EvalConfig(method="saffron", mrm=spec, method_options={"width": 2, "max_new_tokens": 4,
+                                                                 "min_new_tokens": 2, "top_p": 1.0})
     m = run_eval(cfg, tmp_path / "s", limit=1, progress=False)
     rec = json.loads((tmp_path / "s" / "records.jsonl").read_text())
     assert m["n"] == 1 and 0 < rec["new_tokens"] <= 4
     assert rec["flops"]["mrm"] > 0 and rec["flops"]["reward"] > 0 and rec["flops"]["policy"] > 0
+    # the head MRM reads the policy's states, so it costs a small fraction of the policy; the LoRA MRM runs a
+    # second 135M model over the same nodes
+    if spec == "smol-mrm-head":
+        assert rec["flops"]["mrm"] < rec["flops"]["policy"] / 10
+    else:
+        assert rec["flops"]["mrm"] > rec["flops"]["policy"] / 4
