@@ -13,6 +13,10 @@ one-reward-call-per-child cost of Rebase/DeAL. Step by step, as the authors' cod
         child.reward = q if token is EOS else parent.reward
         beam = finished + children, stable-sorted by reward, cut to ``width``
 
+The MRM call costs a second model's forward per active node with the paper's LoRA MRM, and only a small head
+with a head MRM (``mrm/head.py``, the default), which reads the policy's hidden states from the step's own
+policy forward (``policy_step``).
+
 Unseen tokens are not removed, only ranked below every seen candidate (-1024): they fill the top ``width``
 only when too few seen candidates exist, which is how EOS (unseen in the released mask) ever gets chosen. Ties
 go to the earlier node, then the lower token id. Several EOS ids in one nucleus count as one candidate.
