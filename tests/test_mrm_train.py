@@ -455,6 +455,7 @@ def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Pat
     given = mrm.rewards(prompt, outs, policy_hidden=out.hidden)
     assert torch.allclose(given, alone, atol=1e-5)
     assert mrm.runner.flops == before_runner and mrm.flops - before == 3 * mrm.flops_per_node
+    assert mrm.rewards(prompt, []).shape == (0, policy.vocab_size)
     with pytest.raises(SaffronError, match="expected hidden states"):
         mrm.rewards(prompt, outs, policy_hidden=out.hidden[:, :1])
 

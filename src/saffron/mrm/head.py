@@ -146,6 +146,8 @@ class HeadMrm(Mrm):
                 raw: bool = False) -> torch.Tensor:
         """With ``policy_hidden`` ([B, len(policy_layers), d], the policy runner's states after ``chat(prompt) +
         prefill + response``) nothing is run; without, the policy reads ``chat(prompt) + response`` here."""
+        if not responses:
+            return torch.empty((0, self.model.vocab_size), device=self.model.device)
         if policy_hidden is None:
             ctx = self.model.chat_prompt_ids(prompt)
             policy_hidden = self.runner.forward([ctx + list(r) for r in responses], logits=False,
