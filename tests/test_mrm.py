@@ -70,6 +70,22 @@ def test_cli_inspect_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["base_model"] == "meta-llama/Llama-Guard-3-1B" and info["unseen_tokens"] == 92013
 
 
+def test_cli_inspects_the_embedded_mrms_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from saffron.cli import main
+
+    main(["mrm", "inspect", "smol-mrm-head", "--json"])
+    head = json.loads(capsys.readouterr().out)
+    main(["mrm", "inspect", "smol-mrm", "--json"])
+    lora = json.loads(capsys.readouterr().out)
+    assert head["kind"] == "head" and head["layers"] == [10, 14, 18, 22, 26, 30] and head["flops_per_node"] > 0
+    assert lora["lora_r"] == 4 and lora["base_model"] == head["base_model"] == "smollm2-135m-instruct"
+    with pytest.raises(SystemExit) as e:
+        main(["mrm", "inspect", "no-such-mrm"])
+    assert e.value.code != 0 and "neither an embedded MRM" in capsys.readouterr().err
+
+
 def test_inspect_refuses_a_corrupted_adapter(tmp_path: Path) -> None:
     from saffron.errors import SaffronError
 

@@ -451,13 +451,15 @@ def bench_serve_cmd(
 
 @mrm_app.command("inspect")
 def mrm_inspect_cmd(
-    path: Path = typer.Argument(..., help="An MRM folder (adapter_config.json, adapter_model.safetensors, ...)."),
+    path: str = typer.Argument(..., help="An MRM folder, or an embedded MRM: smol-mrm-head, smol-mrm."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """What an MRM folder holds: base model, LoRA shape, vocabulary, masked tokens. Reads files only."""
+    """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
+    from saffron.mrm import EMBEDDED, check_mrm_spec
     from saffron.mrm.model import inspect_mrm
 
-    _emit(inspect_mrm(path), as_json)
+    check_mrm_spec(path)
+    _emit(inspect_mrm(EMBEDDED[path][0] if path in EMBEDDED else Path(path)), as_json)
 
 
 def _fail(msg: str, code: int) -> None:

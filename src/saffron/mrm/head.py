@@ -75,6 +75,12 @@ def policy_fingerprint(model: Model) -> str:
     return h.hexdigest()
 
 
+def head_flops(n_features: int, width: int, d_model: int, n_scored: int) -> int:
+    """One node's FLOPs: inner layer, value, token projection and the scored tokens' dot products (the
+    additions and the GELU are negligible)."""
+    return 2 * (n_features * width + width + width * d_model + n_scored * d_model)
+
+
 class HeadNet(torch.nn.Module):
     """``f -> q`` as in the module docstring; ``emb`` holds the normalised output embedding (not trained)."""
 
@@ -122,10 +128,8 @@ class HeadMrm(Mrm):
         self.policy_layers = tuple(int(x) for x in manifest.head["layers"])
         self.runner = Runner(policy)  # only for calls without the policy's states (benchmarks)
         self.head_flops = 0
-        n_features, width = net.inner.in_features, net.inner.out_features
-        d = net.token.out_features
-        # per node: inner layer, value, token projection, the seen tokens' scores (adds and gelu neglected)
-        self.flops_per_node = 2 * (n_features * width + width + width * d + len(self.seen) * d)
+        self.flops_per_node = head_flops(net.inner.in_features, net.inner.out_features, net.token.out_features,
+                                         len(self.seen))
 
     @property
     def flops(self) -> int:
@@ -290,8 +294,7 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
         base_model=base_model, tokenizer_sha256=fingerprint, reward_model=data_manifest.get("reward_model"),
         penalty=penalty, lora_r=0, lora_alpha=0, target_modules=[], kind="head",
         head={"layers": list(layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
-              "flops_per_node": 2 * (x.shape[1] * width + width + width * net.token.out_features
-                                     + int(seen.sum()) * net.token.out_features)},
+              "flops_per_node": head_flops(x.shape[1], width, net.token.out_features, int(seen.sum()))},
         corpus={"data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
                 "tokens": sum(len(r.response_ids) for r in rows), "supervised_pairs": len(y),
                 "max_tokens": data_cfg.get("max_tokens"), "seen_tokens": int(seen.sum()),
