@@ -55,7 +55,7 @@ from saffron.mrm.model import (
     read_manifest,
     tokenizer_fingerprint,
 )
-from saffron.mrm.rewards import RewardRow, read_rewards
+from saffron.mrm.rewards import RewardRow
 from saffron.runner import Runner
 from saffron.store import atomic_write, atomic_write_json
 
@@ -216,7 +216,7 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     reward, and on a complete row the state after the whole response predicts every EOS id with the final
     reward. Reading the rows' policy states takes about two minutes on 2 CPU cores and fitting well under one,
     so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
-    from saffron.mrm.train import check_training_rows
+    from saffron.mrm.train import training_data
 
     t_start = time.time()
     data_dir, out = Path(data_dir), Path(out)
@@ -225,14 +225,9 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
             raise SaffronError(f"{name} must be >= 1, got {v}")
     if not lr > 0 or not weight_decay >= 0:
         raise SaffronError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
-    data_manifest, rows = read_rewards(data_dir)
-    check_training_rows(data_dir, data_manifest, rows)
+    policy, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
+                                                             lambda: load_model(base_model, device))
     data_cfg = data_manifest.get("config", {})
-    policy = load_model(base_model, device)
-    fingerprint = tokenizer_fingerprint(policy.tokenizer)
-    if data_cfg.get("policy_tokenizer_sha256") != fingerprint:
-        raise SaffronError(f"{data_dir} was tokenised for {data_cfg.get('policy')}, whose tokenizer differs from "
-                           f"{base_model}'s; rebuild the rewards with `--policy {base_model}`")
     runner = Runner(policy)
     layers = tuple(int(x) for x in layers)
     top = runner.arch.n_layers

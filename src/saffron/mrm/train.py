@@ -33,7 +33,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,27 @@ def check_training_rows(data_dir: Path, manifest: dict[str, Any], rows: Sequence
     for r in rows:
         if is_heldout(r.prompt):
             raise SaffronError(f"{data_dir}: row {r.id} has a held-out evaluation prompt; refusing to train on it")
+
+
+def training_data(data_dir: Path, base_model: str, load: Callable[[], Model]
+                  ) -> tuple[Model, dict[str, Any], list[RewardRow], str]:
+    """Check the reward rows in ``data_dir`` (before ``load`` loads the model, so bad data fails fast), then
+    that the loaded model can train on them: the same tokenizer, every token id in its vocabulary. Returns the
+    model, the folder's manifest, the rows and the tokenizer fingerprint."""
+    data_manifest, rows = read_rewards(data_dir)
+    check_training_rows(data_dir, data_manifest, rows)
+    model = load()
+    fingerprint = tokenizer_fingerprint(model.tokenizer)
+    cfg = data_manifest.get("config", {})
+    if cfg.get("policy_tokenizer_sha256") != fingerprint:
+        raise SaffronError(f"{data_dir} was tokenised for {cfg.get('policy')}, whose tokenizer differs from "
+                           f"{base_model}'s: an MRM must share the policy's tokenizer; rebuild the rewards with "
+                           f"`--policy {base_model}` or train on the matching base")
+    top = max(max(r_.prompt_ids + r_.response_ids) for r_ in rows)
+    if top >= model.vocab_size:
+        raise SaffronError(f"{data_dir} holds token id {top}, outside {base_model}'s vocabulary of "
+                           f"{model.vocab_size}")
+    return model, data_manifest, rows, fingerprint
 
 
 def supervision(rows: Sequence[RewardRow], eos_ids: Sequence[int], eos: bool
@@ -217,20 +238,9 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         raise SaffronError(f"max_steps must be >= 1, got {max_steps}")
     if not list(targets):
         raise SaffronError("no LoRA target modules")
-    data_manifest, rows = read_rewards(data_dir)
-    check_training_rows(data_dir, data_manifest, rows)
+    model, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
+                                                            lambda: load_model_copy(base_model, device))
     data_cfg = data_manifest.get("config", {})
-
-    model = load_model_copy(base_model, device)
-    fingerprint = tokenizer_fingerprint(model.tokenizer)
-    if data_cfg.get("policy_tokenizer_sha256") != fingerprint:
-        raise SaffronError(f"{data_dir} was tokenised for {data_cfg.get('policy')}, whose tokenizer differs from "
-                           f"{base_model}'s: an MRM must share the policy's tokenizer; rebuild the rewards with "
-                           f"`--policy {base_model}` or train on the matching base")
-    top = max(max(r_.prompt_ids + r_.response_ids) for r_ in rows)
-    if top >= model.vocab_size:
-        raise SaffronError(f"{data_dir} holds token id {top}, outside {base_model}'s vocabulary of "
-                           f"{model.vocab_size}")
     eos_ids = sorted(model.eos_ids)
     if eos and not eos_ids:
         raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
