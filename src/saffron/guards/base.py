@@ -57,6 +57,10 @@ class RewardModel(ABC):
         """FLOPs spent once on the kept fixed prefix (0 for a guard that keeps none)."""
         return self.runner.stats.setup_flops
 
+    def reset(self) -> None:
+        """Forget per-prompt cache state (the kept fixed prefix stays); called before each prompt is judged."""
+        self.runner.reset()
+
     def fixed_prefix(self) -> list[int]:
         """The tokens every guard sequence starts with, whatever the prompt and response: the longest common
         prefix of the sequences of very different prompts, so it never includes a token the prompt could merge

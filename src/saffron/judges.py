@@ -1,0 +1,55 @@
+"""Judges: what decides whether a defended output is unsafe, for reporting ASR.
+
+A judge scores (prompt, response) pairs: reward > 0 safe, < 0 unsafe, like a reward model. Every guard
+(``guards/``) is also a judge; the judges that are *not* search-time rewards live here too, so that ASR can be
+reported under judges the search never optimised (a judge that the search optimises is not evidence).
+
+``--judge A,B,...`` names several; ``parse_judges`` checks the list before any model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from saffron.errors import SaffronError
+from saffron.guards.base import check_guard_spec, load_guard
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that scores responses for ASR: > 0 safe, < 0 unsafe."""
+
+    name: str
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]: ...
+
+    @property
+    def flops(self) -> int: ...
+
+    @property
+    def setup_flops(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+
+def check_judge_spec(spec: str) -> None:
+    """Raise a one-line error for a judge name that does not exist (loads nothing)."""
+    check_guard_spec(spec)
+
+
+def load_judge(spec: str) -> Judge:
+    return load_guard(spec)
+
+
+def parse_judges(text: str) -> tuple[str, ...]:
+    """``"smol-guard,refusal-rules"`` -> the judge specs, checked: none empty, no duplicates, all known."""
+    specs = tuple(s.strip() for s in text.split(","))
+    if not text.strip() or any(not s for s in specs):
+        raise SaffronError(f"--judge expects comma-separated judge names, got '{text}'")
+    dup = sorted({s for s in specs if specs.count(s) > 1})
+    if dup:
+        raise SaffronError(f"--judge names '{dup[0]}' twice")
+    for s in specs:
+        check_judge_spec(s)
+    return specs
