@@ -14,8 +14,9 @@ are not pinned (by the caller, or by being on a path of the batch being served) 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 from saffron.errors import SaffronError
 
@@ -37,6 +38,19 @@ class Node:
     @property
     def start(self) -> int:
         return self.depth - len(self.tokens)
+
+
+# Steps of a plan's undo journal (``RadixTrie.plan``).
+def _attach(parent: Node, child: Node) -> None:
+    parent.children[child.tokens[0]] = child
+
+
+def _detach(parent: Node, child: Node) -> None:
+    del parent.children[child.tokens[0]]
+
+
+def _set_last_used(node: Node, clock: int) -> None:
+    node.last_used = clock
 
 
 @dataclass
@@ -87,12 +101,17 @@ class Plan:
 
 
 class SlotAllocator:
-    """Hands out pool slots, lowest free first, so the live slots stay packed at the bottom of the pool."""
+    """Hands out pool slots, lowest free first, so the live slots stay packed at the bottom of the pool.
+
+    Between ``begin`` and ``commit`` it journals what it hands out and takes back, so ``rollback`` can restore
+    the free set and the high-water mark without copying the free list up front (it can be as long as the pool,
+    and almost every batch commits)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._free: list[int] = []
         self.high_water = 0  # slots [0, high_water) have been handed out at some time
+        self._journal: tuple[int, list[int], list[int]] | None = None  # (high water, taken, given) since begin
 
     @property
     def available(self) -> int:
@@ -103,11 +122,34 @@ class SlotAllocator:
         fresh = n - len(out)
         out.extend(range(self.high_water, self.high_water + fresh))
         self.high_water += fresh
+        if self._journal is not None:
+            self._journal[1].extend(out)
         return out
 
     def give(self, slots: Sequence[int]) -> None:
         for s in slots:
             heapq.heappush(self._free, s)
+        if self._journal is not None:
+            self._journal[2].extend(slots)
+
+    def begin(self) -> None:
+        self._journal = (self.high_water, [], [])
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo every take and give since ``begin``. A slot given back (evicted) was live before, whether or not
+        it was taken again since; a slot taken was free before if it lay below the old high-water mark, and
+        never handed out otherwise."""
+        assert self._journal is not None
+        high_water, taken, given = self._journal
+        self._journal = None
+        was_live = set(given)
+        free = [s for s in self._free if s not in was_live]
+        free.extend(s for s in taken if s < high_water and s not in was_live)
+        heapq.heapify(free)
+        self._free, self.high_water = free, high_water
 
 
 class RadixTrie:
@@ -119,6 +161,8 @@ class RadixTrie:
         self.stats = TrieStats()
         self._clock = 0
         self._in_use: set[int] = set()  # ids of nodes on the paths of the batch being planned
+        # While a batch is planned: how to undo each change to the tree, in the order made (None otherwise).
+        self._undo: list[Callable[[], None]] | None = None
 
     # -- lookup -----------------------------------------------------------------------------------------------
 
@@ -153,7 +197,17 @@ class RadixTrie:
         node.parent.children[upper.tokens[0]] = upper
         node.tokens, node.slots, node.parent = node.tokens[k:], node.slots[k:], upper
         upper.children[node.tokens[0]] = node
+        if self._undo is not None:
+            self._undo.append(partial(self._unsplit, upper, node))
         return upper
+
+    @staticmethod
+    def _unsplit(upper: Node, node: Node) -> None:
+        """Undo ``_split``: ``node`` takes back ``upper``'s tokens and place. Rolled back in reverse order, so
+        whatever was hung under ``upper`` after the split is gone again and ``node`` is its only child."""
+        assert upper.parent is not None and list(upper.children.values()) == [node]
+        node.tokens, node.slots, node.parent = upper.tokens + node.tokens, upper.slots + node.slots, upper.parent
+        upper.parent.children[node.tokens[0]] = node
 
     def _path(self, node: Node) -> list[Node]:
         out = []
@@ -222,6 +276,8 @@ class RadixTrie:
             parent = victim.parent
             assert parent is not None
             del parent.children[victim.tokens[0]]
+            if self._undo is not None:
+                self._undo.append(partial(_attach, parent, victim))
             self.alloc.give(victim.slots)
             self.stats.evicted_tokens += len(victim.slots)
             self.stats.stored_tokens -= len(victim.slots)
@@ -252,7 +308,16 @@ class RadixTrie:
 
         Side effects: new nodes and slots (the caller must fill those slots' keys/values before anything reads
         them), node splits, LRU clock updates, possibly evictions of older unpinned leaves.
+
+        Transactional: if the batch is refused (the budget cannot hold it, an empty sequence) the trie is left
+        exactly as before the call. Whether the budget suffices is only known while planning (each sequence's
+        evictions change what the next one finds cached), so every change is journaled and undone on failure
+        rather than checked up front; otherwise the sequences planned before the failure would keep slots whose
+        keys/values no forward ever wrote, and a later call would read them as cached.
         """
+        clock, stats = self._clock, replace(self.stats)
+        self._undo = []
+        self.alloc.begin()
         self._clock += 1
         plan = Plan()
         try:
@@ -260,7 +325,17 @@ class RadixTrie:
                 if not seq:
                     raise SaffronError("empty token sequence")
                 self._plan_one(list(seq), plan)
+        except BaseException:
+            for undo in reversed(self._undo):
+                undo()
+            self.alloc.rollback()
+            self._clock = clock
+            for f in fields(TrieStats):  # in place: the runner's stats hold this very object
+                setattr(self.stats, f.name, getattr(stats, f.name))
+            raise
         finally:
+            self._undo = None
+            self.alloc.commit()  # a no-op after rollback
             self._in_use.clear()
         self.stats.peak_stored_tokens = max(self.stats.peak_stored_tokens, self.stats.stored_tokens)
         return plan
@@ -270,8 +345,11 @@ class RadixTrie:
         if node.parent is not None and 0 < k < len(node.tokens):
             node = self._split(node, k)
         hit = len(slots)
+        undo = self._undo
         for n in self._path(node):  # keep this path alive while the rest of the batch is planned
             self._in_use.add(id(n))
+            if undo is not None and n.last_used != self._clock:
+                undo.append(partial(_set_last_used, n, n.last_used))
             n.last_used = self._clock
         new = seq[hit:]
         if new:
@@ -279,6 +357,8 @@ class RadixTrie:
             fresh = self.alloc.take(len(new))
             leaf = Node(tokens=new, slots=fresh, parent=node, depth=node.depth + len(new), last_used=self._clock)
             node.children[new[0]] = leaf
+            if undo is not None:
+                undo.append(partial(_detach, node, leaf))
             self._in_use.add(id(leaf))
             self.stats.stored_tokens += len(new)
             self.stats.miss_tokens += len(new)
