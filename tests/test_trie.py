@@ -83,3 +83,44 @@ def test_kept_prefix_survives_clear_with_its_slots_and_is_never_evicted() -> Non
     assert t.stats.evicted_tokens > 0
     with pytest.raises(SaffronError, match="cannot hold this batch"):
         t.plan([[40, 41, 42, 43, 44, 45]])  # 6 > 8 - 3 kept slots
+
+
+# One trie of 8 slots through a scripted life: what each step returns (a plan's new slots per chain, keep's length,
+# or the error) and the sizes after it. Slot ids are exact: lowest free first, LRU leaves evicted first.
+SCRIPT: list[tuple[str, object, object, int, int, int]] = [
+    # op,      argument,                            result,                stored, evicted, available
+    ("plan", [[1, 2, 3]], [[0, 1, 2]], 3, 0, 5),
+    ("plan", [[1, 2, 4], [1, 2, 3, 5]], [[3], [4]], 5, 0, 3),  # [1, 2, 3] split after [1, 2]
+    ("keep", [1, 2], 2, 5, 0, 3),
+    ("plan", [[6, 7, 8]], [[5, 6, 7]], 8, 0, 0),
+    ("plan", [[1, 2, 4, 9]], [[4]], 8, 1, 0),  # evicts the LRU leaf [5]; [4] is on the batch's own path
+    ("plan", [[10, 11, 12, 13]], [[2, 5, 6, 7]], 8, 5, 0),  # evicts [3] (now a leaf), then [6, 7, 8]
+    ("plan", [[1, 2, 20], [30, 31, 32, 33, 34, 35, 36]], "cannot hold", 8, 5, 0),  # rolled back: [9] survives
+    ("cached", [1, 2, 4, 9], 4, 8, 5, 0),
+    ("plan", [[1, 2, 4, 9]], [[4]], 8, 5, 0),  # fully cached: its last token runs again in its own slot
+    ("clear", None, None, 2, 5, 6),  # only the kept [1, 2] (slots 0-1) is left
+    ("plan", [[1, 2, 3], [40]], [[2], [3]], 4, 5, 4),
+    ("plan", [[50, 51, 52, 53, 54, 55, 56]], "cannot hold", 4, 5, 4),  # 7 > 8 - 2 kept, even evicting all
+    ("plan", [[50, 51, 52, 53, 54, 55]], [[2, 3, 4, 5, 6, 7]], 8, 7, 0),  # evicts [3] and [40], not [1, 2]
+]
+
+
+def test_sizes_after_each_step() -> None:
+    t = RadixTrie(capacity=8)
+    for step, (op, arg, want, stored, evicted, available) in enumerate(SCRIPT):
+        got: object
+        if op == "plan":
+            try:
+                got = [c.new for c in t.plan(arg).chains]  # type: ignore[arg-type]
+            except SaffronError as e:
+                got = "cannot hold" if "cannot hold this batch" in str(e) else str(e)
+        elif op == "keep":
+            got = t.keep(arg)  # type: ignore[arg-type]
+        elif op == "cached":
+            got = t.cached_length(arg)  # type: ignore[arg-type]
+        else:
+            got = t.clear()
+        assert got == want, f"step {step}: {op} {arg}"
+        sizes = (t.stats.stored_tokens, t.stats.evicted_tokens, t.alloc.available)
+        assert sizes == (stored, evicted, available), f"step {step}: {op} {arg}"
+    assert t.stats.peak_stored_tokens <= 8
