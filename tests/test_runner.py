@@ -208,3 +208,46 @@ def test_a_runner_without_a_cache_keeps_nothing(tiny) -> None:  # type: ignore[n
     assert r.stats.setup_flops == 0 and r.stats.computed_tokens == 0
     r.forward([[5, 6, 7, 8]])
     assert r.flops == straight_flops(r.arch, 4, 0, 1)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_batches_under_eviction_pressure_match_a_large_cache_and_survive_a_refused_batch(tiny) -> None:  # type: ignore[no-untyped-def]
+    big = Runner(tiny)  # 4 GiB of cache: never evicts
+    r = Runner(tiny, budget_bytes=30 * big.pool.bytes_per_token)
+    g = torch.Generator().manual_seed(4)
+
+    def fresh(n: int) -> list[int]:
+        return torch.randint(0, 50, (n,), generator=g).tolist()
+
+    def same_as_big(seqs: list[list[int]]) -> None:
+        got, want = r.forward(seqs).logits, big.forward(seqs).logits
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        assert r.stats.trie.stored_tokens <= 30
+
+    # Batches sharing stems across calls, ~20 new tokens each against 30 slots: every call evicts some of what
+    # the previous ones cached, and later calls reuse what survived.
+    stems = [fresh(8) for _ in range(3)]
+    for i in range(6):
+        same_as_big([stems[i % 3] + fresh(4), stems[i % 3] + fresh(3), stems[(i + 1) % 3] + fresh(5)])
+    assert r.stats.trie.evicted_tokens > 0 and r.stats.reused_tokens > 0
+
+    # A batch that needs every slot: all older branches go, none of the batch's own (``_in_use``).
+    x, y, z = fresh(10), fresh(10), fresh(10)
+    same_as_big([x, y, z])
+    assert all(r.trie.cached_length(s) == 10 for s in (x, y, z))
+
+    # Refused: planning ``a`` evicts y and takes its slots, ``b`` evicts z, then ``c`` finds nothing left to evict
+    # (x, a and b are the batch's own). The refusal must leave the cache as it was, not ``a`` cached with
+    # y's stale keys in its slots.
+    a, b, c = x + fresh(5), fresh(12), fresh(12)
+    before = (r.stats.trie.stored_tokens, r.stats.trie.evicted_tokens, r.trie.alloc.high_water,
+              r.stats.computed_tokens, [r.trie.cached_length(s) for s in (x, y, z, a)])
+    with pytest.raises(SaffronError, match="cannot hold this batch"):
+        r.forward([a, b, c])
+    after = (r.stats.trie.stored_tokens, r.stats.trie.evicted_tokens, r.trie.alloc.high_water,
+             r.stats.computed_tokens, [r.trie.cached_length(s) for s in (x, y, z, a)])
+    assert after == before
+    same_as_big([a])  # computes a's 5 new tokens over x's cached keys
+    same_as_big([y, a + [1]])  # y was evicted for a: recomputed beside it
+    same_as_big([b, c])
