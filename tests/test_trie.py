@@ -52,6 +52,15 @@ def test_lru_leaves_are_evicted_first_and_pins_protect() -> None:
     assert t.cached_length([1, 2, 4]) == 2  # unpinned and now the oldest
 
 
+def test_eviction_ties_go_to_the_lowest_slot_not_to_memory_addresses() -> None:
+    for _ in range(20):  # with an ``id`` tie-break the victim changed from one allocation pattern to another
+        t = RadixTrie(capacity=6)
+        t.plan([[7, 8], [1, 2], [3, 4]])  # one batch: equal LRU clock and depth; slots 0-1, 2-3, 4-5
+        p = t.plan([[5, 6]])
+        assert p.chains[0].new == [0, 1] and t.cached_length([7, 8]) == 0
+        assert t.cached_length([1, 2]) == 2 and t.cached_length([3, 4]) == 2
+
+
 def test_batch_larger_than_budget_is_refused() -> None:
     t = RadixTrie(capacity=4)
     with pytest.raises(SaffronError, match="cannot hold this batch"):

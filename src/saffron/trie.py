@@ -262,10 +262,12 @@ class RadixTrie:
         """Free slots until ``need`` are available, least-recently-used unpinned leaves first.
 
         One heap over the evictable leaves per call (a parent joins it when its last child goes), so freeing
-        many slots costs O(leaves log leaves), not a tree walk per victim."""
+        many slots costs O(leaves log leaves), not a tree walk per victim. Ties (leaves of one batch at one depth)
+        go to the lowest first slot, which is unique among live nodes: ordering by ``id`` made the victim, hence
+        later hits, FLOPs and the pool's high-water mark, depend on memory addresses."""
         if self.alloc.available >= need:
             return
-        heap = [(n.last_used, n.depth, id(n), n) for n in self._evictable()]
+        heap = [(n.last_used, n.depth, n.slots[0], n) for n in self._evictable()]
         heapq.heapify(heap)
         while self.alloc.available < need:
             if not heap:
@@ -282,7 +284,7 @@ class RadixTrie:
             self.stats.evicted_tokens += len(victim.slots)
             self.stats.stored_tokens -= len(victim.slots)
             if self._can_evict(parent):
-                heapq.heappush(heap, (parent.last_used, parent.depth, id(parent), parent))
+                heapq.heappush(heap, (parent.last_used, parent.depth, parent.slots[0], parent))
 
     def clear(self) -> None:
         """Forget every cached prefix but the kept ones (between prompts, so memory stays bounded by one prompt's
