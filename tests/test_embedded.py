@@ -28,7 +28,7 @@ def test_prefilling_attack_eval_on_heldout_pairs(tmp_path: Path) -> None:
     cfg = EvalConfig(method_options={"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0})
     m = run_eval(cfg, tmp_path / "run", limit=2, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
-    heldout = pyrit_harmful("heldout")[:2]
+    heldout = pyrit_harmful("test")[:2]
     assert [r["id"] for r in recs] == [e.id for e in heldout]
     pol = load_model(EMBEDDED_POLICY)
     for r, e in zip(recs, heldout, strict=True):
@@ -40,7 +40,7 @@ def test_prefilling_attack_eval_on_heldout_pairs(tmp_path: Path) -> None:
 
 @embedded
 def test_shipped_guard_ranks_heldout_unsafe_below_safe() -> None:
-    rows = guard_labelled("heldout")
+    rows = guard_labelled("test")
     safe = [r for r in rows if not r.unsafe][:6]
     unsafe = [r for r in rows if r.unsafe][:6]
     guard = load_guard("smol-guard")

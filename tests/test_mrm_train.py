@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saffron.data import is_heldout
+from saffron.data import split_of
 from saffron.errors import SaffronError
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.model import Model, load_model, load_model_copy
@@ -59,19 +59,19 @@ class CountingGuard(LogitPairGuard):
         return out * float("nan") if self.nan else out
 
 
-def _prompts(n: int, heldout: bool, tag: str = "q") -> list[str]:
+def _prompts(n: int, split: str, tag: str = "q") -> list[str]:
     out, k = [], 0
     while len(out) < n:
         p = f"{tag} {k}: how do I do the thing?"
-        if is_heldout(p) == heldout:
+        if split_of(p) == split:
             out.append(p)
         k += 1
     return out
 
 
-def _write_corpus(path: Path, prompts: list[str], heldout_prompts: list[str] = ()) -> Path:  # type: ignore[assignment]
+def _write_corpus(path: Path, prompts: list[str], eval_prompts: list[str] = ()) -> Path:  # type: ignore[assignment]
     lines = []
-    for i, p in enumerate([*prompts, *heldout_prompts]):
+    for i, p in enumerate([*prompts, *eval_prompts]):
         resp = f"Answer {i}: " + "step, " * (i % 3 + 1) + "done."
         lines.append(json.dumps({"id": f"r{i}", "prompt": p, "response": resp}))
     path.write_text("\n".join(lines) + "\n")
@@ -80,7 +80,7 @@ def _write_corpus(path: Path, prompts: list[str], heldout_prompts: list[str] = (
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", _prompts(6, heldout=False))
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", _prompts(6, split="train"))
 
 
 @pytest.fixture(scope="module")
@@ -168,30 +168,33 @@ def test_a_folder_built_otherwise_is_refused(built: Path, tiny_dir: Path, corpus
                       progress=False)
 
 
-def test_heldout_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    train, held = _prompts(2, heldout=False, tag="h"), _prompts(3, heldout=True, tag="h")
+def test_eval_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, held = _prompts(2, split="train", tag="h"), _prompts(3, split="test", tag="h")
     path = _write_corpus(tmp_path / "mixed.jsonl", train, held)
     kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 8, "progress": False}
     m = build_rewards(tmp_path / "a", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
     _, rows = read_rewards(tmp_path / "a")
-    assert m["heldout_filtered"] == 3 and sorted(r.prompt for r in rows) == sorted(train)
-    assert not any(is_heldout(r.prompt) for r in rows)
-    with pytest.raises(SaffronError, match="held-out evaluation split"):
+    assert m["eval_filtered"] == 3 and sorted(r.prompt for r in rows) == sorted(train)
+    assert all(split_of(r.prompt) == "train" for r in rows)
+    for split in ("dev", "test"):
+        with pytest.raises(SaffronError, match="evaluation split"):
+            build_rewards(tmp_path / "b", corpus=f"pyrit-harmful:{split}", **kw)  # type: ignore[arg-type]
+    with pytest.raises(SaffronError, match="unknown split 'heldout'"):
         build_rewards(tmp_path / "b", corpus="pyrit-harmful:heldout", **kw)  # type: ignore[arg-type]
     # if the filter ever let one through, the write-time check still refuses it
-    monkeypatch.setattr(rewards_mod, "admit_prompt", lambda prompt, allow_heldout: True)
-    with pytest.raises(SaffronError, match="held-out evaluation prompt in corpus row"):
+    monkeypatch.setattr(rewards_mod, "admit_prompt", lambda prompt, allow_eval: True)
+    with pytest.raises(SaffronError, match="test-split prompt in corpus row"):
         build_rewards(tmp_path / "c", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
-    assert not any(is_heldout(r.prompt) for r in read_rewards(tmp_path / "c")[1])  # rows before it were kept
+    assert all(split_of(r.prompt) == "train" for r in read_rewards(tmp_path / "c")[1])  # rows before it were kept
 
 
 def test_unusable_corpora_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
     kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "progress": False}
-    only_heldout = _write_corpus(tmp_path / "h.jsonl", [], _prompts(2, heldout=True))
-    with pytest.raises(SaffronError, match=r"no usable rows.*held-out"):
+    only_heldout = _write_corpus(tmp_path / "h.jsonl", [], _prompts(2, split="test"))
+    with pytest.raises(SaffronError, match=r"no usable rows.*dev/test prompts filtered"):
         build_rewards(tmp_path / "a", corpus=f"jsonl:{only_heldout}", **kw)  # type: ignore[arg-type]
     no_resp = tmp_path / "n.jsonl"
-    no_resp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(2, heldout=False)))
+    no_resp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(2, split="train")))
     with pytest.raises(SaffronError, match=r"no usable rows.*without a response"):
         build_rewards(tmp_path / "b", corpus=f"jsonl:{no_resp}", **kw)  # type: ignore[arg-type]
     with pytest.raises(SaffronError, match="empty source"):
@@ -207,7 +210,7 @@ def test_non_finite_rewards_name_the_row(tmp_path: Path, tiny_dir: Path, corpus:
 
 
 def test_policy_samples_are_deterministic_continuations(tmp_path: Path, tiny_dir: Path) -> None:
-    path = _write_corpus(tmp_path / "p.jsonl", _prompts(2, heldout=False, tag="p"))
+    path = _write_corpus(tmp_path / "p.jsonl", _prompts(2, split="train", tag="p"))
     kw = {"corpus": f"policy:jsonl:{path}", "reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 12,
           "policy_max_new_tokens": 6, "prefill_tokens": 3, "progress": False}
     build_rewards(tmp_path / "a", **kw)  # type: ignore[arg-type]
@@ -282,7 +285,7 @@ def test_mean_bias_init_removes_the_frozen_heads_offset(tmp_path: Path, tiny_dir
 def _hand_made(path: Path, model: Model, rows: list[RewardRow], **cfg: object) -> Path:
     path.mkdir(parents=True)
     config = {"policy": model.name, "policy_tokenizer_sha256": tokenizer_fingerprint(model.tokenizer),
-              "template": DEFAULT_TEMPLATE, "max_tokens": 8, "allow_heldout": False, **cfg}
+              "template": DEFAULT_TEMPLATE, "max_tokens": 8, "allow_eval": False, **cfg}
     (path / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "config": config, "reward_model": "hand"}))
     if rows:
@@ -301,7 +304,7 @@ def _row(model: Model, i: int, prompt: str, ids: list[int], complete: bool, rewa
 @pytest.mark.parametrize("eos", [True, False])
 def test_unseen_mask_is_exactly_the_unsupervised_tokens(tmp_path: Path, tiny_dir: Path, eos: bool) -> None:
     model = load_model(str(tiny_dir))
-    p = _prompts(2, heldout=False, tag="u")
+    p = _prompts(2, split="train", tag="u")
     data = _hand_made(tmp_path / "d", model, [_row(model, 0, p[0], [10, 11, 12], True),
                                               _row(model, 1, p[1], [11, 13], False)])
     m = train_mrm(data, tmp_path / "m", base_model=str(tiny_dir), lr=1e-2, progress=False, eos=eos, device="cpu")
@@ -343,7 +346,7 @@ def test_saved_mrm_reproduces_training_predictions(tmp_path: Path, tiny_dir: Pat
 def test_training_refuses_bad_data(tmp_path: Path, tiny_dir: Path) -> None:
     model = load_model(str(tiny_dir))
     kw = {"base_model": str(tiny_dir), "progress": False, "device": "cpu"}
-    p = _prompts(1, heldout=False, tag="v")[0]
+    p = _prompts(1, split="train", tag="v")[0]
     with pytest.raises(SaffronError, match="not a reward-data folder"):
         train_mrm(tmp_path / "missing", tmp_path / "m", **kw)  # type: ignore[arg-type]
     with pytest.raises(SaffronError, match="no reward rows"):
@@ -357,13 +360,14 @@ def test_training_refuses_bad_data(tmp_path: Path, tiny_dir: Path) -> None:
     with pytest.raises(SaffronError, match="tokenizer differs"):
         train_mrm(_hand_made(tmp_path / "tok", model, [_row(model, 0, p, [10], True)],
                              policy_tokenizer_sha256="0" * 64), tmp_path / "m", **kw)  # type: ignore[arg-type]
-    held = _prompts(1, heldout=True, tag="v")[0]
-    with pytest.raises(SaffronError, match="held-out evaluation prompt"):
+    held = _prompts(1, split="test", tag="v")[0]
+    with pytest.raises(SaffronError, match="test-split prompt"):
         train_mrm(_hand_made(tmp_path / "held", model, [_row(model, 0, held, [10], True)]), tmp_path / "m",
                   **kw)  # type: ignore[arg-type]
-    with pytest.raises(SaffronError, match="allow_heldout"):
-        train_mrm(_hand_made(tmp_path / "flag", model, [_row(model, 0, p, [10], True)], allow_heldout=True),
-                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+    for flag in ("allow_eval", "allow_heldout"):  # allow_heldout: a folder an older saffron built
+        with pytest.raises(SaffronError, match="allow_eval"):
+            train_mrm(_hand_made(tmp_path / flag, model, [_row(model, 0, p, [10], True)], **{flag: True}),
+                      tmp_path / "m", **kw)  # type: ignore[arg-type]
 
 
 # --- bench_mrm ---------------------------------------------------------------------------------------------------
@@ -372,14 +376,16 @@ def test_training_refuses_bad_data(tmp_path: Path, tiny_dir: Path) -> None:
 def test_bench_mrm_on_heldout_rows(tmp_path: Path, tiny_dir: Path, trained: Path) -> None:
     from saffron.bench.mrm import bench_mrm
 
-    path = _write_corpus(tmp_path / "held.jsonl", [], _prompts(3, heldout=True, tag="b"))
+    path = _write_corpus(tmp_path / "held.jsonl", [], _prompts(3, split="dev", tag="b"))
     m = build_rewards(tmp_path / "held", corpus=f"jsonl:{path}", reward=_guard(tiny_dir), policy=str(tiny_dir),
-                      max_tokens=10, allow_heldout=True, progress=False)
-    assert m["config"]["allow_heldout"] and m["rows"] == 3
-    with pytest.raises(SaffronError, match="allow_heldout"):
+                      max_tokens=10, allow_eval=True, progress=False)
+    assert m["config"]["allow_eval"] and m["rows"] == 3
+    with pytest.raises(SaffronError, match="allow_eval"):
         train_mrm(tmp_path / "held", tmp_path / "never", base_model=str(tiny_dir), progress=False, device="cpu")
     res = bench_mrm(str(trained), tmp_path / "held", progress=False)
-    assert res["n_heldout_rows"] == 3 and res["n_heldout_tokens"] == m["tokens"] == 30
+    assert res["split"] == "dev" and res["n_heldout_rows"] == 3 and res["n_heldout_tokens"] == m["tokens"] == 30
+    with pytest.raises(SaffronError, match="no test reward rows"):  # dev rows never count as test
+        bench_mrm(str(trained), tmp_path / "held", split="test", progress=False)
     for k in ("all_pearson", "all_spearman", "all_mae", "all_sign_agreement", "mae", "sign_agreement",
               "rm_calls_replaced_per_step", "const_mae"):
         assert res[k] is not None and math.isfinite(res[k]), k
@@ -400,7 +406,7 @@ def head_data(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     model = load_model(str(tiny_dir))
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for i, p in enumerate(_prompts(12, heldout=False, tag="head")):
+    for i, p in enumerate(_prompts(12, split="train", tag="head")):
         ids = (torch.randint(10, 30, (8,), generator=gen)).tolist()
         rows.append(_row(model, i, p, ids, i % 2 == 0, [2.0 if t % 2 == 0 else -2.0 for t in ids]))
     return _hand_made(tmp_path_factory.mktemp("head-data") / "d", model, rows)

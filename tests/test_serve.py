@@ -503,7 +503,7 @@ def test_openai_client_against_the_embedded_server() -> None:
     from saffron.embedded import EMBEDDED_POLICY
     from saffron.serve import load_models
 
-    ex = pyrit_harmful("heldout")[0]
+    ex = pyrit_harmful("test")[0]
     eng = Engine(load_models(EMBEDDED_POLICY), ServeSettings(method="saffron", method_options={"width": 2},
                                                              default_max_tokens=8, max_tokens_limit=32, max_width=4))
     prefill = eng.models.policy.decode(eng.models.policy.encode(ex.response or "")[:10])

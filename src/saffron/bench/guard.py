@@ -1,8 +1,9 @@
 """``saffron bench guard``: how well smol-guard separates safe from unsafe responses it never trained on.
 
-On the held-out split of the human-labelled responses: ROC-AUC of the trained probe on full responses and on
-their first 16 tokens, the untrained backbone's zero-shot logit(' safe') - logit(' unsafe'), and a TF-IDF +
-logistic-regression baseline fitted on the same train rows and views (a guard a bag of words beats is no guard).
+On the test split of the human-labelled responses (near-duplicate clusters, see ``splits.py``): ROC-AUC of the
+trained probe on full responses and on their first 16 tokens, the untrained backbone's zero-shot logit(' safe') -
+logit(' unsafe'), and a TF-IDF + logistic-regression baseline fitted on the same train rows and views (a guard a
+bag of words beats is no guard).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from saffron.data import Example, guard_labelled
+from saffron.data import TEST_SPLIT, TRAIN_SPLIT, Example, guard_labelled
 from saffron.guards.base import single_token
 from saffron.guards.smol_guard import ASSET, chat_guard_prompt, load_probe
 from saffron.guards.train import PREFIX_TOKENS, guard_features, response_views
@@ -56,8 +57,8 @@ def bench_guard(guard_dir: Path | None = None, progress: bool = True) -> dict[st
     t0 = time.time()
     spec, probe = load_probe(guard_dir or ASSET)
     model = load_model(spec.base_model)
-    heldout = guard_labelled("heldout")
-    train = guard_labelled("train")
+    heldout = guard_labelled(TEST_SPLIT)
+    train = guard_labelled(TRAIN_SPLIT)
     gp = chat_guard_prompt(model, spec.instructions, spec.closing)
     pair = (single_token(model, " safe"), single_token(model, " unsafe"))
     f = guard_features(model, gp, heldout, spec.layers, (BENCH_PREFIX,), progress, desc="bench guard", logit_pair=pair)

@@ -1,11 +1,12 @@
 """``saffron bench mrm``: how well an MRM predicts the reward model on held-out prefixes, and what it saves.
 
-Held-out set: a reward folder built by ``build_heldout_rewards`` (``build_rewards(..., allow_heldout=True)`` on
-``pyrit-harmful:heldout,guard-labelled:heldout``, a few rows each; ``train_mrm`` refuses such a folder). For every
-held-out row and every position j, the MRM's prediction ``M(s[:j])[s_j]`` is compared with the reward model's
-``R(s[:j+1])``. The headline figures (pearson, spearman, mae, rmse, sign agreement) are over targets the MRM saw
-in training (an unseen target is masked to the penalty at search time, so its raw output means nothing); the
-same figures over all targets, raw, are reported with an ``all_`` prefix, with the share of unseen targets.
+Held-out set: a reward folder built by ``build_heldout_rewards`` (``build_rewards(..., allow_eval=True)`` on
+``pyrit-harmful:dev,guard-labelled:dev``, a few rows each; ``train_mrm`` refuses such a folder). Choosing an MRM is
+a choice, so it is made on ``dev``, never on ``test``. For every held-out row and every position j, the MRM's
+prediction ``M(s[:j])[s_j]`` is compared with the reward model's ``R(s[:j+1])``. The headline figures (pearson,
+spearman, mae, rmse, sign agreement) are over targets the MRM saw in training (an unseen target is masked to the
+penalty at search time, so its raw output means nothing); the same figures over all targets, raw, are reported with
+an ``all_`` prefix, with the share of unseen targets.
 
 Baselines: ``const_mae`` predicts the held-out mean reward (an MRM must beat it); ``parent_*`` predicts each
 prefix's reward by its parent's, ``R(s[:j])`` (a search that knew the current reward but not the next token's
@@ -28,26 +29,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saffron.data import is_heldout
+from saffron.data import DEV_SPLIT, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.model import load_model
 from saffron.mrm.model import Mrm, load_mrm, tokenizer_fingerprint
 from saffron.mrm.rewards import DEFAULT_MAX_TOKENS, DEFAULT_REWARD, RewardRow, build_rewards, read_rewards
 
-HELDOUT_CORPUS = "pyrit-harmful:heldout,guard-labelled:heldout"
+HELDOUT_CORPUS = f"pyrit-harmful:{DEV_SPLIT},guard-labelled:{DEV_SPLIT}"
 DEFAULT_TOP_P = 0.8
 
 
 def build_heldout_rewards(out: str | Path, reward: str = DEFAULT_REWARD, policy: str = EMBEDDED_POLICY,
                           corpus: str = HELDOUT_CORPUS, limit: int | None = 32,
                           max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = True) -> dict[str, Any]:
-    """Build the held-out reward set ``bench_mrm`` reads (``limit`` rows per source). Never train on it: its
-    manifest records allow_heldout=True and ``train_mrm`` refuses it.
+    """Build the held-out reward set ``bench_mrm`` reads (``limit`` rows per source, from the dev split). Never
+    train on it: its manifest records allow_eval=True and ``train_mrm`` refuses it.
 
-    Usage: ``build_heldout_rewards("data/rewards-heldout", limit=32)``."""
+    Usage: ``build_heldout_rewards("data/rewards-dev", limit=32)``."""
     return build_rewards(out, corpus=corpus, reward=reward, policy=policy, max_tokens=max_tokens, limit=limit,
-                         allow_heldout=True, progress=progress)
+                         allow_eval=True, progress=progress)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -78,13 +79,13 @@ def _metrics(pred: np.ndarray, want: np.ndarray, prefix: str = "") -> dict[str, 
 
 
 def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], policy: str | None = None,
-              top_p: float = DEFAULT_TOP_P, limit: int | None = None, heldout_only: bool = True,
+              top_p: float = DEFAULT_TOP_P, limit: int | None = None, split: str | None = DEV_SPLIT,
               base_model: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Compare an MRM (folder or loaded) with the reward model on held-out reward rows (folder or rows).
 
-    Usage: ``bench_mrm("models/mrm", "data/rewards-heldout")``. ``policy`` (default: the one the data was
-    tokenised for, else the MRM's base) gives the nucleus sizes; ``heldout_only`` drops rows whose prompt is
-    on the train side of the split; ``limit`` caps the rows read. Returns a JSON-able dict."""
+    Usage: ``bench_mrm("models/mrm", "data/rewards-dev")``. ``policy`` (default: the one the data was
+    tokenised for, else the MRM's base) gives the nucleus sizes; ``split`` keeps only rows whose prompt is in
+    that split (default dev; None keeps all); ``limit`` caps the rows read. Returns a JSON-able dict."""
     t0 = time.time()
     model = mrm if isinstance(mrm, Mrm) else load_mrm(mrm, base_model)
     info: dict[str, Any] = {}
@@ -102,12 +103,13 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
     else:
         rows = list(data)
     n_read = len(rows)
-    if heldout_only:
-        rows = [r for r in rows if is_heldout(r.prompt)]
+    if split is not None:
+        rows = [r for r in rows if split_of(r.prompt) == split]
     rows = rows[:limit] if limit is not None else rows
     if not rows:
-        raise SaffronError(f"no held-out reward rows to benchmark on ({n_read} read); build them with "
-                           f"build_heldout_rewards / `saffron build-rewards --allow-heldout`")
+        raise SaffronError(f"no {split or 'held-out'} reward rows to benchmark on ({n_read} read); build them with "
+                           f"build_heldout_rewards / `saffron build-rewards --allow-eval --corpus "
+                           f"{HELDOUT_CORPUS}`")
     pol = load_model(policy or model.manifest.base_model)
     if tokenizer_fingerprint(pol.tokenizer) != model.manifest.tokenizer_sha256:
         raise SaffronError(f"policy {pol.name} does not share the MRM's tokenizer")
@@ -140,6 +142,7 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
     has_parent = ~np.isnan(parent)
     vocab = int(model.unseen.shape[0])
     res: dict[str, Any] = {
+        "split": split,
         "n_heldout_rows": len(rows),
         "n_heldout_tokens": len(want),
         "n_seen_targets": int(seen.sum()),

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
-from saffron.data import Example, pyrit_harmful
+from saffron.data import TEST_SPLIT, Example, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.serve.app import background_server, create_app
 from saffron.serve.engine import Engine, ModelSet, ServeSettings, load_models
@@ -139,7 +139,7 @@ def _bench(clients: int, width: int, max_tokens: int, max_concurrent: int, model
     models = models or load_models(EMBEDDED_POLICY)
     engine = Engine(models, settings)
     policy = models.policy
-    rows = harmful if harmful is not None else pyrit_harmful("heldout")
+    rows = harmful if harmful is not None else pyrit_harmful(TEST_SPLIT)
     requests: list[tuple[str, bytes]] = []
     for i in range(clients):
         ex = rows[i % len(rows)]

@@ -29,9 +29,10 @@ Corpus sources (``corpus`` is a comma-separated list):
                                    continuation only (the prefill is the attacker's: the MRM and the reward
                                    model never see it at search time either).
 
-Held-out evaluation prompts (``data.is_heldout``) are never admitted unless ``allow_heldout=True``, which is
-meant only for building a benchmark set (``bench/mrm.py``); the flag is recorded in the manifest and
-``train_mrm`` refuses such a folder. Every row is checked again just before it is written.
+Only ``train`` prompts (``data.split_of``: near-duplicate clusters, see ``splits.py``) are admitted unless
+``allow_eval=True``, which admits dev and test prompts and is meant only for building a benchmark set
+(``bench/mrm.py``); the flag is recorded in the manifest and ``train_mrm`` refuses such a folder. Every row is
+checked again just before it is written.
 
 On disk (``out/``):
 
@@ -61,7 +62,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from saffron.data import Example, check_dataset_spec, is_heldout, load_dataset
+from saffron.data import TRAIN_SPLIT, Example, check_dataset_spec, load_dataset, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import GuardPrompt, RewardModel
@@ -85,7 +86,6 @@ POLICY_PREFILL_TOKENS = 10
 POLICY_TEMPERATURE = 0.8
 POLICY_TOP_P = 0.95
 FALLBACK_PREFILL = "Sure, here is"
-SPLIT_DEFAULT_HELDOUT = ("pyrit-harmful", "guard-labelled")  # loaders whose default split is the held-out one
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class _Pending:
 
 @dataclass
 class _Counts:
-    heldout_filtered: int = 0
+    eval_filtered: int = 0
     no_response: int = 0
     duplicates: int = 0
     empty: int = 0
@@ -221,9 +221,9 @@ class Annotator:
 # --- corpus ------------------------------------------------------------------------------------------------------
 
 
-def admit_prompt(prompt: str, allow_heldout: bool) -> bool:
-    """The held-out filter: a held-out evaluation prompt is admitted only when building a benchmark set."""
-    return allow_heldout or not is_heldout(prompt)
+def admit_prompt(prompt: str, allow_eval: bool) -> bool:
+    """The split filter: a dev or test prompt is admitted only when building a benchmark set."""
+    return allow_eval or split_of(prompt) == TRAIN_SPLIT
 
 
 def split_corpus(corpus: str) -> list[str]:
@@ -234,31 +234,31 @@ def split_corpus(corpus: str) -> list[str]:
     return parts
 
 
-def _dataset_spec(spec: str, allow_heldout: bool) -> str:
+def _dataset_spec(spec: str, allow_eval: bool) -> str:
     """Validate a dataset spec and make the split explicit: training corpora default to the train split."""
     check_dataset_spec(spec)
     if spec.startswith("jsonl:"):
         return spec
     name, _, split = spec.partition(":")
-    if split == "heldout" and not allow_heldout:
-        raise SaffronError(f"'{spec}' is the held-out evaluation split; a training corpus never reads it (use "
+    if split in ("dev", "test") and not allow_eval:
+        raise SaffronError(f"'{spec}' is an evaluation split; a training corpus never reads it (use "
                            f"{name}:train)")
-    if not split and name in SPLIT_DEFAULT_HELDOUT:
-        return f"{name}:train"
+    if not split:
+        return f"{name}:{TRAIN_SPLIT}"
     return spec
 
 
-def check_corpus(corpus: str, allow_heldout: bool = False) -> list[str]:
+def check_corpus(corpus: str, allow_eval: bool = False) -> list[str]:
     """Validate a corpus spec without loading anything; return its normalised sources."""
     out = []
     for part in split_corpus(corpus):
         if part == "hh-rlhf":
             out.append(part)
         elif part.startswith("policy:"):
-            out.append("policy:" + _dataset_spec(part[len("policy:"):], allow_heldout))
+            out.append("policy:" + _dataset_spec(part[len("policy:"):], allow_eval))
         else:
             try:
-                out.append(_dataset_spec(part, allow_heldout))
+                out.append(_dataset_spec(part, allow_eval))
             except SaffronError as e:
                 raise SaffronError(f"{e} (corpus sources: pyrit-harmful[:split], guard-labelled[:split], "
                                    f"jsonl:PATH, hh-rlhf, policy:DATASET)") from None
@@ -301,7 +301,7 @@ def _seed_for(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()[:15], 16)
 
 
-def plan_corpus(corpus: str, policy: Model, allow_heldout: bool = False,
+def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,
                 prefill_tokens: int = POLICY_PREFILL_TOKENS) -> tuple[list[_Pending], _Counts]:
     """Every admitted corpus row in a fixed order, with its stable id; nothing sampled or scored yet.
 
@@ -312,14 +312,14 @@ def plan_corpus(corpus: str, policy: Model, allow_heldout: bool = False,
     seen_text: set[tuple[str, str]] = set()
     seen_policy: set[tuple[str, tuple[int, ...]]] = set()
     group = 0  # a prompt's policy variants step together: a sample never depends on what else is in the run
-    for src in check_corpus(corpus, allow_heldout):
+    for src in check_corpus(corpus, allow_eval):
         is_policy = src.startswith("policy:")
         spec = src[len("policy:"):] if is_policy else src
         examples = hh_rlhf() if spec == "hh-rlhf" else load_dataset(spec)
         taken = 0
         for ex in examples:
-            if not admit_prompt(ex.prompt, allow_heldout):
-                counts.heldout_filtered += 1
+            if not admit_prompt(ex.prompt, allow_eval):
+                counts.eval_filtered += 1
                 continue
             if is_policy:
                 pre = tuple(policy.encode(ex.response)[:prefill_tokens]) if ex.response \
@@ -358,8 +358,8 @@ def plan_corpus(corpus: str, policy: Model, allow_heldout: bool = False,
         raise SaffronError(f"corpus '{corpus}' has two rows with id '{dup}'; ids must be unique within a source")
     if not pending:
         why = []
-        if counts.heldout_filtered:
-            why.append(f"{counts.heldout_filtered} held-out prompts filtered out")
+        if counts.eval_filtered:
+            why.append(f"{counts.eval_filtered} dev/test prompts filtered out")
         if counts.no_response:
             why.append(f"{counts.no_response} rows without a response (sample them with policy:DATASET)")
         raise SaffronError(f"corpus '{corpus}' has no usable rows" + (f" ({'; '.join(why)})" if why else ""))
@@ -537,7 +537,7 @@ def _claim(out: Path, config: dict[str, Any]) -> dict[str, Any]:
 def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | RewardModel = DEFAULT_REWARD,
                   policy: str = EMBEDDED_POLICY, max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None,
                   shard_rows: int = DEFAULT_SHARD_ROWS, chunk: int = DEFAULT_CHUNK, seed: int = 0,
-                  allow_heldout: bool = False, template: str = DEFAULT_TEMPLATE,
+                  allow_eval: bool = False, template: str = DEFAULT_TEMPLATE,
                   policy_max_new_tokens: int = POLICY_MAX_NEW_TOKENS, prefill_tokens: int = POLICY_PREFILL_TOKENS,
                   progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Annotate ``corpus`` prefix by prefix with the reward model ``reward`` into Parquet shards under ``out``.
@@ -559,7 +559,7 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
         raise SaffronError(f"limit must be >= 1, got {limit}")
     if prefill_tokens < 0 or policy_max_new_tokens < 1:
         raise SaffronError("prefill_tokens must be >= 0 and policy_max_new_tokens >= 1")
-    sources = check_corpus(corpus, allow_heldout)
+    sources = check_corpus(corpus, allow_eval)
     if out.exists() and (out / MANIFEST_FILE).exists():
         read_manifest(out)  # a damaged folder fails before any model loads
     pol = load_model(policy)
@@ -572,7 +572,7 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
         "policy_tokenizer_sha256": tokenizer_fingerprint(pol.tokenizer),
         "max_tokens": max_tokens,
         "template": template,
-        "allow_heldout": allow_heldout,
+        "allow_eval": allow_eval,
         "seed": seed,
     }
     if has_policy_source:
@@ -580,7 +580,7 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
                                      "temperature": POLICY_TEMPERATURE, "top_p": POLICY_TOP_P,
                                      "fallback_prefill": FALLBACK_PREFILL}
     manifest = _claim(out, config)
-    pending, counts = plan_corpus(corpus, pol, allow_heldout, prefill_tokens)
+    pending, counts = plan_corpus(corpus, pol, allow_eval, prefill_tokens)
     done = done_ids(out)
     todo = [p for p in pending if p.id not in done and (limit is None or p.rank < limit)]
     ann = Annotator(rm, pol, chunk)
@@ -629,8 +629,8 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
             if not ids:
                 run["empty"] += 1
                 continue
-            if not allow_heldout and is_heldout(p.prompt):  # the last line of defence; the filter should hold
-                raise SaffronError(f"held-out evaluation prompt in corpus row {p.id}; refusing to write it")
+            if not allow_eval and split_of(p.prompt) != TRAIN_SPLIT:  # the last line of defence
+                raise SaffronError(f"{split_of(p.prompt)}-split prompt in corpus row {p.id}; refusing to write it")
             t0 = time.perf_counter()
             rewards = ann.rewards(p.id, p.prompt, ids)
             run["annotate_seconds"] += time.perf_counter() - t0
@@ -673,7 +673,7 @@ def _write_summary(out: Path, manifest: dict[str, Any], run: dict[str, Any], pen
         "reward_model": reward_spec,
         "policy": pol.name,
         "max_tokens": manifest["config"]["max_tokens"],
-        "allow_heldout": manifest["config"]["allow_heldout"],
+        "allow_eval": manifest["config"]["allow_eval"],
         "same_tokenizer": ann.same_tokenizer,
         "rows": rows,
         "tokens": tokens,
@@ -681,7 +681,7 @@ def _write_summary(out: Path, manifest: dict[str, Any], run: dict[str, Any], pen
         "planned_rows": len(pending),
         "complete": all(p.id in ids for p in pending),
         "skipped_empty": run["empty"],
-        "heldout_filtered": counts.heldout_filtered,
+        "eval_filtered": counts.eval_filtered,
         "no_response": counts.no_response,
         "duplicates": counts.duplicates,
         "planned_by_source": counts.by_source,

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from saffron.data import is_heldout
+from saffron.data import TRAIN_SPLIT, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.model import Model, load_model_copy
@@ -59,16 +59,18 @@ def _config_hash(obj: Any) -> str:
 
 
 def check_training_rows(data_dir: Path, manifest: dict[str, Any], rows: Sequence[RewardRow]) -> None:
-    """Refuse data a training run must never read: held-out-derived folders and held-out prompts."""
-    if manifest.get("config", {}).get("allow_heldout") or manifest.get("allow_heldout"):
-        raise SaffronError(f"{data_dir} was built with allow_heldout=True (a benchmark set of held-out prompts); "
+    """Refuse data a training run must never read: benchmark folders and prompts outside the train split."""
+    cfg = manifest.get("config", {})
+    if any(cfg.get(k) or manifest.get(k) for k in ("allow_eval", "allow_heldout")):  # allow_heldout: older folders
+        raise SaffronError(f"{data_dir} was built with allow_eval=True (a benchmark set of dev/test prompts); "
                            f"an MRM must never train on it")
     if not rows:
         raise SaffronError(f"{data_dir} holds no reward rows; build them with `saffron build-rewards --out "
                            f"{data_dir}`")
     for r in rows:
-        if is_heldout(r.prompt):
-            raise SaffronError(f"{data_dir}: row {r.id} has a held-out evaluation prompt; refusing to train on it")
+        if (split := split_of(r.prompt)) != TRAIN_SPLIT:
+            raise SaffronError(f"{data_dir}: row {r.id} has a {split}-split prompt; refusing to train on it "
+                               f"(rebuild the rewards: the corpus now admits only train prompts)")
 
 
 def training_data(data_dir: Path, base_model: str, load: Callable[[], Model]
