@@ -326,20 +326,22 @@ def train_mrm_cmd(
     out: Path = typer.Option(..., "--out", help="MRM folder (weights, unseen_mask, saffron.json)."),
     kind: str = typer.Option("lora", "--kind", help="lora: the paper's MRM, a LoRA-adapted copy of the backbone; "
                              "head: a small network on the policy's own hidden states (the policy is the "
-                             "backbone; a search pays only the head)."),
+                             "backbone; a search pays only the head); prm: the same head as a value model, the "
+                             "reward of the prefix itself, for the baselines (--reward head-prm:OUT)."),
     base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
-                                   "tokenizer); for --kind head, the policy itself."),
+                                   "tokenizer); for --kind head and prm, the policy itself."),
     r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank (lora)."),
     alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha (lora)."),
     layers: str | None = typer.Option(None, "--layers", help="Policy hidden states the head reads, comma-separated "
-                                      "(head; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
-    width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head; default 256)."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head)."),
+                                      "(head, prm; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
+    width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head, prm; default "
+                                     "256)."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head, prm)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4 lora, 1e-3 head)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Sequences per step (lora, default "
-                                          "4) or supervised tokens per step (head, default 256)."),
+                                          "4) or supervised tokens per step (head, prm: default 256)."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the data (default 1 lora, "
-                                      "20 head)."),
+                                      "20 head, prm)."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later; "
                                          "lora)."),
     bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
@@ -356,6 +358,14 @@ def train_mrm_cmd(
         man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
                              lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
                              batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
+    elif kind == "prm":
+        from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
+        from saffron.mrm.prm import train_head_prm
+
+        layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
+        man = train_head_prm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
+                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
+                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
     elif kind == "lora":
         from saffron.mrm.train import train_mrm
 
@@ -363,7 +373,7 @@ def train_mrm_cmd(
                         batch_size=batch_size or 4, epochs=epochs or 1, max_steps=max_steps, seed=seed,
                         bias_init=bias_init, command=command)
     else:
-        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+        raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 
