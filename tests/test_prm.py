@@ -151,3 +151,73 @@ def test_train_mrm_cli_trains_a_prm(tmp_path: Path, tiny_dir: Path, prm_data: Pa
     with pytest.raises(SystemExit) as e:
         main(["train-mrm", "--kind", "value", "--data", str(prm_data), "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "--kind must be lora, head or prm" in capsys.readouterr().err
+
+
+# --- sibling ranking (bench/mrm.py) ------------------------------------------------------------------------------
+
+
+class OracleMrm:
+    """An MRM that knows the reward model exactly (``sign`` -1: exactly backwards): every child of every node
+    scored by the reward model itself."""
+
+    def __init__(self, reward: object, policy: object, sign: float) -> None:
+        from saffron.mrm.rewards import Annotator
+
+        self.ann = Annotator(reward, policy)  # type: ignore[arg-type]
+        self.policy, self.sign = policy, sign
+        self.runner = Runner(policy)  # type: ignore[arg-type]
+        self.unseen = torch.zeros(policy.vocab_size, dtype=torch.bool)  # type: ignore[attr-defined]
+
+    def rewards(self, prompt: str, responses: list[list[int]], policy_hidden: object = None,
+                raw: bool = False) -> torch.Tensor:
+        eos = self.policy.eos_ids  # type: ignore[attr-defined]
+        out = []
+        for r in responses:
+            kids = [list(r) if t in eos else [*r, t] for t in range(self.policy.vocab_size)]  # type: ignore
+            out.append(self.sign * torch.tensor(self.ann.score(prompt, kids)))
+        return torch.stack(out)
+
+
+def _examples(n: int) -> list[object]:
+    from saffron.data import Example
+
+    return [Example(id=f"s{i}", prompt=f"question {i}: how?", response=f"Answer {i}: do this, then that.")
+            for i in range(n)]
+
+
+def test_sibling_ranking_scores_an_exact_mrm_perfectly_and_a_reversed_one_at_zero(tiny_dir: Path) -> None:
+    from saffron.bench.mrm import sibling_ranking
+    from tests.test_mrm_train import CountingGuard
+
+    policy = load_model(str(tiny_dir))
+    reward = CountingGuard(policy)
+    kw = {"per_prompt": 2, "max_children": 6, "progress": False}
+    good = sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(2), 4, **kw)  # type: ignore
+    assert good["sibling_nodes"] == 4 and good["sibling_children_mean"] == 6 and good["sibling_rm_calls"] == 24
+    assert good["overlap_at_1"] == good["overlap_at_4"] == 1.0 and good["spearman_siblings"] == pytest.approx(1.0)
+    assert good["sibling_top1_regret"] == 0.0 and good["overlap_at_16"] is None  # no node has 17 children
+    assert good["chance_overlap_at_4"] == pytest.approx(4 / 6) and good["sibling_nodes_at_16"] == 0
+    bad = sibling_ranking(OracleMrm(reward, policy, -1.0), reward, policy, _examples(2), 4, **kw)  # type: ignore
+    assert bad["overlap_at_1"] == 0.0 and bad["spearman_siblings"] == pytest.approx(-1.0)
+    assert bad["sibling_top1_regret"] > 0
+    # the policy's ranking does not depend on the MRM's
+    for k in ("policy_overlap_at_1", "policy_overlap_at_4", "policy_spearman_siblings"):
+        assert good[k] == bad[k] and good[k] is not None
+    with pytest.raises(SaffronError, match="max_children >= 2"):
+        sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(1), 1, max_children=1)  # type: ignore
+
+
+def test_bench_mrm_reports_sibling_ranking_for_a_head_mrm(tmp_path: Path, tiny_dir: Path, prm_data: Path) -> None:
+    from saffron.bench.mrm import bench_mrm
+    from saffron.mrm.head import train_head_mrm
+    from tests.test_mrm_train import CountingGuard
+
+    opts = {k: v for k, v in OPTS.items() if k != "epochs"}
+    train_head_mrm(prm_data, tmp_path / "mrm", base_model=str(tiny_dir), epochs=5, **opts)  # type: ignore[arg-type]
+    _, rows = read_rewards(prm_data)
+    policy = load_model(str(tiny_dir))
+    res = bench_mrm(str(tmp_path / "mrm"), rows[:2], heldout_only=False, progress=False, siblings=3,
+                    sibling_per_prompt=3, max_children=5, reward=CountingGuard(policy), examples=_examples(1))
+    assert res["n_heldout_rows"] == 2 and res["sibling_nodes"] == 3 and res["sibling_reward_model"] == "test-guard"
+    for k in ("overlap_at_1", "overlap_at_4", "spearman_siblings", "policy_overlap_at_4"):
+        assert res[k] is not None and -1.0 <= res[k] <= 1.0, k

@@ -383,17 +383,31 @@ def bench_mrm_cmd(
     data: Path = typer.Option(Path("runs/rewards-heldout"), "--data", help="Held-out reward folder (built on "
                               "first use from the held-out pairs)."),
     rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),
+    nodes: int = typer.Option(32, "--nodes", min=0, help="Held-out search nodes whose children are ranked "
+                              "(sibling ranking; 0 = skip it)."),
+    per_prompt: int = typer.Option(4, "--nodes-per-prompt", min=1, help="Nodes per held-out response (prefixes "
+                                   "spread over its first 48 tokens)."),
+    max_children: int = typer.Option(32, "--max-children", min=2, help="Children ranked per node: the policy's "
+                                     "top-p 0.8 nucleus, most probable first, capped here."),
+    reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
+                                      "held-out folder's)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """MRM predictions vs the reward model's actual scores on held-out prefixes."""
+    """MRM predictions vs the reward model's actual scores on held-out prefixes, and how it ranks a search node's
+    children (overlap@N, within-node Spearman) beside the policy's own ranking."""
     from saffron.bench.mrm import bench_mrm, build_heldout_rewards
     from saffron.mrm import load_mrm_spec
 
     _quiet_hf()
+    if reward is not None:
+        from saffron.guards.base import check_guard_spec
+
+        check_guard_spec(reward)  # before any model loads
     model = load_mrm_spec(mrm)
     if not (data / "manifest.json").is_file() or not any(data.glob("shard-*.parquet")):
         build_heldout_rewards(data, limit=rows)
-    _emit(bench_mrm(model, data), as_json)
+    _emit(bench_mrm(model, data, siblings=nodes, sibling_per_prompt=per_prompt, max_children=max_children,
+                    reward=reward), as_json)
 
 
 @bench_app.command("annotate")
