@@ -197,6 +197,7 @@ def test_sibling_ranking_scores_an_exact_mrm_perfectly_and_a_reversed_one_at_zer
     assert good["overlap_at_1"] == good["overlap_at_4"] == 1.0 and good["spearman_siblings"] == pytest.approx(1.0)
     assert good["sibling_top1_regret"] == 0.0 and good["overlap_at_16"] is None  # no node has 17 children
     assert good["chance_overlap_at_4"] == pytest.approx(4 / 6) and good["sibling_nodes_at_16"] == 0
+    assert good["sibling_unseen_share"] == 0.0
     bad = sibling_ranking(OracleMrm(reward, policy, -1.0), reward, policy, _examples(2), 4, **kw)  # type: ignore
     assert bad["overlap_at_1"] == 0.0 and bad["spearman_siblings"] == pytest.approx(-1.0)
     assert bad["sibling_top1_regret"] > 0

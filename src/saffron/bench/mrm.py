@@ -29,7 +29,7 @@ is 1 whatever the ranking): ``overlap_at_N`` = |MRM's top N & reward model's top
 ``spearman_siblings``, the mean within-node Spearman (nodes where both rankings vary); ``sibling_top1_regret``,
 the reward model's best child minus the reward of the MRM's first. The same figures with the ``policy_`` prefix
 rank the children by the policy's logits (the baseline to beat); ``chance_overlap_at_N`` is a random order's
-expectation (N / children).
+expectation (N / children); ``sibling_unseen_share`` the share of children the MRM masks.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Se
     ann = Annotator(reward, policy)
     eos = sorted(policy.eos_ids)
     per_node: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (reward, mrm, policy logit) per child
+    unseen = 0  # children the MRM masks to the penalty (ranked last, in policy order)
     rm0 = reward.flops
     bar = tqdm(total=nodes, desc="sibling ranking", unit="node", disable=not progress, dynamic_ncols=True)
     for ex in examples:
@@ -181,6 +182,7 @@ def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Se
         at = 0
         for b, cs in enumerate(kids):
             idx = torch.tensor(cs, dtype=torch.long)
+            unseen += int(model.unseen.cpu()[idx].sum())
             per_node.append((np.asarray(scores[at: at + len(cs)], dtype=np.float64), q[b, idx].double().numpy(),
                              lg[b, idx].double().numpy()))
             at += len(cs)
@@ -196,7 +198,8 @@ def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Se
                            "sibling_max_children": max_children,
                            "sibling_children_mean": float(np.mean([len(r) for r, _, _ in per_node])),
                            "sibling_rm_calls": int(sum(len(r) for r, _, _ in per_node)),
-                           "sibling_rm_flops": reward.flops - rm0}
+                           "sibling_rm_flops": reward.flops - rm0,
+                           "sibling_unseen_share": unseen / max(1, sum(len(r) for r, _, _ in per_node))}
     for who, col in (("", 1), ("policy_", 2)):
         for n in SIBLING_TOP_N:
             ov = [len(_top(node[col], n) & _top(node[0], n)) / n for node in per_node if len(node[0]) > n]
