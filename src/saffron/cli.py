@@ -330,20 +330,22 @@ def train_mrm_cmd(
     out: Path = typer.Option(..., "--out", help="MRM folder (weights, unseen_mask, saffron.json)."),
     kind: str = typer.Option("lora", "--kind", help="lora: the paper's MRM, a LoRA-adapted copy of the backbone; "
                              "head: a small network on the policy's own hidden states (the policy is the "
-                             "backbone; a search pays only the head)."),
+                             "backbone; a search pays only the head); prm: the same head as a value model, the "
+                             "reward of the prefix itself, for the baselines (--reward head-prm:OUT)."),
     base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
-                                   "tokenizer); for --kind head, the policy itself."),
+                                   "tokenizer); for --kind head and prm, the policy itself."),
     r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank (lora)."),
     alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha (lora)."),
     layers: str | None = typer.Option(None, "--layers", help="Policy hidden states the head reads, comma-separated "
-                                      "(head; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
-    width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head; default 256)."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head)."),
+                                      "(head, prm; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
+    width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head, prm; default "
+                                     "256)."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head, prm)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4 lora, 1e-3 head)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Sequences per step (lora, default "
-                                          "4) or supervised tokens per step (head, default 256)."),
+                                          "4) or supervised tokens per step (head, prm: default 256)."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the data (default 1 lora, "
-                                      "20 head)."),
+                                      "20 head, prm)."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later; "
                                          "lora)."),
     bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
@@ -360,6 +362,14 @@ def train_mrm_cmd(
         man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
                              lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
                              batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
+    elif kind == "prm":
+        from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
+        from saffron.mrm.prm import train_head_prm
+
+        layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
+        man = train_head_prm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
+                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
+                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
     elif kind == "lora":
         from saffron.mrm.train import train_mrm
 
@@ -367,7 +377,7 @@ def train_mrm_cmd(
                         batch_size=batch_size or 4, epochs=epochs or 1, max_steps=max_steps, seed=seed,
                         bias_init=bias_init, command=command)
     else:
-        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+        raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 
@@ -377,17 +387,31 @@ def bench_mrm_cmd(
     data: Path = typer.Option(Path("runs/rewards-dev"), "--data", help="Held-out reward folder (built on "
                               "first use from the dev-split pairs)."),
     rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),
+    nodes: int = typer.Option(32, "--nodes", min=0, help="Held-out search nodes whose children are ranked "
+                              "(sibling ranking; 0 = skip it)."),
+    per_prompt: int = typer.Option(4, "--nodes-per-prompt", min=1, help="Nodes per held-out response (prefixes "
+                                   "spread over its first 48 tokens)."),
+    max_children: int = typer.Option(32, "--max-children", min=2, help="Children ranked per node: the policy's "
+                                     "top-p 0.8 nucleus, most probable first, capped here."),
+    reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
+                                      "held-out folder's)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """MRM predictions vs the reward model's actual scores on held-out prefixes."""
+    """MRM predictions vs the reward model's actual scores on held-out prefixes, and how it ranks a search node's
+    children (overlap@N, within-node Spearman) beside the policy's own ranking."""
     from saffron.bench.mrm import bench_mrm, build_heldout_rewards
     from saffron.mrm import load_mrm_spec
 
     _quiet_hf()
+    if reward is not None:
+        from saffron.guards.base import check_guard_spec
+
+        check_guard_spec(reward)  # before any model loads
     model = load_mrm_spec(mrm)
     if not (data / "manifest.json").is_file() or not any(data.glob("shard-*.parquet")):
         build_heldout_rewards(data, limit=rows)
-    _emit(bench_mrm(model, data), as_json)
+    _emit(bench_mrm(model, data, siblings=nodes, sibling_per_prompt=per_prompt, max_children=max_children,
+                    reward=reward), as_json)
 
 
 @bench_app.command("splits")

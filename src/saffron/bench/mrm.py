@@ -16,6 +16,21 @@ Savings: one MRM call scores every child of a node. ``rm_calls_replaced_per_step
 policy's top-p (0.8) nucleus over the held-out nodes: the reward-model calls a search would need per node to
 score the same candidates. ``rm_calls_replaced_vocab`` is the whole vocabulary (every child),
 ``mrm_seen_tokens`` the children the MRM gives a non-penalty reward.
+
+Sibling ranking (``siblings`` nodes; ``sibling_ranking``). Pearson per observed token says little about a search:
+predicting each prefix's reward by its parent's already scores about 0.98, and what a search needs is the ORDER
+of a node's children. Nodes are prefixes of the reference responses of ``saffron.data.DEV_SPLIT`` prompts
+(pyrit-harmful and guard-labelled, alternately; ``sibling_per_prompt`` positions spread over each response's first
+``SIBLING_MAX_TOKENS`` tokens, the empty prefix included). A node's children are the policy's top-p (0.8)
+nucleus, most probable first, capped at ``max_children`` (one EOS child at most, scored as the unchanged text;
+none at the empty prefix). The reward model scores every child exactly, one sequence per child (batched), as a
+Rebase step would; the MRM ranks them by its masked rewards, as the search reads them (an unseen token sits at
+the penalty; ties keep the policy's order). Per node, over nodes with more than N children (with fewer the overlap
+is 1 whatever the ranking): ``overlap_at_N`` = |MRM's top N & reward model's top N| / N, N = 1, 4, 16;
+``spearman_siblings``, the mean within-node Spearman (nodes where both rankings vary); ``sibling_top1_regret``,
+the reward model's best child minus the reward of the MRM's first. The same figures with the ``policy_`` prefix
+rank the children by the policy's logits (the baseline to beat); ``chance_overlap_at_N`` is a random order's
+expectation (N / children); ``sibling_unseen_share`` the share of children the MRM masks.
 """
 
 from __future__ import annotations
@@ -29,15 +44,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saffron.data import DEV_SPLIT, split_of
+from saffron.data import DEV_SPLIT, Example, load_dataset, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
-from saffron.model import load_model
+from saffron.guards.base import RewardModel
+from saffron.model import Model, load_model
 from saffron.mrm.model import Mrm, load_mrm, tokenizer_fingerprint
-from saffron.mrm.rewards import DEFAULT_MAX_TOKENS, DEFAULT_REWARD, RewardRow, build_rewards, read_rewards
+from saffron.mrm.rewards import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_REWARD,
+    Annotator,
+    RewardRow,
+    build_rewards,
+    read_rewards,
+)
 
 HELDOUT_CORPUS = f"pyrit-harmful:{DEV_SPLIT},guard-labelled:{DEV_SPLIT}"
 DEFAULT_TOP_P = 0.8
+SIBLING_SOURCES = ("pyrit-harmful", "guard-labelled")
+SIBLING_MAX_TOKENS = 48  # the shipped MRMs' corpus cut (build-rewards --max-tokens 48)
+SIBLING_TOP_N = (1, 4, 16)
+DEFAULT_SIBLING_NODES = 32
+DEFAULT_SIBLING_PER_PROMPT = 4
+DEFAULT_MAX_CHILDREN = 32
 
 
 def build_heldout_rewards(out: str | Path, reward: str = DEFAULT_REWARD, policy: str = EMBEDDED_POLICY,
@@ -58,7 +87,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 2:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined (scipy would warn and return nan)
         return None
     from scipy.stats import spearmanr
 
@@ -78,14 +107,133 @@ def _metrics(pred: np.ndarray, want: np.ndarray, prefix: str = "") -> dict[str, 
     }
 
 
+def sibling_examples(per_prompt: int, nodes: int) -> list[Example]:
+    """Enough ``DEV_SPLIT`` prompts with a reference response for ``nodes`` nodes, the sources alternating."""
+    pools = [[e for e in load_dataset(f"{src}:{DEV_SPLIT}") if e.response and e.response.strip()]
+             for src in SIBLING_SOURCES]
+    want = -(-nodes // per_prompt)
+    out: list[Example] = []
+    for i in range(max(len(p) for p in pools)):
+        for pool in pools:
+            if i < len(pool) and len(out) < want:
+                out.append(pool[i])
+    return out
+
+
+def _positions(n: int, k: int) -> list[int]:
+    """``k`` prefix lengths spread evenly over 0..n-1 (fewer when the response is shorter)."""
+    if k <= 1 or n <= 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _top(x: np.ndarray, n: int) -> set[int]:
+    """Indices of the ``n`` largest values; ties keep the earlier index (children come in policy order)."""
+    return {int(i) for i in np.argsort(-x, kind="stable")[:n]}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Sequence[Example], nodes: int,
+                    per_prompt: int = DEFAULT_SIBLING_PER_PROMPT, top_p: float = DEFAULT_TOP_P,
+                    max_children: int = DEFAULT_MAX_CHILDREN, progress: bool = True) -> dict[str, Any]:
+    """How the MRM orders each node's children against the reward model's exact scores (module docstring).
+
+    Usage: ``sibling_ranking(mrm, load_guard("smol-guard"), policy, sibling_examples(4, 32), nodes=32)``.
+    Returns a JSON-able dict of the ``overlap_at_N``, ``spearman_siblings`` and ``policy_`` figures."""
+    from saffron.methods.sampling import nucleus_mask
+    from saffron.runner import Runner
+
+    if nodes < 1 or per_prompt < 1 or max_children < 2:
+        raise SaffronError(f"sibling ranking needs nodes >= 1, per_prompt >= 1 and max_children >= 2; got {nodes}, "
+                           f"{per_prompt} and {max_children}")
+    t0 = time.time()
+    pol_runner = Runner(policy)
+    ann = Annotator(reward, policy)
+    eos = sorted(policy.eos_ids)
+    per_node: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (reward, mrm, policy logit) per child
+    unseen = 0  # children the MRM masks to the penalty (ranked last, in policy order)
+    rm0 = reward.flops
+    bar = tqdm(total=nodes, desc="sibling ranking", unit="node", disable=not progress, dynamic_ncols=True)
+    for ex in examples:
+        if len(per_node) >= nodes:
+            break
+        assert ex.response is not None
+        resp = policy.encode(ex.response)[:SIBLING_MAX_TOKENS]
+        js = _positions(len(resp), per_prompt)[: nodes - len(per_node)]
+        prefixes = [resp[:j] for j in js]
+        ctx = policy.chat_prompt_ids(ex.prompt)
+        lg = pol_runner.forward([ctx + p for p in prefixes]).logits
+        assert lg is not None
+        q = model.rewards(ex.prompt, prefixes).float().cpu()
+        keep = nucleus_mask(lg, top_p).cpu()
+        lg = lg.float().cpu()
+        kids: list[list[int]] = []
+        for b, prefix in enumerate(prefixes):
+            cand = torch.nonzero(keep[b]).squeeze(-1)
+            order = cand[torch.argsort(-lg[b, cand], stable=True)].tolist()
+            first_eos = next((t for t in order if t in policy.eos_ids), None)
+            # one EOS child (several ids end the text alike), none at the empty prefix (no text to score)
+            order = [t for t in order if t not in policy.eos_ids or (t == first_eos and prefix)]
+            kids.append(order[:max_children])
+        scores = ann.score(ex.prompt, [p if c in eos else [*p, c] for p, cs in zip(prefixes, kids, strict=True)
+                                       for c in cs])
+        at = 0
+        for b, cs in enumerate(kids):
+            idx = torch.tensor(cs, dtype=torch.long)
+            unseen += int(model.unseen.cpu()[idx].sum())
+            per_node.append((np.asarray(scores[at: at + len(cs)], dtype=np.float64), q[b, idx].double().numpy(),
+                             lg[b, idx].double().numpy()))
+            at += len(cs)
+        bar.update(len(kids))
+        pol_runner.reset()
+        model.runner.reset()
+        reward.reset()
+    bar.close()
+    if not per_node:
+        raise SaffronError("no sibling-ranking nodes: the examples hold no reference responses")
+
+    res: dict[str, Any] = {"sibling_nodes": len(per_node), "sibling_top_p": top_p,
+                           "sibling_max_children": max_children,
+                           "sibling_children_mean": float(np.mean([len(r) for r, _, _ in per_node])),
+                           "sibling_rm_calls": int(sum(len(r) for r, _, _ in per_node)),
+                           "sibling_rm_flops": reward.flops - rm0,
+                           "sibling_unseen_share": unseen / max(1, sum(len(r) for r, _, _ in per_node))}
+    for who, col in (("", 1), ("policy_", 2)):
+        for n in SIBLING_TOP_N:
+            ov = [len(_top(node[col], n) & _top(node[0], n)) / n for node in per_node if len(node[0]) > n]
+            res[f"{who}overlap_at_{n}"] = _mean(ov)
+        rho = [v for node in per_node if (v := _spearman(node[col], node[0])) is not None]
+        res[f"{who}spearman_siblings"] = _mean(rho)
+        res[f"{who}spearman_siblings_nodes"] = len(rho)
+        res[f"{who}sibling_top1_regret"] = _mean([float(node[0].max() - node[0][_first_max(node[col])])
+                                                  for node in per_node])
+    for n in SIBLING_TOP_N:
+        big = [len(r) for r, _, _ in per_node if len(r) > n]
+        res[f"sibling_nodes_at_{n}"] = len(big)
+        res[f"chance_overlap_at_{n}"] = _mean([n / k for k in big])
+    res["sibling_seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def _first_max(x: np.ndarray) -> int:
+    return int(np.argsort(-x, kind="stable")[0])
+
+
 def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], policy: str | None = None,
               top_p: float = DEFAULT_TOP_P, limit: int | None = None, split: str | None = DEV_SPLIT,
-              base_model: str | None = None, progress: bool = True) -> dict[str, Any]:
+              base_model: str | None = None, progress: bool = True, siblings: int = 0,
+              sibling_per_prompt: int = DEFAULT_SIBLING_PER_PROMPT, max_children: int = DEFAULT_MAX_CHILDREN,
+              reward: str | RewardModel | None = None, examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Compare an MRM (folder or loaded) with the reward model on held-out reward rows (folder or rows).
 
-    Usage: ``bench_mrm("models/mrm", "data/rewards-dev")``. ``policy`` (default: the one the data was
-    tokenised for, else the MRM's base) gives the nucleus sizes; ``split`` keeps only rows whose prompt is in
-    that split (default dev; None keeps all); ``limit`` caps the rows read. Returns a JSON-able dict."""
+    Usage: ``bench_mrm("models/mrm", "data/rewards-dev", siblings=32)``. ``policy`` (default: the one the data
+    was tokenised for, else the MRM's base) gives the nucleus sizes; ``split`` keeps only rows whose prompt is in
+    that split (default dev; None keeps all); ``limit`` caps the rows read. ``siblings`` > 0 adds the sibling
+    ranking on that many ``DEV_SPLIT`` nodes (``examples`` replaces those prompts), scored by ``reward``
+    (default: the held-out folder's reward model, else the MRM's, else smol-guard). Returns a JSON-able dict."""
     t0 = time.time()
     model = mrm if isinstance(mrm, Mrm) else load_mrm(mrm, base_model)
     info: dict[str, Any] = {}
@@ -167,7 +315,16 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
         "mrm": model.manifest.base_model,
         "mrm_reward_model": model.manifest.reward_model,
         "policy": pol.name,
-        "seconds": round(time.time() - t0, 2),
         **info,
     }
+    if siblings > 0:
+        from saffron.guards.base import load_guard
+
+        spec = info.get("data_reward_model") or model.manifest.reward_model or DEFAULT_REWARD
+        rm = reward if isinstance(reward, RewardModel) else load_guard(reward or spec)
+        res["sibling_reward_model"] = rm.name
+        exs = list(examples) if examples is not None else sibling_examples(sibling_per_prompt, siblings)
+        res.update(sibling_ranking(model, rm, pol, exs, siblings, sibling_per_prompt, top_p, max_children,
+                                   progress))
+    res["seconds"] = round(time.time() - t0, 2)
     return res

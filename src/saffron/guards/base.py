@@ -14,12 +14,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from saffron.errors import SaffronError
 from saffron.model import Model
 from saffron.runner import Runner
+
+if TYPE_CHECKING:
+    from saffron.session import Session
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,12 @@ class RewardModel(ABC):
         seqs = [self.guard_ids(prompt, r) for r in responses]
         return [float(x) for x in self.readout(seqs)]
 
+    def score_outputs(self, session: Session, policy: Model, outputs: Sequence[Sequence[int]]) -> list[float]:
+        """Rewards of a search's outputs (``policy`` token ids, prefill excluded). What the methods call: a guard
+        judges the decoded text (``score``); a reward model on the policy's states (the head PRM) reads the ids
+        as the policy did, prefill included, and refuses a policy it cannot read."""
+        return self.score(session.prompt, [policy.decode(o) for o in outputs])
+
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         return [float(x) for x in self.readout([self.guard_ids(p, r) for p, r in pairs])]
 
@@ -124,8 +135,14 @@ def single_token(model: Model, word: str) -> int:
     return ids[0]
 
 
+GUARDS = ("smol-guard", "smol-guard-zeroshot", "llama-guard-3", "head-prm")
+GUARD_SPECS = "smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH], head-prm[:PATH]"
+
+
 def load_guard(spec: str = "smol-guard") -> RewardModel:
-    """``smol-guard`` (embedded), ``smol-guard-zeroshot``, ``llama-guard-3`` or ``llama-guard-3:PATH_OR_ID``."""
+    """``smol-guard`` (embedded), ``smol-guard-zeroshot``, ``llama-guard-3`` or ``llama-guard-3:PATH_OR_ID``, or
+    ``head-prm[:PATH]``: a value head on the policy's states (``mrm/prm.py``; embedded one without PATH)."""
+    check_guard_spec(spec)
     name, _, arg = spec.partition(":")
     if name == "smol-guard":
         from saffron.guards.smol_guard import load_smol_guard
@@ -135,13 +152,20 @@ def load_guard(spec: str = "smol-guard") -> RewardModel:
         from saffron.guards.smol_guard import load_zero_shot
 
         return load_zero_shot()
-    if name == "llama-guard-3":
-        from saffron.guards.llama_guard import LLAMA_GUARD_3_1B, load_llama_guard
+    if name == "head-prm":
+        from saffron.mrm.prm import load_head_prm
 
-        return load_llama_guard(arg or LLAMA_GUARD_3_1B)
-    raise SaffronError(f"unknown guard '{spec}'; known: smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH]")
+        return load_head_prm(arg or None)
+    from saffron.guards.llama_guard import LLAMA_GUARD_3_1B, load_llama_guard
+
+    return load_llama_guard(arg or LLAMA_GUARD_3_1B)
 
 
 def check_guard_spec(spec: str) -> None:
-    if spec.partition(":")[0] not in ("smol-guard", "smol-guard-zeroshot", "llama-guard-3"):
-        raise SaffronError(f"unknown guard '{spec}'; known: smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH]")
+    """Refuse an unknown guard, or a head PRM path that is no folder, before anything loads."""
+    name, _, arg = spec.partition(":")
+    if name not in GUARDS:
+        raise SaffronError(f"unknown guard '{spec}'; known: {GUARD_SPECS}")
+    if name == "head-prm" and arg and not Path(arg).is_dir():
+        raise SaffronError(f"head PRM '{arg}' is not a folder; train one with `saffron train-mrm --kind prm --data "
+                           f"REWARDS --out {arg}`")

@@ -42,7 +42,7 @@ class BestOfN(Method):
         limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
         samples = extend(runner, session.context_ids, [()] * self.n, self.max_new_tokens, limits,
                          self.temperature, self.top_p, gen)
-        rewards = reward.score(session.prompt, [runner.model.decode(s.tokens) for s in samples])
+        rewards = reward.score_outputs(session, runner.model, [s.tokens for s in samples])
         best = argmax_first(rewards)
         return MethodResult(samples[best].tokens, meter.delta(),
                             {"n_reward_calls": 1, "rewards": rewards, "chosen": best})

@@ -134,6 +134,6 @@ class _Search:
             if self.o.lookahead and not self.terminal(node):
                 tokens = extend(self.runner, self.session.context_ids, [tokens], self.o.lookahead, self.limits,
                                 self.o.temperature, self.o.top_p, self.gen)[0].tokens
-            node.value = self.reward.score(self.session.prompt, [self.runner.model.decode(tokens)])[0]
+            node.value = self.reward.score_outputs(self.session, self.runner.model, [tokens])[0]
             self.reward_calls += 1
         return node.value

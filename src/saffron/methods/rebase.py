@@ -62,7 +62,7 @@ class Rebase(Method):
                            self.temperature, self.top_p, gen)
             for i, g in zip(grow, grown, strict=True):
                 firsts[i] = g
-            scores = reward.score(session.prompt, [runner.model.decode(c.tokens) for c in firsts])
+            scores = reward.score_outputs(session, runner.model, [c.tokens for c in firsts])
             children = [Node(c.tokens, r, c.finished) for c, r in zip(firsts, scores, strict=True)]
             calls += 1
             explored += len(children)

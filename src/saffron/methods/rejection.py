@@ -45,7 +45,7 @@ class Rejection(Method):
             sample = extend(runner, session.context_ids, [()], self.max_new_tokens, limits, self.temperature,
                             self.top_p, gen)[0]
             seen.append(sample.tokens)
-            rewards.append(reward.score(session.prompt, [runner.model.decode(sample.tokens)])[0])
+            rewards.append(reward.score_outputs(session, runner.model, [sample.tokens])[0])
             if rewards[-1] > 0:
                 break
         best = len(rewards) - 1 if rewards[-1] > 0 else argmax_first(rewards)

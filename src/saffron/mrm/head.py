@@ -33,8 +33,8 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
+from saffron.flops import ArchSpec
 from saffron.model import Model, load_model
 from saffron.mrm.model import (
     MANIFEST,
@@ -81,26 +82,38 @@ def head_flops(n_features: int, width: int, d_model: int, n_scored: int) -> int:
     return 2 * (n_features * width + width + width * d_model + n_scored * d_model)
 
 
-class HeadNet(torch.nn.Module):
-    """``f -> q`` as in the module docstring; ``emb`` holds the normalised output embedding (not trained)."""
+class ValueNet(torch.nn.Module):
+    """``f -> v(gelu(W1 standardise(f))))``: the value part every head shares (the head PRM is this alone)."""
 
     mean: torch.Tensor
     std: torch.Tensor
-    emb: torch.Tensor
 
-    def __init__(self, n_features: int, width: int, emb: torch.Tensor) -> None:
+    def __init__(self, n_features: int, width: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
-        self.register_buffer("emb", emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6), persistent=False)
         self.inner = torch.nn.Linear(n_features, width)
         self.value = torch.nn.Linear(width, 1)
-        self.token = torch.nn.Linear(width, emb.shape[1], bias=False)
-        torch.nn.init.zeros_(self.token.weight)  # start as a pure value head: every token scored alike
-        self.bias = torch.nn.Parameter(torch.zeros(emb.shape[0]))
 
     def hidden(self, feats: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.inner((feats - self.mean) / self.std))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B]`` predicted reward of the prefix each row's states were read after."""
+        return self.value(self.hidden(feats)).squeeze(-1)
+
+
+class HeadNet(ValueNet):
+    """``f -> q`` as in the module docstring; ``emb`` holds the normalised output embedding (not trained)."""
+
+    emb: torch.Tensor
+
+    def __init__(self, n_features: int, width: int, emb: torch.Tensor) -> None:
+        super().__init__(n_features, width)  # creates inner, value, then token below: the RNG order of old files
+        self.register_buffer("emb", emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6), persistent=False)
+        self.token = torch.nn.Linear(width, emb.shape[1], bias=False)
+        torch.nn.init.zeros_(self.token.weight)  # start as a pure value head: every token scored alike
+        self.bias = torch.nn.Parameter(torch.zeros(emb.shape[0]))
 
     def at(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Predicted reward of one token per row (training reads only the supervised pairs)."""
@@ -188,6 +201,16 @@ def load_head_mrm(path: Path, base_model: str | None = None, device: str | None 
     return mrm
 
 
+def feature_runner(policy: Model, layers: Sequence[int]) -> Runner:
+    """A runner that reads ``layers`` of ``policy`` and runs no block above them (the states are the same as a
+    full runner's: below the top, a block's raw output; at the top, after the final norm)."""
+    top = ArchSpec.from_config(policy.hf.config).n_layers
+    if not layers or any(not 0 <= x <= top for x in layers):
+        raise SaffronError(f"layers must be within 0..{top} (the policy's hidden states), got {list(layers)}")
+    deepest = max(max(layers), 1)
+    return Runner(policy, depth=deepest if deepest < top else None)
+
+
 def row_features(runner: Runner, rows: Sequence[RewardRow], layers: tuple[int, ...], progress: bool
                  ) -> list[torch.Tensor]:
     """Per row ``[n + 1, L * d]``: the policy's states after ``chat(prompt) + response[:j]``, j = 0..n, read
@@ -205,6 +228,88 @@ def row_features(runner: Runner, rows: Sequence[RewardRow], layers: tuple[int, .
     return out
 
 
+@dataclass
+class Features:
+    """What a head trainer reads: the checked reward rows and the policy's states after each of their prefixes."""
+
+    policy: Model
+    data_manifest: dict[str, Any]
+    rows: list[RewardRow]
+    tokenizer_sha256: str
+    layers: tuple[int, ...]
+    states: list[torch.Tensor]  # per row [n + 1, L * d] (``row_features``)
+    seconds: float
+    flops: int
+
+
+def check_fit_options(width: int, batch_size: int, epochs: int, lr: float, weight_decay: float) -> None:
+    for name, v in (("width", width), ("batch_size", batch_size), ("epochs", epochs)):
+        if v < 1:
+            raise SaffronError(f"{name} must be >= 1, got {v}")
+    if not lr > 0 or not weight_decay >= 0:
+        raise SaffronError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
+
+
+def read_features(data_dir: Path, base_model: str, layers: Sequence[int], device: str | None, progress: bool
+                  ) -> Features:
+    """Check the reward folder (``training_data``: no held-out rows, the policy's tokenizer), load the policy
+    and read its states at ``layers`` after every prefix of every row. Shared by the head MRM and the head PRM:
+    the same rows and the same states, only the targets differ."""
+    from saffron.mrm.train import training_data
+
+    policy, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
+                                                             lambda: load_model(base_model, device))
+    layers = tuple(int(x) for x in layers)
+    runner = feature_runner(policy, layers)
+    t0 = time.perf_counter()
+    states = row_features(runner, rows, layers, progress)
+    return Features(policy, data_manifest, rows, fingerprint, layers, states, time.perf_counter() - t0,
+                    runner.flops)
+
+
+def fit(net: ValueNet, x: torch.Tensor, y: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor],
+        lr: float, weight_decay: float, batch_size: int, epochs: int, seed: int, progress: bool, what: str
+        ) -> tuple[list[float], float]:
+    """Fit ``net`` so that ``predict(idx)`` (the predictions for the supervised pairs ``idx``) meets ``y[idx]``:
+    feature statistics from ``x``, the value bias at the mean target (rewards sit around -2, not 0), AdamW on
+    seeded shuffles, mean squared error. Returns the per-epoch losses and the seconds it took."""
+    with torch.no_grad():
+        net.mean.copy_(x.mean(0))
+        net.std.copy_(x.std(0).clamp_min(1e-4))
+        net.value.bias.fill_(float(y.mean()))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for _ in tqdm(range(epochs), desc=f"train {what}", unit="epoch", disable=not progress, dynamic_ncols=True):
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = ((predict(idx) - y[idx]) ** 2).mean()
+            if not torch.isfinite(loss):
+                raise SaffronError(f"{what} training diverged (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(y))
+    if not math.isfinite(losses[-1]):
+        raise SaffronError(f"{what} training ended with a non-finite loss")
+    return losses, time.perf_counter() - t0
+
+
+def train_record(feats: Features, losses: list[float], fit_seconds: float, t_start: float, command: str | None,
+                 **options: Any) -> dict[str, Any]:
+    """The ``train`` block of a head's manifest: its options, losses, timings and environment."""
+    return {**options, "optimizer": f"AdamW(weight_decay={options.get('weight_decay')})", "loss_first": losses[0],
+            "final_loss": losses[-1], "feature_seconds": round(feats.seconds, 3),
+            "fit_seconds": round(fit_seconds, 3), "feature_flops": feats.flops,
+            "seconds": round(time.time() - t_start, 3), "device": str(feats.policy.device),
+            "command": command or " ".join(sys.argv), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
 def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY,
                    layers: Sequence[int] = DEFAULT_LAYERS, width: int = DEFAULT_WIDTH, lr: float = 1e-3,
                    weight_decay: float = 0.1, batch_size: int = 256, epochs: int = 20, seed: int = 0,
@@ -216,79 +321,46 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     reward, and on a complete row the state after the whole response predicts every EOS id with the final
     reward. Reading the rows' policy states takes about two minutes on 2 CPU cores and fitting well under one,
     so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
-    from saffron.mrm.train import training_data
-
     t_start = time.time()
     data_dir, out = Path(data_dir), Path(out)
-    for name, v in (("width", width), ("batch_size", batch_size), ("epochs", epochs)):
-        if v < 1:
-            raise SaffronError(f"{name} must be >= 1, got {v}")
-    if not lr > 0 or not weight_decay >= 0:
-        raise SaffronError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
-    policy, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
-                                                             lambda: load_model(base_model, device))
-    data_cfg = data_manifest.get("config", {})
-    runner = Runner(policy)
-    layers = tuple(int(x) for x in layers)
-    top = runner.arch.n_layers
-    if not layers or any(not 0 <= x <= top for x in layers):
-        raise SaffronError(f"layers must be within 0..{top} (the policy's hidden states), got {list(layers)}")
+    check_fit_options(width, batch_size, epochs, lr, weight_decay)
+    feats = read_features(data_dir, base_model, layers, device, progress)
+    policy, rows = feats.policy, feats.rows
+    data_cfg = feats.data_manifest.get("config", {})
     eos_ids = sorted(policy.eos_ids)
     if eos and not eos_ids:
         raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
 
-    t0 = time.perf_counter()
-    states = row_features(runner, rows, layers, progress)
-    feature_seconds = time.perf_counter() - t0
-    feats: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []
     toks: list[int] = []
     want: list[float] = []
-    for r, s in zip(rows, states, strict=True):
+    for r, s in zip(rows, feats.states, strict=True):
         n = len(r.response_ids)
-        feats.append(s[:n])
+        parts.append(s[:n])
         toks.extend(int(t) for t in r.response_ids)
         want.extend(float(x) for x in r.rewards)
         if eos and r.complete:
             for e in eos_ids:
-                feats.append(s[n:])
+                parts.append(s[n:])
                 toks.append(e)
                 want.append(float(r.rewards[-1]))
-    x = torch.cat(feats).float()
+    x = torch.cat(parts).float()
     t = torch.tensor(toks, dtype=torch.long)
     y = torch.tensor(want, dtype=torch.float32)
 
     torch.manual_seed(seed)
     net = HeadNet(x.shape[1], width, policy.hf.get_output_embeddings().weight.detach().float().cpu())
-    with torch.no_grad():
-        net.mean.copy_(x.mean(0))
-        net.std.copy_(x.std(0).clamp_min(1e-4))
-        net.value.bias.fill_(float(y.mean()))  # start at the corpus mean, not 0 (rewards sit around -2)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    t1 = time.perf_counter()
-    for _ in tqdm(range(epochs), desc="train head mrm", unit="epoch", disable=not progress, dynamic_ncols=True):
-        perm = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = ((net.at(x[idx], t[idx]) - y[idx]) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise SaffronError(f"head MRM training diverged (loss {float(loss)}); lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(y))
-    fit_seconds = time.perf_counter() - t1
+    losses, fit_seconds = fit(net, x, y, lambda idx: net.at(x[idx], t[idx]), lr, weight_decay, batch_size, epochs,
+                              seed, progress, "head mrm")
 
     seen = torch.zeros(policy.vocab_size, dtype=torch.bool)
     seen[t] = True
     unseen = ~seen
     manifest = MrmManifest(
-        base_model=base_model, tokenizer_sha256=fingerprint, reward_model=data_manifest.get("reward_model"),
-        penalty=penalty, lora_r=0, lora_alpha=0, target_modules=[], kind="head",
-        head={"layers": list(layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
+        base_model=base_model, tokenizer_sha256=feats.tokenizer_sha256,
+        reward_model=feats.data_manifest.get("reward_model"), penalty=penalty, lora_r=0, lora_alpha=0,
+        target_modules=[], kind="head",
+        head={"layers": list(feats.layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
               "flops_per_node": head_flops(x.shape[1], width, net.token.out_features, int(seen.sum()))},
         corpus={"data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
                 "tokens": sum(len(r.response_ids) for r in rows), "supervised_pairs": len(y),
@@ -296,16 +368,9 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
                 "unseen_tokens": int(unseen.sum()), "eos_supervised": eos,
                 "reward_mean": float(y.mean()), "reward_std": float(y.std()),
                 "reward_model_identity": data_cfg.get("reward_model")},
-        train={"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
-               "optimizer": f"AdamW(weight_decay={weight_decay})", "loss_first": losses[0],
-               "final_loss": losses[-1], "feature_seconds": round(feature_seconds, 3),
-               "fit_seconds": round(fit_seconds, 3), "feature_flops": runner.flops,
-               "seconds": round(time.time() - t_start, 3), "device": str(policy.device),
-               "command": command or " ".join(sys.argv), "torch": torch.__version__,
-               "python": platform.python_version()},
+        train=train_record(feats, losses, fit_seconds, t_start, command, epochs=epochs, lr=lr,
+                           weight_decay=weight_decay, batch_size=batch_size, seed=seed),
     )
-    if not math.isfinite(losses[-1]):
-        raise SaffronError("head MRM training ended with a non-finite loss")
     save_head_mrm(out, manifest, net, unseen)
     return manifest
 

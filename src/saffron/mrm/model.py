@@ -60,8 +60,10 @@ class MrmManifest:
     corpus: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
-    kind: str = "lora"  # "lora": its own backbone (this module); "head": reads the policy's states (head.py)
-    head: dict[str, Any] = field(default_factory=dict)  # kind "head" only: layers, width, policy fingerprint
+    # "lora": its own backbone (this module); "head": reads the policy's states (head.py); "prm": not an MRM but
+    # the head PRM (prm.py), a value head for the baselines stored in the same format
+    kind: str = "lora"
+    head: dict[str, Any] = field(default_factory=dict)  # kinds "head", "prm": layers, width, policy fingerprint
 
 
 class Mrm(ABC):
@@ -195,6 +197,9 @@ def load_mrm(path: str | Path, base_model: str | None = None, device: str | None
         from saffron.mrm.head import load_head_mrm
 
         return load_head_mrm(path, base_model, device)
+    if manifest is not None and manifest.kind == "prm":
+        raise SaffronError(f"{path} is a head PRM (a reward model for the baselines), not an MRM: pass it as "
+                           f"--reward head-prm:{path}")
     cfg = adapter_config(path)
     base = base_model or (manifest.base_model if manifest else cfg.get("base_model_name_or_path"))
     if not base:
@@ -238,6 +243,10 @@ def inspect_mrm(path: str | Path) -> dict[str, Any]:
         from saffron.mrm.head import inspect_head_mrm
 
         return inspect_head_mrm(path, manifest)
+    if manifest is not None and manifest.kind == "prm":
+        from saffron.mrm.prm import inspect_head_prm
+
+        return inspect_head_prm(path, manifest)
     cfg = adapter_config(path)
     try:
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:

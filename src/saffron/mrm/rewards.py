@@ -185,26 +185,36 @@ class Annotator:
     def sequences(self, prompt: str, ids: Sequence[int]) -> list[list[int]]:
         """The reward model's input for every prefix ``ids[:j]``, j = 1..len(ids)."""
         ids = list(ids)
+        return self.sequences_of(prompt, [ids[:j] for j in range(1, len(ids) + 1)])
+
+    def sequences_of(self, prompt: str, responses: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The reward model's input for each response (policy token ids): all share the head's cached ids."""
         if self.rm_model is not None and self.guard_prompt is not None:
             gp, m = self.guard_prompt, self.rm_model
             head = m.encode(gp.bos + gp.head.replace("{prompt}", prompt))
             if self.same_tokenizer:
-                mids = [ids[:j] for j in range(1, len(ids) + 1)]
+                mids = [list(r) for r in responses]
             else:
-                mids = [m.encode(self.policy.decode(ids[:j])) for j in range(1, len(ids) + 1)]
+                mids = [m.encode(self.policy.decode(r)) for r in responses]
             return [head + mid + self.tail for mid in mids]
-        # a reward model of unknown shape: its own guard_ids on the decoded prefix text
-        return [self.rm.guard_ids(prompt, self.policy.decode(ids[:j])) for j in range(1, len(ids) + 1)]
+        # a reward model of unknown shape: its own guard_ids on the decoded response text
+        return [self.rm.guard_ids(prompt, self.policy.decode(r)) for r in responses]
 
-    def rewards(self, row_id: str, prompt: str, ids: Sequence[int]) -> list[float]:
-        """R(prompt, ids[:j]) for j = 1..len(ids); a non-finite reward is an error naming the row."""
-        seqs = self.sequences(prompt, ids)
+    def score(self, prompt: str, responses: Sequence[Sequence[int]]) -> list[float]:
+        """R(prompt, response) for each response (policy token ids), ``chunk`` sequences per readout."""
+        seqs = self.sequences_of(prompt, responses)
         out: list[float] = []
         for i in range(0, len(seqs), self.chunk):
             r = self.rm.readout(seqs[i: i + self.chunk])
             self.calls += 1
             out.extend(float(x) for x in r.detach().float().cpu().flatten())
         self.scored += len(seqs)
+        return out
+
+    def rewards(self, row_id: str, prompt: str, ids: Sequence[int]) -> list[float]:
+        """R(prompt, ids[:j]) for j = 1..len(ids); a non-finite reward is an error naming the row."""
+        ids = list(ids)
+        out = self.score(prompt, [ids[:j] for j in range(1, len(ids) + 1)])
         if len(out) != len(ids):
             raise SaffronError(f"reward model {self.rm.name} returned {len(out)} rewards for {len(ids)} prefixes "
                                f"(row {row_id})")
