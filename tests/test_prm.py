@@ -34,7 +34,7 @@ def prm_data(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     model = load_model(str(tiny_dir))
     gen = torch.Generator().manual_seed(1)
     rows = []
-    for i, p in enumerate(_prompts(12, heldout=False, tag="prm")):
+    for i, p in enumerate(_prompts(12, "train", tag="prm")):
         ids = torch.randint(10, 30, (8,), generator=gen).tolist()
         rows.append(_row(model, i, p, ids, i % 2 == 0, [2.0 if t % 2 == 0 else -2.0 for t in ids]))
     return _hand_made(tmp_path_factory.mktemp("prm-data") / "d", model, rows)
