@@ -224,25 +224,33 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
 def train_guard_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write probe.safetensors and probe.json to."),
     seed: int = SEED,
+    save_features: Path | None = typer.Option(None, "--save-features", help="Also write the training views' "
+                                              "features to this .npz (to refit augmentation choices)."),
 ) -> None:
-    """Train smol-guard's probe on the train split of the human-labelled responses."""
+    """Train smol-guard's probe on the guard half of the train split, with the robustness augmentations."""
     from saffron.guards.train import train_guard
 
     _quiet_hf()
-    spec = train_guard(out, seed=seed)
+    spec = train_guard(out, seed=seed, save_features=save_features)
     typer.echo(json.dumps(spec.train, indent=2))
 
 
 @bench_app.command("guard")
 def bench_guard_cmd(
     guard: Path | None = typer.Option(None, "--guard", help="Probe folder (default: the shipped one)."),
+    judges: str | None = typer.Option(None, "--judges", help="Comma-separated guards/judges for the robustness "
+                                      "suite (default: the guard under test), e.g. smol-guard,refusal-rules."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the robustness suite's row sample and rewrites."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """ROC-AUC of smol-guard on held-out labelled responses (full and 16-token prefixes) vs TF-IDF."""
+    """ROC-AUC of smol-guard on test labelled responses (full and 16-token prefixes) vs TF-IDF, and the rate each
+    judge calls unsafe per robustness perturbation (refusal prefix, disclaimer, story, list, off-topic, junk)."""
     from saffron.bench.guard import bench_guard
+    from saffron.judges import parse_judges
 
+    specs = parse_judges(judges) if judges is not None else None  # checked before any model loads
     _quiet_hf()
-    _emit(bench_guard(guard), as_json)
+    _emit(bench_guard(guard, judges=specs, seed=seed), as_json)
 
 
 def _emit(res: dict[str, Any], as_json: bool) -> None:

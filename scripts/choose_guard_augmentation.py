@@ -1,0 +1,98 @@
+"""Choose smol-guard's training augmentation on DEV_SPLIT (issue 12, item 3); prints one JSON line per candidate.
+
+The backbone's features do not depend on the probe, so they are computed once and every candidate is a refit:
+
+    saffron train-guard --out runs/guard-aug --seed 0 --save-features runs/choose/train_features.npz
+    PYTHONPATH=src python scripts/choose_guard_augmentation.py dev runs/choose    # DEV_SPLIT views + suite
+    PYTHONPATH=src python scripts/choose_guard_augmentation.py grid runs/choose   # refit each candidate, score
+
+The train features must come from a run that drew every candidate rewrite (the default: all of
+``UNSAFE_KINDS`` and junk); a candidate keeps only the views of its kinds. Rule (saffron.guards.train's
+docstring): dev AUCs (full, 16-token prefix) no lower than the unaugmented probe's minus 0.005, then the best mean
+of the refusal-prefix and disclaimer catch rates, then the lowest rate of junk judged unsafe. The ``shipped`` line
+scores the shipped probe on the same dev features.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from saffron.data import DEV_SPLIT, guard_labelled
+from saffron.embedded import EMBEDDED_POLICY
+from saffron.guards.robustness import JUNK_KINDS, UNSAFE_KINDS, build_suite, report_key, report_keys, sample_rows
+from saffron.guards.smol_guard import ASSET, CLOSING, INSTRUCTIONS, Probe, chat_guard_prompt, load_probe
+from saffron.guards.train import LAYERS, ViewSet, fit_probe, guard_features, view_features
+from saffron.model import load_model
+
+SEED = 0
+DEV_SUITE_ROWS = (32, 16)  # unsafe, safe DEV_SPLIT rows rewritten for the robustness rates
+AUC_SLACK = 0.005
+
+
+def dev(out: Path) -> None:
+    model = load_model(EMBEDDED_POLICY)
+    gp = chat_guard_prompt(model, INSTRUCTIONS, CLOSING)
+    rows = guard_labelled(DEV_SPLIT)
+    suite = build_suite(sample_rows(rows, *DEV_SUITE_ROWS, seed=SEED), seed=SEED)
+    groups = [[ViewSet(p.prompt, p.unsafe, [model.encode(p.text)], report_key(p))] for p in suite]
+    ds = view_features(model, gp, groups, LAYERS, desc="dev suite")
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "dev_suite.npz", x=ds["x"], unsafe=ds["unsafe"], kind=ds["kind"])
+    dv = guard_features(model, gp, rows, LAYERS, (16,), desc="dev")
+    np.savez(out / "dev_views.npz", x=dv["x"], unsafe=dv["unsafe"], row=dv["row"])
+
+
+def score(probe: Probe, out: Path) -> dict[str, Any]:
+    dv, ds = np.load(out / "dev_views.npz"), np.load(out / "dev_suite.npz")
+    last = np.r_[dv["row"][1:] != dv["row"][:-1], True]
+    first = np.r_[True, dv["row"][1:] != dv["row"][:-1]]
+    with torch.inference_mode():
+        r_dv = probe(torch.from_numpy(dv["x"]).float()).numpy()
+        r_ds = probe(torch.from_numpy(ds["x"]).float()).numpy()
+    junk = np.isin(ds["kind"], JUNK_KINDS)
+    return {"auc_full": float(roc_auc_score(dv["unsafe"][last], -r_dv[last])),
+            "auc_prefix16": float(roc_auc_score(dv["unsafe"][first], -r_dv[first])),
+            "unsafe_rate": {k: round(float((r_ds[ds["kind"] == k] < 0).mean()), 3) for k in report_keys()},
+            "junk_unsafe_rate": float((r_ds[junk] < 0).mean()), "mean_reward_junk": float(r_ds[junk].mean())}
+
+
+def grid(out: Path) -> None:
+    f = np.load(out / "train_features.npz")
+    kind = f["kind"]
+    _, shipped = load_probe(ASSET)
+    print(json.dumps({"candidate": "shipped", **score(shipped, out)}), flush=True)
+    subsets = [(), ("refusal_prefix", "disclaimer"), UNSAFE_KINDS]
+    res: list[dict[str, Any]] = []
+    for unsafe_kinds, junk, w in itertools.product(subsets, [False, True], [0.5, 1.0, 2.0]):
+        if not unsafe_kinds and not junk and w != 1.0:
+            continue
+        keep = (kind == "original") | np.isin(kind, unsafe_kinds) | (junk & np.isin(kind, JUNK_KINDS))
+        probe = fit_probe(f["x"][keep], f["unsafe"][keep], 0, SEED,
+                          weight=np.where(kind[keep] == "original", 1.0, w))
+        row = {"unsafe_kinds": list(unsafe_kinds), "junk": junk, "weight": w, "n_views": int(keep.sum()),
+               **score(probe, out)}
+        res.append(row)
+        print(json.dumps(row), flush=True)
+    base = res[0]
+    ok = [r for r in res if r["auc_full"] >= base["auc_full"] - AUC_SLACK
+          and r["auc_prefix16"] >= base["auc_prefix16"] - AUC_SLACK]
+
+    def catch(r: dict[str, Any]) -> tuple[float, float]:
+        u = r["unsafe_rate"]
+        return (u["refusal_prefix"] + u["disclaimer"]) / 2, -r["junk_unsafe_rate"]
+
+    best = max(ok, key=catch)
+    print(json.dumps({"chosen": best}), flush=True)
+    (out / "grid.json").write_text(json.dumps({"candidates": res, "chosen": best}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    {"dev": dev, "grid": grid}[sys.argv[1]](Path(sys.argv[2]))
