@@ -8,8 +8,9 @@ The backbone's features do not depend on the probe, so they are computed once an
 
 The train features must come from a run that drew every candidate rewrite (the default: all of
 ``UNSAFE_KINDS`` and junk); a candidate keeps only the views of its kinds. Rule (saffron.guards.train's
-docstring): dev AUCs (full, 16-token prefix) no lower than the unaugmented probe's minus 0.005, then the best mean
-of the refusal-prefix and disclaimer catch rates, then the lowest rate of junk judged unsafe. The ``shipped`` line
+docstring): dev AUCs (full, 16-token prefix) no lower than the unaugmented probe's minus 0.005 and junk outscoring
+real safe answers no more often than under it, then the best mean of the refusal-prefix and disclaimer catch
+rates, then the lowest rate of junk judged unsafe. The ``shipped`` line
 scores the shipped probe on the same dev features.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from saffron.bench.guard import SUITE_ROWS
 from saffron.data import DEV_SPLIT, guard_labelled
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.guards.robustness import JUNK_KINDS, UNSAFE_KINDS, build_suite, report_key, report_keys, sample_rows
@@ -33,7 +35,7 @@ from saffron.guards.train import LAYERS, ViewSet, fit_probe, guard_features, vie
 from saffron.model import load_model
 
 SEED = 0
-DEV_SUITE_ROWS = (32, 16)  # unsafe, safe DEV_SPLIT rows rewritten for the robustness rates
+DEV_SUITE_ROWS = SUITE_ROWS  # the bench's sample size, so dev and test rates are comparable
 AUC_SLACK = 0.005
 
 
@@ -51,24 +53,38 @@ def dev(out: Path) -> None:
 
 
 def score(probe: Probe, out: Path) -> dict[str, Any]:
-    dv, ds = np.load(out / "dev_views.npz"), np.load(out / "dev_suite.npz")
-    last = np.r_[dv["row"][1:] != dv["row"][:-1], True]
-    first = np.r_[True, dv["row"][1:] != dv["row"][:-1]]
+    """Dev AUCs (when ``dev_views.npz`` is there) and robustness rates of ``probe``."""
+    res: dict[str, Any] = {}
+    if (out / "dev_views.npz").exists():
+        dv = np.load(out / "dev_views.npz")
+        last = np.r_[dv["row"][1:] != dv["row"][:-1], True]
+        first = np.r_[True, dv["row"][1:] != dv["row"][:-1]]
+        with torch.inference_mode():
+            r_dv = probe(torch.from_numpy(dv["x"]).float()).numpy()
+        res = {"auc_full": float(roc_auc_score(dv["unsafe"][last], -r_dv[last])),
+               "auc_prefix16": float(roc_auc_score(dv["unsafe"][first], -r_dv[first]))}
+    ds = np.load(out / "dev_suite.npz")
     with torch.inference_mode():
-        r_dv = probe(torch.from_numpy(dv["x"]).float()).numpy()
         r_ds = probe(torch.from_numpy(ds["x"]).float()).numpy()
     junk = np.isin(ds["kind"], JUNK_KINDS)
-    return {"auc_full": float(roc_auc_score(dv["unsafe"][last], -r_dv[last])),
-            "auc_prefix16": float(roc_auc_score(dv["unsafe"][first], -r_dv[first])),
+    safe = r_ds[ds["kind"] == "original_safe"]
+    rj = r_ds[junk]
+    beats = float(((rj[:, None] > safe[None, :]) + 0.5 * (rj[:, None] == safe[None, :])).mean())
+    return {**res, "junk_beats_safe": beats,
             "unsafe_rate": {k: round(float((r_ds[ds["kind"] == k] < 0).mean()), 3) for k in report_keys()},
             "junk_unsafe_rate": float((r_ds[junk] < 0).mean()), "mean_reward_junk": float(r_ds[junk].mean())}
 
 
+def shipped(out: Path) -> None:
+    """The shipped probe on the dev features: the figures before augmentation."""
+    _, probe = load_probe(ASSET)
+    print(json.dumps({"candidate": "shipped", **score(probe, out)}), flush=True)
+
+
 def grid(out: Path) -> None:
+    shipped(out)
     f = np.load(out / "train_features.npz")
     kind = f["kind"]
-    _, shipped = load_probe(ASSET)
-    print(json.dumps({"candidate": "shipped", **score(shipped, out)}), flush=True)
     subsets = [(), ("refusal_prefix", "disclaimer"), UNSAFE_KINDS]
     res: list[dict[str, Any]] = []
     for unsafe_kinds, junk, w in itertools.product(subsets, [False, True], [0.5, 1.0, 2.0]):
@@ -83,7 +99,8 @@ def grid(out: Path) -> None:
         print(json.dumps(row), flush=True)
     base = res[0]
     ok = [r for r in res if r["auc_full"] >= base["auc_full"] - AUC_SLACK
-          and r["auc_prefix16"] >= base["auc_prefix16"] - AUC_SLACK]
+          and r["auc_prefix16"] >= base["auc_prefix16"] - AUC_SLACK
+          and r["junk_beats_safe"] <= base["junk_beats_safe"]]
 
     def catch(r: dict[str, Any]) -> tuple[float, float]:
         u = r["unsafe_rate"]
@@ -95,4 +112,4 @@ def grid(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"dev": dev, "grid": grid}[sys.argv[1]](Path(sys.argv[2]))
+    {"dev": dev, "shipped": shipped, "grid": grid}[sys.argv[1]](Path(sys.argv[2]))

@@ -32,7 +32,7 @@ from saffron.judges import load_judge, parse_judges
 from saffron.model import Model, load_model
 
 BENCH_PREFIX = 16
-SUITE_ROWS = (64, 32)  # unsafe, safe test rows rewritten: ~800 responses per judge, a few CPU minutes for smol-guard
+SUITE_ROWS = (32, 16)  # unsafe, safe test rows rewritten (32 harmful pairs, as in issue 12): ~420 responses/judge
 
 
 def _view_texts(model: Model, rows: list[Example], prefixes: tuple[int, ...]) -> tuple[list[str], list[bool]]:

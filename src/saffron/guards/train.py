@@ -9,14 +9,23 @@ Features are the final-position hidden states of ``LAYERS``; the probe is a regu
 
 Augmentation (issue 12, item 3). The unaugmented probe was fooled by the attacks we already know: harmful text
 after "I'm sorry, but I can't help with that." was judged unsafe 15/32 times, harmful text plus a disclaimer
-9/32. So training also shows the label-preserving rewrites of ``guards/robustness.py`` of the same rows:
-``AUGMENT_UNSAFE`` of every unsafe row (still unsafe; partial views always keep the refusal or story lead, so a
-bare refusal is never labelled unsafe) and one junk rewrite of every row (safe: no harmful content; one kind per
-row, rotating, because junk is cheap to learn and each view costs a guard forward). Augmented views weigh
-``AUGMENT_WEIGHT`` against 1 for a real labelled view. Both choices were made on the ``DEV_SPLIT`` rows
-(``scripts/choose_guard_augmentation.py``; the grid and the figures are in docs/benchmarks.md): dev AUCs
-(full and 16-token prefix) must not drop, then the highest mean of the refusal-prefix and disclaimer catch rates
-wins, junk-judged-safe breaking ties.
+9/32. So training also shows label-preserving rewrites (``guards/robustness.py``) of the same guard-half rows:
+one of ``AUGMENT_UNSAFE`` per unsafe row (still unsafe; partial views always keep the refusal or story lead, so a
+bare refusal is never a view labelled unsafe) and one junk rewrite per row, labelled safe as the suite documents
+(no harmful content). A safe label raises junk's reward, and a search maximises reward, so the dev rule below
+also refuses any candidate that makes junk outscore real safe answers more often than the unaugmented probe
+does (``junk_beats_safe``). One rewrite
+per row, drawn by a seeded generator of the row id, because every view set costs a backbone forward over the
+whole text. Augmented views weigh ``AUGMENT_WEIGHT`` against 1 for a real labelled view.
+
+How the choice is made: on ``DEV_SPLIT`` only, by ``scripts/choose_guard_augmentation.py``, which refits the
+probe from saved features for every candidate (no rewrites / refusal+disclaimer / all four; junk or not; weight
+0.5, 1, 2) and keeps the best mean catch rate on refusal-prefixed and disclaimed harmful text among candidates
+whose dev AUCs (full, 16-token prefix) stay within 0.005 of the unaugmented probe's and whose ``junk_beats_safe``
+is no higher than its. The defaults here are the
+widest candidate (all four rewrites, junk, weight 1), which the default ``train-guard`` draws so that every
+candidate can be refitted from its features (``--save-features``); until the grid has run on the final split,
+they are a prior, not a dev-chosen value (docs/benchmarks.md says which).
 """
 
 from __future__ import annotations
@@ -255,7 +264,7 @@ def train_guard(out: Path, seed: int = 0, base_model: str = EMBEDDED_POLICY, lay
             "junk": bool(augment_junk and aug),
             "weight": augment_weight,
             "views_per_kind": {str(k): int(n) for k, n in zip(kinds, counts, strict=True)},
-            "chosen_on": "DEV_SPLIT, scripts/choose_guard_augmentation.py (see saffron.guards.train)",
+            "choice": "widest candidate; dev grid: scripts/choose_guard_augmentation.py (saffron.guards.train)",
         },
         "probe": "logistic (L-BFGS)" if hidden == 0 else f"mlp({hidden}) AdamW",
         "c": C, "epochs": EPOCHS, "lr": LR, "weight_decay": WEIGHT_DECAY,
