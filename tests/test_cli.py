@@ -24,6 +24,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["eval", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["eval", "--prefill", "  "], "--prefill is empty"),
     (["generate", "--prompt", "   "], "the prompt is empty"),
+    (["bench", "guard", "--judges", "smol-guard,gpt"], "unknown guard 'gpt'"),
+    (["bench", "guard", "--judges", "smol-guard,smol-guard"], "names 'smol-guard' twice"),
 ])
 def test_bad_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
