@@ -19,7 +19,7 @@ def _dataset(tmp_path: Path, n: int = 3) -> str:
 
 
 def _base(tmp_path: Path, tiny_dir: Path) -> EvalConfig:
-    return EvalConfig(dataset=_dataset(tmp_path), policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}",
+    return EvalConfig(dataset=_dataset(tmp_path), policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
                       reward=f"llama-guard-3:{tiny_dir}", prefill_tokens=2, method_options={"max_new_tokens": 3})
 
 

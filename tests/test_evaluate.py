@@ -17,8 +17,8 @@ def _dataset(tmp_path: Path, n: int = 4) -> str:
 
 def _cfg(tiny_dir: Path, ds: str, **kw) -> EvalConfig:  # type: ignore[no-untyped-def]
     opts = {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0}
-    return EvalConfig(dataset=ds, policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}", prefill_tokens=3,
-                      method_options=opts, **kw)
+    return EvalConfig(dataset=ds, policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
+                      prefill_tokens=3, method_options=opts, **kw)
 
 
 def test_eval_writes_records_and_metrics_then_resumes(tmp_path: Path, tiny_dir: Path) -> None:
@@ -47,8 +47,8 @@ def test_eval_writes_records_and_metrics_then_resumes(tmp_path: Path, tiny_dir: 
 def test_same_seed_gives_identical_records(tmp_path: Path, tiny_dir: Path) -> None:
     ds = _dataset(tmp_path, 2)
     opts = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9}
-    cfgs = [EvalConfig(dataset=ds, policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}", method_options=opts,
-                       seed=s) for s in (7, 7, 8)]
+    cfgs = [EvalConfig(dataset=ds, policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
+                       method_options=opts, seed=s) for s in (7, 7, 8)]
     outs = [tmp_path / f"r{i}" for i in range(3)]
     for c, o in zip(cfgs, outs, strict=True):
         run_eval(c, o, progress=False)
@@ -83,8 +83,8 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
 
     ds = _dataset(tmp_path, 1)
     out = tmp_path / "run"
-    cfg = EvalConfig(dataset=ds, policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}", prefill_tokens=3,
-                     method_options={"max_new_tokens": 4})
+    cfg = EvalConfig(dataset=ds, policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
+                     prefill_tokens=3, method_options={"max_new_tokens": 4})
     run_eval(cfg, out, progress=False)
     saved = json.loads((out / "config.json").read_text())["method_options"]
     assert saved == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
@@ -114,7 +114,7 @@ def test_judge_instructions_are_setup_so_a_prompt_costs_the_same_alone_or_after_
     for rec in both:  # the judge pays for the prompt, response and closing after the kept instructions
         assert rec["setup_flops"] == {"judge": guard.setup_flops}
         n = len(guard.guard_ids(rec["prompt"], rec["output"])) - kept
-        assert rec["judge_flops"] == straight_flops(guard.runner.arch, n, kept, 1)
+        assert rec["judge_flops"] == {f"llama-guard-3:{tiny_dir}": straight_flops(guard.runner.arch, n, kept, 1)}
 
 
 def test_folder_of_the_older_flops_accounting_is_refused(tmp_path: Path, tiny_dir: Path) -> None:
