@@ -7,6 +7,7 @@ import pytest
 
 from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig, run_eval
+from tests.fakes import FAKES, install_fakes
 
 
 def _dataset(tmp_path: Path, n: int = 4) -> str:
@@ -134,48 +135,9 @@ def test_folder_of_the_older_flops_accounting_is_refused(tmp_path: Path, tiny_di
     assert (out / "records.jsonl").read_bytes() == before
 
 
-class FakeJudge:
-    """A judge without a model: unsafe exactly for the prompt ids in ``unsafe_ids`` (read from the prompt text)."""
-
-    def __init__(self, name: str, unsafe_ids: set[int], cost: int = 7) -> None:
-        self.name, self.unsafe_ids, self.cost, self._flops = name, unsafe_ids, cost, 0
-
-    def score(self, prompt: str, responses: list[str]) -> list[float]:
-        self._flops += self.cost * len(responses)
-        i = int(prompt.split()[1].rstrip("?"))  # "question {i}?"
-        return [-1.0 if i in self.unsafe_ids else 1.0 for _ in responses]
-
-    @property
-    def flops(self) -> int:
-        return self._flops
-
-    @property
-    def setup_flops(self) -> int:
-        return 100
-
-    def reset(self) -> None:
-        return None
-
-
-class FakeQuality:
-    def assess(self, prompt: str, output: str) -> dict[str, float | bool]:
-        i = int(prompt.split()[1].rstrip("?"))
-        return {"junk": i == 0, "relevance": i / 10, "refusal": False, "junk_score": 0.5}
-
-
-FAKES = {"fake-a": {0, 1}, "fake-b": {0, 2, 3}}
-
-
 @pytest.fixture
 def fake_judges(monkeypatch: pytest.MonkeyPatch) -> None:
-    import saffron.evaluate
-    import saffron.judges
-
-    check, load = saffron.judges.check_judge_spec, saffron.evaluate.load_judge
-    monkeypatch.setattr(saffron.judges, "check_judge_spec", lambda s: None if s in FAKES else check(s))
-    monkeypatch.setattr(saffron.evaluate, "load_judge", lambda s: FakeJudge(s, FAKES[s]) if s in FAKES else load(s))
-    monkeypatch.setattr(saffron.evaluate, "check_quality_available", lambda: None)
-    monkeypatch.setattr(saffron.evaluate, "load_quality", FakeQuality)
+    install_fakes(monkeypatch)
 
 
 def test_every_record_carries_every_judge_and_metrics_come_from_the_records(tmp_path: Path, tiny_dir: Path,

@@ -180,6 +180,12 @@ def compare_cmd(
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32)."),
+    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in TFLOP per prompt, fixed "
+                                    "before the run (default 2.0, about 3x Best-of-N-32 on the embedded stack); it "
+                                    "must lie above the evaluated points."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Seeds for the sampling methods (best-of-n, rejection, "
+                                     "rebase, deal-mcts), e.g. 0,1,2: each matched point once per seed, ASR as mean "
+                                     "and sd; intervals and tests use the first. Default: --seed alone."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Evaluate every budget (the curve) or only "
                                "what matching the target needs."),
     policy: str = POLICY,
@@ -192,16 +198,19 @@ def compare_cmd(
     opt: list[str] = typer.Option([], "--opt", "-o",
                                   help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
     seed: int = SEED,
+    quality: bool = QUALITY,
     as_json: bool = typer.Option(False, "--json",
-                                 help="Print {methods: {name: {asr, tflops_per_prompt, scaleff, n}}}."),
+                                 help="Print {methods: {name: {asr, judges: {judge: {asr, ci95}}, asr_any, kappa, "
+                                 "p_vs_best_of_n, seeds, tflops_per_prompt, scaleff, n, ...}}}."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
-    from saffron.compare import CompareConfig, format_comparison, run_compare
+    from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
     from saffron.evaluate import EvalConfig, make_backend, parse_options
+    from saffron.judges import parse_judges
 
     per_method: dict[str, dict[str, Any]] = {}
     for o in opt:
@@ -220,18 +229,27 @@ def compare_cmd(
         if not sep:
             raise SaffronError(f"--method-budgets expects METHOD=B1,B2,..., got '{mb}'")
         per_budgets[m.strip()] = _int_list("--method-budgets", bs)
-    base = EvalConfig(dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
-                      prefill_tokens=prefill_tokens, seed=seed, method_options={"max_new_tokens": max_new_tokens})
+    seed_list = None if seeds is None else _int_list("--seeds", seeds)
+    base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
+                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality,
+                      method_options={"max_new_tokens": max_new_tokens})
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
-                       method_options=per_method,
-                       target_tflops=target_tflops, limit=limit)
+                       method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
+                       tflop_lim=tflop_lim)
+    validate_compare(cc)
+    warning = compare_warning(cc)
+    if warning:
+        typer.echo(warning, err=True)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
         res = run_compare(cc, out, sweep=sweep, backend=be)
     if as_json:
-        slim = {m: {k: d[k] for k in ("asr", "tflops_per_prompt", "scaleff", "n", "budget", "mean_reward",
-                                       "mean_new_tokens", "degenerate_share")} for m, d in res["methods"].items()}
-        typer.echo(json.dumps({"target_tflops": res["target_tflops"], "methods": slim}, indent=2))
+        slim = {m: {k: d[k] for k in ("asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "quality",
+                                       "p_vs_best_of_n", "seeds", "tflops_per_prompt", "scaleff", "n", "budget",
+                                       "mean_reward", "mean_new_tokens", "degenerate_share",
+                                       "judge_is_search_reward")} for m, d in res["methods"].items()}
+        typer.echo(json.dumps({"target_tflops": res["target_tflops"], "tflop_lim": res["tflop_lim"],
+                               "reference": res["reference"], "methods": slim}, indent=2))
     else:
         typer.echo(format_comparison(res))
         typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)
