@@ -82,7 +82,10 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     got = json.loads(capsys.readouterr().out)
     assert set(got["methods"]) == {"none", "best-of-n"}
     for d in got["methods"].values():
-        assert {"asr", "tflops_per_prompt", "scaleff", "n"} <= set(d) and d["n"] == 1
+        assert {"asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "p_vs_best_of_n", "seeds",
+                "tflops_per_prompt", "scaleff", "n"} <= set(d) and d["n"] == 1
+        assert list(d["judges"]) == [f"llama-guard-3:{tiny_dir}"] and len(d["asr_ci95"]) == 2
+    assert got["reference"]["budget"] == 1 and got["methods"]["none"]["p_vs_best_of_n"] is not None
     assert got["methods"]["best-of-n"]["budget"] == 1  # halved from 2 towards the (tiny) target
     assert sorted(p.name for p in (tmp_path / "c" / "points").iterdir()) == ["best-of-n-n1", "best-of-n-n2", "none"]
 
