@@ -145,11 +145,12 @@ def eval_cmd(
                      method_options=_options(max_new_tokens, temperature, top_p, opt))
     cfg = resolve(cfg)
     validate(cfg, limit)
-    warning = search_reward_warning(cfg.judges, search_rewards(cfg))
-    if warning:
-        typer.echo(warning, err=True)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        # after every option is checked: a run refused for bad input prints its error alone
+        warning = search_reward_warning(cfg.judges, search_rewards(cfg))
+        if warning:
+            typer.echo(warning, err=True)
         metrics = run_eval(cfg, out, limit, backend=be)
     typer.echo(json.dumps(metrics, indent=2) if as_json else format_table([metrics]))
     if not as_json:
@@ -237,11 +238,11 @@ def compare_cmd(
                        method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
                        tflop_lim=tflop_lim)
     validate_compare(cc)
-    warning = compare_warning(cc)
-    if warning:
-        typer.echo(warning, err=True)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        warning = compare_warning(cc)  # after every option is checked, as in eval
+        if warning:
+            typer.echo(warning, err=True)
         res = run_compare(cc, out, sweep=sweep, backend=be)
     if as_json:
         slim = {m: {k: d[k] for k in ("asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "quality",
