@@ -18,7 +18,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["eval", "--limit", "0"], "--limit must be a positive"),
     (["eval", "--limit", "-3"], "--limit must be a positive"),
     (["eval", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["eval", "--dataset", "pyrit-harmful:test"], "unknown split 'test'"),
+    (["eval", "--dataset", "pyrit-harmful:nope"], "unknown split 'nope'"),  # 'test' became a split
     (["eval", "--method", "magic"], "unknown method 'magic'"),
     (["eval", "--judge", "gpt"], "unknown guard 'gpt'"),
     (["eval", "--top-p", "1.5"], "top_p must be in (0, 1]"),
