@@ -18,9 +18,13 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["eval", "--limit", "0"], "--limit must be a positive"),
     (["eval", "--limit", "-3"], "--limit must be a positive"),
     (["eval", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["eval", "--dataset", "pyrit-harmful:test"], "unknown split 'test'"),
+    (["eval", "--dataset", "pyrit-harmful:nope"], "unknown split 'nope'"),  # 'test' became a split
     (["eval", "--method", "magic"], "unknown method 'magic'"),
     (["eval", "--judge", "gpt"], "unknown guard 'gpt'"),
+    (["eval", "--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
+    (["eval", "--judge", "smol-guard,nope"], "unknown guard 'nope'"),
+    (["eval", "--judge", ","], "--judge expects comma-separated judge names"),
+    (["generate", "--prompt", "hi", "--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
     (["eval", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["eval", "--prefill", "  "], "--prefill is empty"),
     (["generate", "--prompt", "   "], "the prompt is empty"),
@@ -75,3 +79,27 @@ def test_ctrl_c_says_work_is_kept_and_exits_130(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr("saffron.evaluate.run_eval", interrupted)
     code, err = _run(["eval", "--limit", "1", "--out", str(tmp_path / "o")], capsys)
     assert code == 130 and "interrupted; finished records are kept" in err and "Traceback" not in err
+
+
+def test_eval_warns_when_a_judge_is_the_search_reward(tmp_path: Path, tiny_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"id": "a", "prompt": "hi?", "response": "Sure, fine."}\n')
+    tiny = f"llama-guard-3:{tiny_dir}"
+    main(["eval", "--method", "best-of-n", "-o", "n=1", "--dataset", f"jsonl:{p}", "--policy", str(tiny_dir),
+          "--judge", tiny, "--reward", tiny, "--max-new-tokens", "2", "--out", str(tmp_path / "o"), "--json"])
+    cap = capsys.readouterr()
+    warnings = [line for line in cap.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"judge {tiny} is also a search-time reward (reward {tiny})" in warnings[0]
+    assert json.loads(cap.out)["judge_is_search_reward"] == [tiny]
+
+
+def test_quality_without_its_module_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("saffron.evaluate.QUALITY_MODULE", "saffron.no_such_quality_module")
+    code, err = _run(["eval", "--quality", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err == "error: --quality needs saffron.no_such_quality_module, which this installation of " \
+        "saffron does not have\n"
+    assert not (tmp_path / "o").exists()

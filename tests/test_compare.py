@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from saffron.cli import main
-from saffron.compare import CompareConfig, budget_knob, degenerate_share, run_compare, scaleff
+from saffron.compare import (
+    CompareConfig,
+    budget_knob,
+    degenerate_share,
+    format_comparison,
+    paired_p,
+    run_compare,
+    scaleff,
+)
 from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig
 
@@ -19,7 +27,7 @@ def _dataset(tmp_path: Path, n: int = 3) -> str:
 
 
 def _base(tmp_path: Path, tiny_dir: Path) -> EvalConfig:
-    return EvalConfig(dataset=_dataset(tmp_path), policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}",
+    return EvalConfig(dataset=_dataset(tmp_path), policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
                       reward=f"llama-guard-3:{tiny_dir}", prefill_tokens=2, method_options={"max_new_tokens": 3})
 
 
@@ -45,11 +53,17 @@ def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) ->
     assert set(res["methods"]["none"]["setup_tflops"]) == {"judge"}
     assert set(res["methods"]["best-of-n"]["setup_tflops"]) == {"judge", "reward"}
     assert json.loads((out / "metrics.json").read_text())["rebase"]["setup_tflops"]["reward"] > 0
-    for m in ("none", "best-of-n", "rebase"):
-        assert set(res["curves"][m][0]) and all(len(p) == 3 for p in res["curves"][m])
+    for m in ("none", "best-of-n", "rebase"):  # budget, TFLOP, ASR and its interval
+        assert all(len(p) == 5 and p[3] <= p[2] <= p[4] for p in res["curves"][m])
     assert [p[0] for p in res["curves"]["best-of-n"]] == [1, 2, 32]
     md = (out / "comparison.md").read_text()
     assert all(f"| {m} |" in md for m in cc.methods)
+    # every method is tested against Best-of-N's matched point (N=32), on the records paired by prompt
+    assert res["reference"] == {"method": "best-of-n", "budget": 32, "seed": 0}
+    assert res["methods"]["best-of-n"]["p_vs_best_of_n"] is None
+    assert set(res["methods"]["rebase"]["p_vs_best_of_n"]) == {f"llama-guard-3:{tiny_dir}"}
+    assert "Versus Best-of-N at n=32" in md and "- rebase under llama-guard-3:" in md
+    assert res["tflop_lim"] == 2.0 and res["methods"]["none"]["scaleff"] != 0
     assert (out / "asr_vs_tflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a re-run resumes every point: same figures, nothing recomputed
     before = {p: p.stat().st_mtime_ns for p in out.glob("points/*/records.jsonl")}
@@ -68,7 +82,10 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     got = json.loads(capsys.readouterr().out)
     assert set(got["methods"]) == {"none", "best-of-n"}
     for d in got["methods"].values():
-        assert {"asr", "tflops_per_prompt", "scaleff", "n"} <= set(d) and d["n"] == 1
+        assert {"asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "p_vs_best_of_n", "seeds",
+                "tflops_per_prompt", "scaleff", "n"} <= set(d) and d["n"] == 1
+        assert list(d["judges"]) == [f"llama-guard-3:{tiny_dir}"] and len(d["asr_ci95"]) == 2
+    assert got["reference"]["budget"] == 1 and got["methods"]["none"]["p_vs_best_of_n"] is not None
     assert got["methods"]["best-of-n"]["budget"] == 1  # halved from 2 towards the (tiny) target
     assert sorted(p.name for p in (tmp_path / "c" / "points").iterdir()) == ["best-of-n-n1", "best-of-n-n2", "none"]
 
@@ -82,6 +99,15 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     (["--target-tflops", "-1"], "--target-tflops must be positive"),
     (["--method-budgets", "rebase=2", "--methods", "none"], "which is not in --methods"),
     (["--method-budgets", "rebase"], "--method-budgets expects METHOD=B1,B2"),
+    (["--seeds", ""], "--seeds names no seed"),
+    (["--seeds=0,-1"], "--seeds must be non-negative integers, got [0, -1]"),
+    (["--seeds", "1,1"], "--seeds names a seed twice"),
+    (["--seeds", "a"], "--seeds must be comma-separated integers"),
+    (["--tflop-lim", "0"], "--tflop-lim must be a positive number"),
+    (["--tflop-lim", "-2"], "--tflop-lim must be a positive number"),
+    (["--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
+    (["--judge", "smol-guard,gpt"], "unknown guard 'gpt'"),
+    (["--judge", "smol-guard,"], "--judge expects comma-separated judge names"),
 ])
 def test_bad_compare_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,6 +115,7 @@ def test_bad_compare_options_fail_before_loading_models(argv: list[str], msg: st
         main(["compare", "--out", str(tmp_path / "c"), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one line
     assert not (tmp_path / "c").exists()
 
 
@@ -99,3 +126,106 @@ def test_scaleff_and_degenerate_share() -> None:
     assert degenerate_share(recs) == pytest.approx(2 / 3)
     with pytest.raises(SaffronError, match="no methods"):
         run_compare(CompareConfig(methods=()), Path("unused"))
+
+
+def _recs(unsafe: dict[str, list[bool]], ids: list[str] | None = None) -> list[dict]:  # type: ignore[type-arg]
+    n = len(next(iter(unsafe.values())))
+    return [{"id": (ids or [f"p{i}" for i in range(n)])[i],
+             "judges": {j: {"reward": -1.0 if u[i] else 1.0, "unsafe": u[i]} for j, u in unsafe.items()}}
+            for i in range(n)]
+
+
+def test_p_values_pair_records_by_prompt() -> None:
+    # 12 prompts: Best-of-N unsafe on 10, the defence on 1; discordant 9 one way, 0 the other:
+    # p = 2 * (1/2)^9 = 0.0039 (by hand); under judge b they agree everywhere: p = 1
+    bon = [True] * 10 + [False] * 2
+    mine = [True] + [False] * 11
+    ref = _recs({"a": bon, "b": bon})
+    recs = _recs({"a": mine, "b": bon})
+    assert paired_p(recs, ref, "a") == pytest.approx(2 / 2**9)
+    assert paired_p(recs, ref, "b") == 1.0
+    # pairing is by prompt id, not by position: reversed records give the same p
+    assert paired_p(list(reversed(recs)), ref, "a") == pytest.approx(2 / 2**9)
+    # 3 discordant one way, 1 the other: p = 2 * (1 + 4) / 16 = 0.625
+    assert paired_p(_recs({"a": [True, True, True, False, True]}), _recs({"a": [False, False, False, True, True]}),
+                    "a") == pytest.approx(0.625)
+
+
+def test_comparison_md_says_which_differences_are_significant() -> None:
+    def method(asr_a: float, asr_b: float, p: dict[str, float] | None) -> dict:  # type: ignore[type-arg]
+        return {"judges": {"a": {"asr": asr_a, "ci95": [asr_a / 2, (1 + asr_a) / 2], "n_unsafe": 1},
+                           "b": {"asr": asr_b, "ci95": [0.0, 1.0], "n_unsafe": 1}},
+                "asr": asr_a, "asr_any": max(asr_a, asr_b), "asr_any_ci95": [0.1, 0.9], "kappa": {"a|b": 0.25},
+                "quality": {"junk": 0.5}, "p_vs_best_of_n": p, "budget": 8, "knob": "n", "n": 64, "scaleff": 1.5,
+                "within_tolerance": True, "tflops_per_prompt": 0.5, "mean_reward": 0.1, "mean_new_tokens": 30.0,
+                "degenerate_share": 0.0, "judge_is_search_reward": ["a"],
+                "seeds": {"seeds": [0, 1], "judges": {"a": {"asr": [0.5, 0.75], "mean": 0.625, "sd": 0.1768}}}}
+
+    result = {"target_tflops": 0.5, "tolerance": 0.1, "tflop_lim": 2.0, "reference": {"budget": 32},
+              "config": {"judges": ["a", "b"]},
+              "methods": {"best-of-n": method(0.59, 0.6, None), "saffron": method(0.33, 0.5, {"a": 0.004, "b": 0.57})}}
+    md = format_comparison(result)
+    assert "| saffron | n=8 | 64 | 0.330 [0.17, 0.67] | 0.500 [0.00, 1.00] | 0.500 [0.10, 0.90] |" in md
+    assert "- saffron under a: ASR 0.330 vs 0.590: significant (p = 0.004)" in md
+    assert "- saffron under b: ASR 0.500 vs 0.600: not significant (p = 0.57)" in md
+    assert "- best-of-n under" not in md
+    assert "a / b 0.25" in md and "0.625 +- 0.177 (0.50, 0.75)" in md and "quality junk" in md
+    assert "Note: judge a is also a search-time reward" in md
+    result["reference"] = None
+    assert "Versus Best-of-N: not tested" in format_comparison(result)
+
+
+@pytest.fixture
+def fake_judges(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fakes import install_fakes
+
+    install_fakes(monkeypatch)
+
+
+def test_seeds_judges_and_quality_end_to_end(tmp_path: Path, tiny_dir: Path, fake_judges: None) -> None:
+    from saffron.stats import mcnemar_exact
+    from saffron.store import read_jsonl
+
+    tiny = f"llama-guard-3:{tiny_dir}"
+    base = _base(tmp_path, tiny_dir)
+    base = EvalConfig(**{**{f: getattr(base, f) for f in ("dataset", "policy", "reward", "prefill_tokens",
+                                                          "method_options")},
+                         "judges": (tiny, "fake-a"), "quality": True, "seed": 0})
+    cc = CompareConfig(methods=("none", "best-of-n"), budgets=(1,), base=base, target_tflops=1e-9, limit=3,
+                       seeds=(0, 1, 2))
+    out = tmp_path / "cmp"
+    res = run_compare(cc, out, progress=False)
+    # the sampling method once per seed in its own folder; the deterministic one once
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["best-of-n-n1", "best-of-n-n1-seed1",
+                                                                  "best-of-n-n1-seed2", "none"]
+    bon, none = res["methods"]["best-of-n"], res["methods"]["none"]
+    assert none["seeds"] is None and bon["seeds"]["seeds"] == [0, 1, 2]
+    per_seed = [json.loads((out / "points" / f / "metrics.json").read_text())["asr"]
+                for f in ("best-of-n-n1", "best-of-n-n1-seed1", "best-of-n-n1-seed2")]
+    assert bon["seeds"]["judges"][tiny]["asr"] == per_seed
+    assert bon["seeds"]["judges"][tiny]["mean"] == pytest.approx(sum(per_seed) / 3)
+    assert bon["seeds"]["judges"]["fake-a"] == {"asr": [2 / 3] * 3, "mean": pytest.approx(2 / 3), "sd": 0.0}
+    # per judge: ASR with its interval; fake-a calls prompts 0 and 1 unsafe whatever the method wrote
+    assert none["judges"]["fake-a"]["asr"] == pytest.approx(2 / 3) and len(none["judges"][tiny]["ci95"]) == 2
+    assert set(none["kappa"]) == {f"{tiny}|fake-a"} and none["quality"]["junk"] == pytest.approx(1 / 3)
+    recs = {f: [r for _, r in read_jsonl(out / "points" / f / "records.jsonl")] for f in ("none", "best-of-n-n1")}
+    for j in (tiny, "fake-a"):
+        want = mcnemar_exact(*([r["judges"][j]["unsafe"] for r in recs[f]] for f in ("none", "best-of-n-n1")))
+        assert none["p_vs_best_of_n"][j] == want
+    assert none["p_vs_best_of_n"]["fake-a"] == 1.0
+    assert bon["judge_is_search_reward"] == [tiny] and none["judge_is_search_reward"] == []
+
+
+def test_tflop_lim_below_every_point_is_one_line_and_writes_no_comparison(
+        tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["compare", "--methods", "none", "--target-tflops", "1", "--tflop-lim", "1e-12",
+            "--dataset", _dataset(tmp_path), "--policy", str(tiny_dir), "--judge", f"llama-guard-3:{tiny_dir}",
+            "--prefill-tokens", "2", "--max-new-tokens", "2", "--limit", "1", "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    last = err[err.index("error: "):]  # after the progress bar: the error, one line
+    assert e.value.code == 2 and last.startswith("error: --tflop-lim 1e-12 is not above any evaluated point")
+    assert last.count("\n") == 1
+    assert not any((tmp_path / "c" / f).exists() for f in ("comparison.json", "comparison.md", "asr_vs_tflop.png",
+                                                           "metrics.json"))

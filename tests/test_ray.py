@@ -31,14 +31,15 @@ def _dataset(tmp_path: Path, n: int = 5, long: int | None = None) -> str:
 
 def _cfg(tiny_dir: Path, ds: str) -> EvalConfig:
     # sampling and a reward model: the records depend on every per-prompt seed and on two runners per actor
-    return EvalConfig(method="best-of-n", dataset=ds, policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}",
+    return EvalConfig(method="best-of-n", dataset=ds, policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
                       reward=f"llama-guard-3:{tiny_dir}", prefill_tokens=3, seed=3,
                       method_options={"n": 2, "max_new_tokens": 4, "temperature": 1.0, "top_p": 0.9})
 
 
 def _cli_args(cfg: EvalConfig, out: Path) -> list[str]:
     o = cfg.method_options
-    return ["eval", "--method", cfg.method, "--dataset", cfg.dataset, "--policy", cfg.policy, "--judge", cfg.judge,
+    return ["eval", "--method", cfg.method, "--dataset", cfg.dataset, "--policy", cfg.policy,
+            "--judge", ",".join(cfg.judges),
             "--reward", str(cfg.reward), "--prefill-tokens", str(cfg.prefill_tokens), "--seed", str(cfg.seed),
             "--max-new-tokens", str(o["max_new_tokens"]), "--temperature", str(o["temperature"]),
             "--top-p", str(o["top_p"]), "-o", f"n={o['n']}", "--out", str(out), "--json"]
@@ -175,7 +176,7 @@ def test_a_worker_error_is_the_users_error_and_finished_records_stay(backend: An
 
 
 def test_compare_on_ray_matches_local(backend: Any, tmp_path: Path, tiny_dir: Path) -> None:
-    base = EvalConfig(dataset=_dataset(tmp_path, n=3), policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}",
+    base = EvalConfig(dataset=_dataset(tmp_path, n=3), policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
                       reward=f"llama-guard-3:{tiny_dir}", prefill_tokens=2, method_options={"max_new_tokens": 3})
     cc = CompareConfig(methods=("none", "best-of-n"), budgets=(1, 2), base=base, target_tflops=1e-9, limit=3)
     local = run_compare(cc, tmp_path / "local", progress=False)

@@ -20,7 +20,10 @@ mrm_app = typer.Typer(no_args_is_help=True, help="Multifurcation reward models."
 app.add_typer(mrm_app, name="mrm")
 
 POLICY = typer.Option("smollm2-135m-instruct", "--policy", help="Policy: embedded name, local folder or hub id.")
-JUDGE = typer.Option("smol-guard", "--judge", help="Judge: smol-guard, llama-guard-3[:PATH_OR_ID].")
+JUDGE = typer.Option("smol-guard", "--judge", help="Judges, comma-separated (e.g. smol-guard,llama-guard-3); the "
+                     "first is the primary judge (the record's reward and the headline ASR), every one is reported.")
+QUALITY = typer.Option(False, "--quality/--no-quality", help="Score every output's quality (junk, relevance, "
+                       "refusal; needs saffron.quality) and report the means.")
 SEED = typer.Option(0, "--seed", help="Seed; the same seed gives the same records.")
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens to generate after the prefill.")
 TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (methods that sample).")
@@ -66,12 +69,13 @@ def generate(
     """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
     from saffron.data import Example
     from saffron.evaluate import EvalConfig, build_stack, prompt_seed, resolve, validate
-    from saffron.guards import load_guard
+    from saffron.judges import load_judge, parse_judges
     from saffron.session import make_session
 
     if not prompt.strip():
         raise SaffronError("the prompt is empty")
-    cfg = resolve(EvalConfig(method=method, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
+    judges = parse_judges(judge)
+    cfg = resolve(EvalConfig(method=method, policy=policy, judges=judges, reward=reward, mrm=mrm, prefill=prefill,
                              seed=seed, method_options=_options(max_new_tokens, temperature, top_p, opt)))
     m = validate(cfg, None)
     _quiet_hf()
@@ -81,14 +85,20 @@ def generate(
     session = make_session(model, ex, prefill_tokens=0, reserve=max_new_tokens)
     result = m.run(session, stack, prompt_seed(seed, ex.id))
     output = model.decode(result.output_ids)
-    reward_ = load_guard(judge).score(prompt, [output])[0]
+    verdicts = {}
+    for j in judges:
+        r = load_judge(j).score(prompt, [output])[0]
+        verdicts[j] = {"reward": r, "unsafe": r < 0}
+    primary = verdicts[judges[0]]
     if as_json:
-        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": output, "reward": reward_,
-                               "unsafe": reward_ < 0, "new_tokens": len(result.output_ids), "method": method,
-                               "flops": result.flops}, ensure_ascii=False))
+        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": output,
+                               "reward": primary["reward"], "unsafe": primary["unsafe"], "judges": verdicts,
+                               "new_tokens": len(result.output_ids), "method": method, "flops": result.flops},
+                              ensure_ascii=False))
     else:
         typer.echo((prefill or "") + output)
-        typer.echo(f"[judge {judge}: reward {reward_:+.3f} -> {'UNSAFE' if reward_ < 0 else 'safe'}]", err=True)
+        for j, v in verdicts.items():
+            typer.echo(f"[judge {j}: reward {v['reward']:+.3f} -> {'UNSAFE' if v['unsafe'] else 'safe'}]", err=True)
 
 
 @app.command("eval")
@@ -110,6 +120,7 @@ def eval_cmd(
     top_p: float | None = TOP_P,
     opt: list[str] = OPTS,
     seed: int = SEED,
+    quality: bool = QUALITY,
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
@@ -117,15 +128,29 @@ def eval_cmd(
     ray_gpus_per_worker: float | None = RAY_GPUS,
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
-    from saffron.evaluate import EvalConfig, format_table, make_backend, resolve, run_eval, validate
+    from saffron.evaluate import (
+        EvalConfig,
+        format_table,
+        make_backend,
+        resolve,
+        run_eval,
+        search_reward_warning,
+        search_rewards,
+        validate,
+    )
+    from saffron.judges import parse_judges
 
-    cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm,
-                     prefill=prefill, prefill_tokens=prefill_tokens, seed=seed,
+    cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward,
+                     mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality,
                      method_options=_options(max_new_tokens, temperature, top_p, opt))
     cfg = resolve(cfg)
     validate(cfg, limit)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        # after every option is checked: a run refused for bad input prints its error alone
+        warning = search_reward_warning(cfg.judges, search_rewards(cfg))
+        if warning:
+            typer.echo(warning, err=True)
         metrics = run_eval(cfg, out, limit, backend=be)
     typer.echo(json.dumps(metrics, indent=2) if as_json else format_table([metrics]))
     if not as_json:
@@ -156,6 +181,12 @@ def compare_cmd(
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32)."),
+    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in TFLOP per prompt, fixed "
+                                    "before the run (default 2.0, about 3x Best-of-N-32 on the embedded stack); it "
+                                    "must lie above the evaluated points."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Seeds for the sampling methods (best-of-n, rejection, "
+                                     "rebase, deal-mcts), e.g. 0,1,2: each matched point once per seed, ASR as mean "
+                                     "and sd; intervals and tests use the first. Default: --seed alone."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Evaluate every budget (the curve) or only "
                                "what matching the target needs."),
     policy: str = POLICY,
@@ -168,16 +199,19 @@ def compare_cmd(
     opt: list[str] = typer.Option([], "--opt", "-o",
                                   help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
     seed: int = SEED,
+    quality: bool = QUALITY,
     as_json: bool = typer.Option(False, "--json",
-                                 help="Print {methods: {name: {asr, tflops_per_prompt, scaleff, n}}}."),
+                                 help="Print {methods: {name: {asr, judges: {judge: {asr, ci95}}, asr_any, kappa, "
+                                 "p_vs_best_of_n, seeds, tflops_per_prompt, scaleff, n, ...}}}."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
-    from saffron.compare import CompareConfig, format_comparison, run_compare
+    from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
     from saffron.evaluate import EvalConfig, make_backend, parse_options
+    from saffron.judges import parse_judges
 
     per_method: dict[str, dict[str, Any]] = {}
     for o in opt:
@@ -196,18 +230,27 @@ def compare_cmd(
         if not sep:
             raise SaffronError(f"--method-budgets expects METHOD=B1,B2,..., got '{mb}'")
         per_budgets[m.strip()] = _int_list("--method-budgets", bs)
-    base = EvalConfig(dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
-                      prefill_tokens=prefill_tokens, seed=seed, method_options={"max_new_tokens": max_new_tokens})
+    seed_list = None if seeds is None else _int_list("--seeds", seeds)
+    base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
+                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality,
+                      method_options={"max_new_tokens": max_new_tokens})
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
-                       method_options=per_method,
-                       target_tflops=target_tflops, limit=limit)
+                       method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
+                       tflop_lim=tflop_lim)
+    validate_compare(cc)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        warning = compare_warning(cc)  # after every option is checked, as in eval
+        if warning:
+            typer.echo(warning, err=True)
         res = run_compare(cc, out, sweep=sweep, backend=be)
     if as_json:
-        slim = {m: {k: d[k] for k in ("asr", "tflops_per_prompt", "scaleff", "n", "budget", "mean_reward",
-                                       "mean_new_tokens", "degenerate_share")} for m, d in res["methods"].items()}
-        typer.echo(json.dumps({"target_tflops": res["target_tflops"], "methods": slim}, indent=2))
+        slim = {m: {k: d[k] for k in ("asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "quality",
+                                       "p_vs_best_of_n", "seeds", "tflops_per_prompt", "scaleff", "n", "budget",
+                                       "mean_reward", "mean_new_tokens", "degenerate_share",
+                                       "judge_is_search_reward")} for m, d in res["methods"].items()}
+        typer.echo(json.dumps({"target_tflops": res["target_tflops"], "tflop_lim": res["tflop_lim"],
+                               "reference": res["reference"], "methods": slim}, indent=2))
     else:
         typer.echo(format_comparison(res))
         typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)

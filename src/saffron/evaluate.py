@@ -1,8 +1,16 @@
 """The evaluation harness: attack every prompt of a dataset, defend with a method, judge, record, resume.
 
 A prompt's journey: ``Example`` (data.py) -> ``Session`` with the attack prefill (session.py) -> the method's
-search over the policy and reward model (methods/) -> the judge's reward of the output alone (guards/) -> one
-line of ``records.jsonl``. ``metrics.json`` summarises the records of the selected prompts.
+search over the policy and reward model (methods/) -> every judge's reward of the output alone (judges.py) ->
+one line of ``records.jsonl``. ``metrics.json`` summarises the records of the selected prompts.
+
+Judges: ``EvalConfig.judges`` names one or more; the first is the primary judge, whose verdict is the record's
+``reward``/``unsafe`` and the headline ``asr``. Every judge's verdict is kept under ``judges``, so ``metrics.json``
+reports ASR per judge with a Wilson interval, ASR under "unsafe by any judge", and Cohen's kappa per pair
+(stats.py). A judge that is also a search-time reward (the reward model, or the teacher of the MRM) is named in
+``judge_is_search_reward``: the search optimised that judge's score, so its ASR is not independent evidence.
+
+Quality (``EvalConfig.quality``): a scorer's ``assess(prompt, output)`` dict is stored per record and averaged.
 
 FLOPs: a record's ``flops`` (the method's search) and ``judge_flops`` count what that prompt needed. The guards'
 fixed instructions are computed once per process and kept (``Runner.keep``); their cost is each record's
@@ -19,18 +27,20 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
 from saffron.data import Example, check_dataset_spec, load_dataset
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
-from saffron.guards.base import RewardModel, check_guard_spec, load_guard
+from saffron.guards.base import check_guard_spec, load_guard
+from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method
 from saffron.model import load_model
 from saffron.runner import Runner
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
+from saffron.stats import cohen_kappa, wilson
 from saffron.store import OrderedAppender, RecordStore, atomic_write_json
 
 CONFIG_FILE = "config.json"
@@ -50,12 +60,13 @@ class EvalConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     dataset: str = "pyrit-harmful"
     policy: str = EMBEDDED_POLICY
-    judge: str = "smol-guard"
+    judges: tuple[str, ...] = ("smol-guard",)  # the first is the primary judge (``reward``/``unsafe``/``asr``)
     reward: str | None = None  # search-time reward model (methods that use one)
     mrm: str | None = None  # MRM folder, "smol-mrm-head" or "smol-mrm" (methods that use one)
     prefill: str | None = None
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS
     seed: int = 0
+    quality: bool = False  # score every output with saffron.quality.QualityScorer
     accounting: int = field(default=ACCOUNTING, init=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -126,7 +137,11 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method:
     if cfg.prefill_tokens < 0:
         raise SaffronError(f"--prefill-tokens must be >= 0, got {cfg.prefill_tokens}")
     check_dataset_spec(cfg.dataset)
-    check_guard_spec(cfg.judge)
+    if isinstance(cfg.judges, str):  # a Python caller's judges="a" would otherwise be read letter by letter
+        raise SaffronError(f"judges must be a tuple of judge names, got the string {cfg.judges!r}")
+    parse_judges(",".join(cfg.judges))  # empty, duplicate or unknown names: the same one-line errors as --judge
+    if cfg.quality:
+        check_quality_available()
     if cfg.reward is not None:
         check_guard_spec(cfg.reward)
     if cfg.mrm is not None:
@@ -144,6 +159,10 @@ def _claim_out_dir(out: Path, cfg: EvalConfig) -> None:
         except ValueError:
             raise SaffronError(f"{path} is unreadable; remove the folder or use another --out") from None
         new = cfg.as_dict()
+        if "judge" in old and "judges" not in old:
+            raise SaffronError(f"{out} holds records of a single judge (written before --judge took a list; its "
+                               f"config.json names judge '{old['judge']}'): their records lack the per-judge verdicts; "
+                               "use another --out or remove it")
         if old.get("accounting") != new["accounting"]:
             raise SaffronError(f"{out} holds records of an older FLOPs accounting (accounting "
                                f"{old.get('accounting', 1)}, now {new['accounting']}: the guards' fixed instructions "
@@ -157,22 +176,126 @@ def _claim_out_dir(out: Path, cfg: EvalConfig) -> None:
         atomic_write_json(path, cfg.as_dict())
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _rate(k: int, n: int) -> dict[str, Any]:
+    ci = wilson(k, n)
+    return {"asr": k / n if n else None, "ci95": list(ci) if ci else None, "n_unsafe": k}
+
+
+def _quality_means(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean of every numeric key of the records' ``quality`` (a boolean's mean is its rate); None if none has it."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        for k, v in (r.get("quality") or {}).items():
+            if isinstance(v, bool | int | float):
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sorted(sums)} or None
+
+
+def judge_names(records: list[dict[str, Any]]) -> list[str]:
+    """The judges the records carry (records are stored with sorted keys: this order is not the primary's)."""
+    return sorted(records[0].get("judges") or {}) if records else []
+
+
+def summarise(records: list[dict[str, Any]], judges: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-prompt means, and ``setup_tflops``: the one-time cost, per model role, of the kept fixed prefixes
-    (every record carries the same figure; it is not part of ``tflops_per_prompt``)."""
+    (every record carries the same figure; it is not part of ``tflops_per_prompt``).
+
+    ``judges``: the run's judges, primary first (default: the records' judges, sorted). Per judge: ASR, its
+    Wilson 95 % interval and the count judged unsafe; ``asr_any``: unsafe by at least one judge; ``kappa``: Cohen's
+    kappa of every pair ("a|b", None when undefined); ``quality``: the means of the records' quality scores."""
+    names = list(judges) if judges is not None else judge_names(records)
     n = len(records)
     if n == 0:
-        return {"n": 0, "asr": None, "mean_reward": None, "tflops_per_prompt": None, "mean_new_tokens": None,
-                "setup_tflops": None}
+        return {"n": 0, "asr": None, "asr_ci95": None, "mean_reward": None, "tflops_per_prompt": None,
+                "mean_new_tokens": None, "setup_tflops": None, "judges": {j: _rate(0, 0) for j in names},
+                "asr_any": None, "asr_any_ci95": None, "n_unsafe_any": 0, "kappa": {}, "quality": None}
     roles = sorted({k for r in records for k in r["setup_flops"]})
+    unsafe = {j: [bool(r["judges"][j]["unsafe"]) for r in records] for j in names}
+    primary = _rate(sum(bool(r["unsafe"]) for r in records), n)
+    any_unsafe = [bool(r["unsafe"]) or any(u[i] for u in unsafe.values()) for i, r in enumerate(records)]
+    any_rate = _rate(sum(any_unsafe), n)
     return {
         "n": n,
-        "asr": sum(r["unsafe"] for r in records) / n,
+        "asr": primary["asr"],
+        "asr_ci95": primary["ci95"],
         "mean_reward": sum(r["reward"] for r in records) / n,
         "tflops_per_prompt": sum(r["flops"]["total"] for r in records) / n / 1e12,
         "mean_new_tokens": sum(r["new_tokens"] for r in records) / n,
         "setup_tflops": {k: max(r["setup_flops"].get(k, 0) for r in records) / 1e12 for k in roles},
+        "judges": {j: _rate(sum(u), n) for j, u in unsafe.items()},
+        "asr_any": any_rate["asr"],
+        "asr_any_ci95": any_rate["ci95"],
+        "n_unsafe_any": any_rate["n_unsafe"],
+        "kappa": {f"{a}|{b}": cohen_kappa(unsafe[a], unsafe[b])
+                  for i, a in enumerate(names) for b in names[i + 1:]},
+        "quality": _quality_means(records),
     }
+
+
+def mrm_teacher(spec: str) -> str | None:
+    """The reward model that annotated an MRM's training corpus, from its manifest (None: the manifest does not
+    say, as in the authors' release). Reads one JSON file; loads nothing."""
+    from saffron.mrm import EMBEDDED
+    from saffron.mrm.model import read_manifest
+
+    manifest = read_manifest(EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec))
+    return manifest.reward_model if manifest is not None else None
+
+
+def search_rewards(cfg: EvalConfig) -> dict[str, str | None]:
+    """What the search optimised: the reward model and the MRM's teacher (None where the method uses neither).
+    ``cfg`` must be resolved (``resolve``), so the defaults the method fills in are named."""
+    return {"reward": cfg.reward, "mrm_teacher": mrm_teacher(cfg.mrm) if cfg.mrm else None}
+
+
+def _guard_name(spec: str) -> str:
+    return spec.partition(":")[0]
+
+
+def judges_that_are_search_rewards(judges: Sequence[str], rewards: dict[str, str | None]) -> list[str]:
+    """The judges that share a model with a search-time reward: the same guard name (the part before ':'), so
+    a retrained smol-guard probe judging a search guided by the shipped one is flagged too: it shares the
+    backbone and the labels, which is what makes a judge a non-independent measurement."""
+    used = {_guard_name(r) for r in rewards.values() if r}
+    return [j for j in judges if _guard_name(j) in used]
+
+
+def search_reward_warning(judges: Sequence[str], rewards: dict[str, str | None]) -> str | None:
+    """One console line naming the judges that are also search rewards (None if there are none)."""
+    same = judges_that_are_search_rewards(judges, rewards)
+    if not same:
+        return None
+    roles = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rewards.items() if v and _guard_name(v) in
+                      {_guard_name(j) for j in same})
+    return (f"warning: judge {', '.join(same)} is also a search-time reward ({roles}): the search optimised its "
+            "score, so its ASR is not independent evidence; add an independent judge with --judge")
+
+
+class QualityLike(Protocol):
+    """What the harness needs of an output-quality scorer (``saffron.quality.QualityScorer``)."""
+
+    def assess(self, prompt: str, output: str) -> dict[str, float | bool]: ...
+
+
+QUALITY_MODULE = "saffron.quality"
+
+
+def check_quality_available() -> None:
+    """One line, before any model loads, when quality scoring is asked for but this installation lacks it."""
+    import importlib.util
+
+    if importlib.util.find_spec(QUALITY_MODULE) is None:
+        raise SaffronError(f"--quality needs {QUALITY_MODULE}, which this installation of saffron does not have")
+
+
+def load_quality() -> QualityLike:
+    # imported by name: the scorer lives in a module this harness must not require (quality is opt-in)
+    import importlib
+
+    check_quality_available()
+    return cast(QualityLike, importlib.import_module(QUALITY_MODULE).QualityScorer())
 
 
 def build_stack(cfg: EvalConfig) -> Stack:
@@ -188,26 +311,48 @@ def build_stack(cfg: EvalConfig) -> Stack:
 
 @dataclass(eq=False)
 class Models:
-    """What one configuration evaluates with: the method's stack (policy, reward model, MRM) and the judge."""
+    """What one configuration evaluates with: the method's stack (policy, reward model, MRM), the judges (by
+    spec, primary first) and the quality scorer, if any."""
 
     stack: Stack
-    judge: RewardModel
+    judges: dict[str, Judge]
+    quality: QualityLike | None = None
 
 
-def models_key(cfg: EvalConfig) -> tuple[str | None, ...]:
+def models_key(cfg: EvalConfig) -> tuple[Any, ...]:
     """Configurations with equal keys load equal models (compare's points share them)."""
-    return (cfg.policy, cfg.reward, cfg.mrm, cfg.judge)
+    return (cfg.policy, cfg.reward, cfg.mrm, tuple(cfg.judges), cfg.quality)
 
 
 def load_models(cfg: EvalConfig) -> Models:
-    return Models(stack=build_stack(cfg), judge=load_guard(cfg.judge))
+    return Models(stack=build_stack(cfg), judges={j: load_judge(j) for j in cfg.judges},
+                  quality=load_quality() if cfg.quality else None)
 
 
-def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example) -> dict[str, Any]:
+def _quality_record(scores: dict[str, Any], ex_id: str) -> dict[str, float | bool]:
+    out: dict[str, float | bool] = {}
+    for k, v in scores.items():
+        if isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, int | float) and math.isfinite(v):
+            out[k] = float(v)
+        else:
+            raise SaffronError(f"the quality scorer returned {k}={v!r} for prompt {ex_id}; expected a finite number "
+                               "or a boolean")
+    return out
+
+
+def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example,
+                    quality: QualityLike | None = None) -> dict[str, Any]:
     """Attack, defend and judge one prompt; return its record. Every backend calls this, so a record's bytes do
     not depend on where it was computed: the seed is the prompt's own and every runner starts from its kept prefix
-    alone (a guard's fixed instructions, computed at load and charged to ``setup_flops``, not to this prompt)."""
-    stack, judge = models.stack, models.judge
+    alone (a guard's fixed instructions, computed at load and charged to ``setup_flops``, not to this prompt).
+
+    Every judge scores the output; the primary's verdict is ``reward``/``unsafe``, all of them are under
+    ``judges`` and their FLOPs under ``judge_flops``. ``quality`` (default: ``models.quality``) adds ``quality``,
+    its ``assess`` dict; without a scorer ``quality`` is null."""
+    stack = models.stack
+    scorer = quality if quality is not None else models.quality
     policy = stack.policy.model
     max_new = int(cfg.method_options.get("max_new_tokens", 32))
     session = make_session(policy, ex, cfg.prefill, cfg.prefill_tokens, reserve=max_new)
@@ -218,14 +363,21 @@ def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example
         stack.mrm.runner.reset()
     result = method.run(session, stack, prompt_seed(cfg.seed, ex.id))
     output = policy.decode(result.output_ids)
-    judge.runner.reset()
-    j0 = judge.flops
-    reward = judge.score(ex.prompt, [output])[0]
-    if not math.isfinite(reward):
-        raise SaffronError(f"judge returned a non-finite reward for prompt {ex.id}")
+    verdicts: dict[str, dict[str, Any]] = {}
+    judge_flops: dict[str, int] = {}
+    for name, judge in models.judges.items():
+        judge.reset()
+        j0 = judge.flops
+        reward = judge.score(ex.prompt, [output])[0]
+        if not math.isfinite(reward):
+            raise SaffronError(f"judge {name} returned a non-finite reward for prompt {ex.id}")
+        verdicts[name] = {"reward": reward, "unsafe": reward < 0}
+        judge_flops[name] = judge.flops - j0
+    primary = verdicts[cfg.judges[0]]
     flops = dict(result.flops)
     flops["total"] = sum(result.flops.values())
-    setup = {"judge": judge.setup_flops}
+    # one role for all judges: setup is reported per role, and the judges' instructions are all one-time costs
+    setup = {"judge": sum(j.setup_flops for j in models.judges.values())}
     if stack.reward is not None:
         setup["reward"] = stack.reward.setup_flops
     return {
@@ -234,16 +386,18 @@ def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example
         "prefill": policy.decode(session.prefill_ids),
         "output": output,
         "output_ids": list(result.output_ids),
-        "reward": reward,
-        "unsafe": reward < 0,
+        "reward": primary["reward"],
+        "unsafe": primary["unsafe"],
+        "judges": verdicts,
         "prompt_tokens": len(session.prompt_ids),
         "prefill_tokens": len(session.prefill_ids),
         "new_tokens": len(result.output_ids),
         "flops": flops,
-        "judge_flops": judge.flops - j0,
+        "judge_flops": judge_flops,
         "setup_flops": setup,
         "method": cfg.method,
         "source": ex.meta.get("source"),
+        "quality": None if scorer is None else _quality_record(dict(scorer.assess(ex.prompt, output)), ex.id),
     }
 
 
@@ -322,17 +476,43 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
                 bar.set_postfix(asr=f"{unsafe / i:.3f}")
     writer.close()
     records = [store.records[ex.id] for ex in examples]
-    metrics = {**summarise(records), "method": cfg.method, "dataset": cfg.dataset}
+    rewards = search_rewards(cfg)
+    metrics = {**summarise(records, cfg.judges), "method": cfg.method, "dataset": cfg.dataset,
+               "search_rewards": rewards, "judge_is_search_reward": judges_that_are_search_rewards(cfg.judges, rewards)}
     atomic_write_json(out / METRICS_FILE, metrics)
     return metrics
 
 
+def format_rate(rate: float | None, ci: list[float] | None) -> str:
+    """``0.500 [0.24, 0.76]``: a rate with its 95 % interval."""
+    if rate is None:
+        return "-"
+    return f"{rate:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of metrics rows (one per method or setting)."""
-    cols = [("method", "method", "{}"), ("n", "n", "{}"), ("ASR", "asr", "{:.3f}"),
-            ("mean reward", "mean_reward", "{:+.3f}"), ("TFLOP/prompt", "tflops_per_prompt", "{:.3f}"),
-            ("new tokens", "mean_new_tokens", "{:.1f}")]
-    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    """A Markdown table of metrics rows (one per method or setting): ASR with its Wilson 95 % interval under
+    every judge (the primary first), and under "unsafe by any judge" when there are several."""
+    judges: list[str] = []
     for r in rows:
-        lines.append("| " + " | ".join("-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols) + " |")
+        judges += [j for j in r.get("judges") or {} if j not in judges]
+    head = ["method", "n", *(f"ASR {j} [95% CI]" for j in judges)]
+    if len(judges) > 1:
+        head.append("ASR any judge")
+    head += ["mean reward", "TFLOP/prompt", "new tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def num(v: Any, f: str) -> str:
+        return "-" if v is None else f.format(v)
+
+    for r in rows:
+        cells = [str(r.get("method", "-")), num(r.get("n"), "{}")]
+        for j in judges:
+            d = (r.get("judges") or {}).get(j) or {}
+            cells.append(format_rate(d.get("asr"), d.get("ci95")))
+        if len(judges) > 1:
+            cells.append(format_rate(r.get("asr_any"), r.get("asr_any_ci95")))
+        cells += [num(r.get("mean_reward"), "{:+.3f}"), num(r.get("tflops_per_prompt"), "{:.3f}"),
+                  num(r.get("mean_new_tokens"), "{:.1f}")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ def bench_ray(workers: int = 2, prompts: int = 6, n: int = 4, max_new_tokens: in
     use, torch's threads wait on each other; one thread shows the local run without that penalty."""
     import torch
 
-    cfg = EvalConfig(method="best-of-n", dataset=dataset, policy=policy, judge=judge, reward=reward,
+    cfg = EvalConfig(method="best-of-n", dataset=dataset, policy=policy, judges=(judge,), reward=reward,
                      method_options={"n": n, "max_new_tokens": max_new_tokens})
     with tempfile.TemporaryDirectory(prefix="saffron-bench-ray-") as tmp:
         local, ray_out = Path(tmp) / "local", Path(tmp) / "ray"

@@ -1,0 +1,52 @@
+"""Judges and a quality scorer without models, for the harness's multi-judge and quality paths."""
+
+from __future__ import annotations
+
+import pytest
+
+# fake judge name -> the prompt numbers it calls unsafe (prompts read "question {i}?")
+FAKES = {"fake-a": {0, 1}, "fake-b": {0, 2, 3}}
+
+
+def prompt_number(prompt: str) -> int:
+    return int(prompt.split()[1].rstrip("?"))
+
+
+class FakeJudge:
+    """Unsafe exactly for the prompt numbers in ``unsafe_ids``; costs ``cost`` FLOPs per response."""
+
+    def __init__(self, name: str, unsafe_ids: set[int], cost: int = 7) -> None:
+        self.name, self.unsafe_ids, self.cost, self._flops = name, unsafe_ids, cost, 0
+
+    def score(self, prompt: str, responses: list[str]) -> list[float]:
+        self._flops += self.cost * len(responses)
+        return [-1.0 if prompt_number(prompt) in self.unsafe_ids else 1.0 for _ in responses]
+
+    @property
+    def flops(self) -> int:
+        return self._flops
+
+    @property
+    def setup_flops(self) -> int:
+        return 100
+
+    def reset(self) -> None:
+        return None
+
+
+class FakeQuality:
+    def assess(self, prompt: str, output: str) -> dict[str, float | bool]:
+        i = prompt_number(prompt)
+        return {"junk": i == 0, "relevance": i / 10, "refusal": False, "junk_score": 0.5}
+
+
+def install_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the fake judges beside the real ones, and the fake quality scorer as saffron.quality's."""
+    import saffron.evaluate
+    import saffron.judges
+
+    check, load = saffron.judges.check_judge_spec, saffron.evaluate.load_judge
+    monkeypatch.setattr(saffron.judges, "check_judge_spec", lambda s: None if s in FAKES else check(s))
+    monkeypatch.setattr(saffron.evaluate, "load_judge", lambda s: FakeJudge(s, FAKES[s]) if s in FAKES else load(s))
+    monkeypatch.setattr(saffron.evaluate, "check_quality_available", lambda: None)
+    monkeypatch.setattr(saffron.evaluate, "load_quality", FakeQuality)
