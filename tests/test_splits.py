@@ -154,3 +154,10 @@ def test_training_overlap() -> None:
     train = guard_labelled("train")[0]
     reworded = Example(id="mine", prompt=train.prompt.rstrip(".?!") + ", please.")
     assert training_overlap([reworded]) == ["mine"]  # a near-duplicate of a train prompt is caught too
+
+
+def test_new_prompts_never_count_as_trained_on() -> None:
+    # prompts near no offline-set prompt: their own hash puts some on the train side, yet none was trained on
+    novel = [Example(id=str(i), prompt=f"zqx {i} vorpal quindle thrumble {i * 7919} wibbet") for i in range(40)]
+    assert {sp.split_of(e.prompt) for e in novel} >= {"train"}
+    assert training_overlap(novel) == []

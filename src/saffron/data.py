@@ -78,8 +78,11 @@ def label_half(ex: Example) -> str:
 
 def training_overlap(examples: list[Example]) -> list[str]:
     """Ids of the examples whose prompt's cluster is in ``train``: what guards, reward corpora and MRMs may
-    have seen. An evaluation whose examples show up here is not out of sample."""
-    return [ex.id for ex in examples if split_of(ex.prompt) == TRAIN_SPLIT]
+    have seen. An evaluation whose examples show up here is not out of sample. A prompt near no offline-set
+    prompt was never trained on, whatever side its own hash puts it (``splits.known_split``)."""
+    from saffron.splits import known_split
+
+    return [ex.id for ex in examples if known_split(ex.prompt) == TRAIN_SPLIT]
 
 
 def check_split(split: str, spec: str | None = None) -> None:

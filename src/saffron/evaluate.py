@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
-from saffron.data import Example, check_dataset_spec, load_dataset
+from saffron.data import Example, check_dataset_spec, load_dataset, training_overlap
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import check_guard_spec, load_guard
@@ -461,6 +462,12 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
     examples = load_dataset(cfg.dataset)[:limit]
     if not examples:
         raise SaffronError(f"dataset '{cfg.dataset}' has no rows")
+    overlap = training_overlap(examples)
+    if overlap:
+        # not refused: evaluating on train prompts is legitimate for debugging, but never out of sample
+        print(f"warning: {len(overlap)} of {len(examples)} prompts of '{cfg.dataset}' are in the train split that "
+              "the shipped guard, reward corpora and MRMs were trained on: these figures are not out of sample",
+              file=sys.stderr)
     _claim_out_dir(out, cfg)
     store = RecordStore(out / RECORDS_FILE)
     writer = OrderedAppender(store, out / PENDING_FILE, [ex.id for ex in examples])
@@ -478,7 +485,8 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
     records = [store.records[ex.id] for ex in examples]
     rewards = search_rewards(cfg)
     metrics = {**summarise(records, cfg.judges), "method": cfg.method, "dataset": cfg.dataset,
-               "search_rewards": rewards, "judge_is_search_reward": judges_that_are_search_rewards(cfg.judges, rewards)}
+               "search_rewards": rewards, "judge_is_search_reward": judges_that_are_search_rewards(cfg.judges, rewards),
+               "train_overlap": len(overlap)}
     atomic_write_json(out / METRICS_FILE, metrics)
     return metrics
 

@@ -198,6 +198,22 @@ def cluster_of(prompt: str) -> str:
     return cluster_id(p)
 
 
+def known_split(prompt: str) -> str | None:
+    """The split of ``prompt`` if it is an offline-set prompt or a near-duplicate of one, else None: a new prompt
+    (a user's file) was never trained on, whatever side its own hash would put it."""
+    p = normalise(prompt)
+    table: dict[str, str] = assignment()["prompts"]
+    clusters: dict[str, str] = assignment()["clusters"]
+    if p in table:
+        return clusters[table[p]]
+    known, vec, x = _known_index()
+    if not len(known):
+        return None
+    sims = np.round((vec.transform([p]) @ x.T).toarray()[0], SIM_DECIMALS)
+    best = int(np.argmax(sims))
+    return clusters[table[known[best]]] if sims[best] >= THRESHOLD else None
+
+
 def split_of(prompt: str) -> str:
     """``train``, ``dev`` or ``test`` for any prompt (see ``cluster_of``)."""
     cid = cluster_of(prompt)
