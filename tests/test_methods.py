@@ -299,7 +299,7 @@ def test_rebase_carries_finished_nodes_over(tiny: Model, session: Session) -> No
     # greedy children: [EOS, best token] at every node. Root's finished child scores 5: it must survive to the end
     reward = ScriptedReward(tiny, [5.0, 1.0, 0.0, 2.0, 0.0, 0.0])
     st = Stack(policy=EosProne(tiny), reward=reward)  # type: ignore[arg-type]
-    res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3), session, st)
+    res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3, min_new_tokens=0), session, st)
     assert [len(c) for c in reward.calls] == [2, 2, 2] and reward.calls[0][0] == ""
     assert res.output_ids == () and res.trace["final_rewards"] == [5.0, 0.0]  # AB gave way to its children
 

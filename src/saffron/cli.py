@@ -327,14 +327,19 @@ def train_mrm_cmd(
     kind: str = typer.Option("lora", "--kind", help="lora: the paper's MRM, a LoRA-adapted copy of the backbone; "
                              "head: a small network on the policy's own hidden states (the policy is the "
                              "backbone; a search pays only the head)."),
+    eos: str | None = typer.Option(None, "--eos", help="mask: EOS is never supervised and stays in the unseen "
+                                   "mask (-1024 at inference, as the paper does; default for --kind lora, the "
+                                   "paper's form); supervise: complete rows teach EOS the final reward, so a "
+                                   "search can rank finished answers (default for --kind head)."),
     base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
                                    "tokenizer); for --kind head, the policy itself."),
-    r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank (lora)."),
-    alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha (lora)."),
+    r: int | None = typer.Option(None, "--lora-r", min=1, help="LoRA rank (lora; default 4)."),
+    alpha: int | None = typer.Option(None, "--lora-alpha", min=1, help="LoRA alpha (lora; default 4)."),
     layers: str | None = typer.Option(None, "--layers", help="Policy hidden states the head reads, comma-separated "
                                       "(head; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
     width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head; default 256)."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", min=0.0, help="AdamW weight decay (head; "
+                                              "default 0.1)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4 lora, 1e-3 head)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Sequences per step (lora, default "
                                           "4) or supervised tokens per step (head, default 256)."),
@@ -342,28 +347,40 @@ def train_mrm_cmd(
                                       "20 head)."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later; "
                                          "lora)."),
-    bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
-                                  "under the frozen backbone) or zero (the paper's) (lora)."),
+    bias_init: str | None = typer.Option(None, "--bias-init", help="LM-head bias at step 0: mean (one offset "
+                                         "fitted under the frozen backbone; default) or zero (the paper's) (lora)."),
     seed: int = SEED,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
     command = " ".join(["saffron", *sys.argv[1:]])
+    if kind not in ("lora", "head"):
+        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+    if eos not in (None, "mask", "supervise"):
+        raise SaffronError(f"--eos must be mask or supervise, got {eos!r}")
+    # an option the chosen kind has no use for is refused, not silently dropped
+    other = {"head": {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init},
+             "lora": {"--layers": layers, "--width": width, "--weight-decay": weight_decay}}[kind]
+    stray = [flag for flag, v in other.items() if v is not None]
+    if stray:
+        raise SaffronError(f"{stray[0]} does not apply to --kind {kind}")
+    supervise_eos = (eos or ("supervise" if kind == "head" else "mask")) == "supervise"
     _quiet_hf()
     if kind == "head":
         from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH, train_head_mrm
 
         layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
         man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
-                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
-                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
-    elif kind == "lora":
+                             lr=lr if lr is not None else 1e-3,
+                             weight_decay=weight_decay if weight_decay is not None else 0.1,
+                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, eos=supervise_eos,
+                             command=command)
+    else:
         from saffron.mrm.train import train_mrm
 
-        man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr if lr is not None else 1e-4,
-                        batch_size=batch_size or 4, epochs=epochs or 1, max_steps=max_steps, seed=seed,
-                        bias_init=bias_init, command=command)
-    else:
-        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+        man = train_mrm(data, out, base_model=base_model, r=r or 4, alpha=alpha or 4,
+                        lr=lr if lr is not None else 1e-4, batch_size=batch_size or 4, epochs=epochs or 1,
+                        max_steps=max_steps, seed=seed, bias_init=bias_init or "mean", eos=supervise_eos,
+                        command=command)
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 

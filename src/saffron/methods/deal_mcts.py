@@ -55,14 +55,14 @@ class DealMcts(Method):
     uses = ("reward",)
 
     def __init__(self, simulations: int = 8, top_k: int = 4, c: float = 1.0, lookahead: int = 0,
-                 max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.0,
+                 max_new_tokens: int = 32, min_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0) -> None:
         """``temperature``/``top_p`` apply to the lookahead rollouts only (0 = greedy); expansion is top-k."""
         check_int("simulations", simulations)
         check_int("top_k", top_k)
         check_float("c", c)
         check_int("lookahead", lookahead, lo=0)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.simulations, self.top_k, self.c, self.lookahead = simulations, top_k, float(c), lookahead
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens

@@ -26,11 +26,11 @@ class Rebase(Method):
     uses = ("reward",)
 
     def __init__(self, width: int = 4, children: int = 2, chunk_tokens: int = 1, max_new_tokens: int = 32,
-                 min_new_tokens: int = 0, temperature: float = 0.7, top_p: float = 0.9) -> None:
+                 min_new_tokens: int | None = None, temperature: float = 0.7, top_p: float = 0.9) -> None:
         check_int("width", width)
         check_int("children", children)
         check_int("chunk_tokens", chunk_tokens)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.width, self.children, self.chunk_tokens = width, children, chunk_tokens
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens

@@ -21,10 +21,10 @@ class Rejection(Method):
     budget = "n"
     uses = ("reward",)
 
-    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.7,
-                 top_p: float = 0.9) -> None:
+    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int | None = None,
+                 temperature: float = 0.7, top_p: float = 0.9) -> None:
         check_int("n", n)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.n, self.max_new_tokens, self.min_new_tokens = n, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p

@@ -143,12 +143,12 @@ class Saffron(Method):
         # only rerank calls the reward model
         return cls.uses if options.get("final", "rerank") == "rerank" else ("mrm",)
 
-    def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
-                 final: str = "rerank", no_repeat_ngram: int = 3, per_parent: int = 2,
-                 policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
+    def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32,
+                 min_new_tokens: int | None = None, final: str = "rerank", no_repeat_ngram: int = 3,
+                 per_parent: int = 2, policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_choice("final", final, FINAL_RULES)
         check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
         check_int("per_parent", per_parent, lo=0)
