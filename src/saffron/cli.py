@@ -29,6 +29,9 @@ OPTS = typer.Option([], "--opt", "-o", help="Method option KEY=VALUE, repeatable
 REWARD = typer.Option(None, "--reward", help="Search-time reward model (default smol-guard for methods that use one).")
 MRM = typer.Option(None, "--mrm", help="MRM folder or an embedded MRM: smol-mrm-head (default, reads the policy's "
                    "hidden states) or smol-mrm (the paper's LoRA form).")
+PRESET = typer.Option(None, "--preset", help="Options fixed by name; paper: Saffron-1 as published (LoRA MRM "
+                      "smol-mrm with EOS masked, search heuristics off, final=first, top-p 0.8, 16-32 new tokens for "
+                      "every method). An option that contradicts it is refused.")
 PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
 PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
 BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
@@ -110,6 +113,7 @@ def eval_cmd(
     top_p: float | None = TOP_P,
     opt: list[str] = OPTS,
     seed: int = SEED,
+    preset: str | None = PRESET,
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
@@ -120,7 +124,7 @@ def eval_cmd(
     from saffron.evaluate import EvalConfig, format_table, make_backend, resolve, run_eval, validate
 
     cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm,
-                     prefill=prefill, prefill_tokens=prefill_tokens, seed=seed,
+                     prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, preset=preset,
                      method_options=_options(max_new_tokens, temperature, top_p, opt))
     cfg = resolve(cfg)
     validate(cfg, limit)
@@ -168,6 +172,7 @@ def compare_cmd(
     opt: list[str] = typer.Option([], "--opt", "-o",
                                   help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
     seed: int = SEED,
+    preset: str | None = PRESET,
     as_json: bool = typer.Option(False, "--json",
                                  help="Print {methods: {name: {asr, tflops_per_prompt, scaleff, n}}}."),
     backend: str = BACKEND,
@@ -197,7 +202,8 @@ def compare_cmd(
             raise SaffronError(f"--method-budgets expects METHOD=B1,B2,..., got '{mb}'")
         per_budgets[m.strip()] = _int_list("--method-budgets", bs)
     base = EvalConfig(dataset=dataset, policy=policy, judge=judge, reward=reward, mrm=mrm, prefill=prefill,
-                      prefill_tokens=prefill_tokens, seed=seed, method_options={"max_new_tokens": max_new_tokens})
+                      prefill_tokens=prefill_tokens, seed=seed, preset=preset,
+                      method_options={"max_new_tokens": max_new_tokens})
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
                        method_options=per_method,
                        target_tflops=target_tflops, limit=limit)
@@ -358,8 +364,9 @@ def train_mrm_cmd(
     if eos not in (None, "mask", "supervise"):
         raise SaffronError(f"--eos must be mask or supervise, got {eos!r}")
     # an option the chosen kind has no use for is refused, not silently dropped
-    other = {"head": {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init},
-             "lora": {"--layers": layers, "--width": width, "--weight-decay": weight_decay}}[kind]
+    other: dict[str, Any] = (
+        {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init} if kind == "head"
+        else {"--layers": layers, "--width": width, "--weight-decay": weight_decay})
     stray = [flag for flag, v in other.items() if v is not None]
     if stray:
         raise SaffronError(f"{stray[0]} does not apply to --kind {kind}")
@@ -433,12 +440,16 @@ def serve_cmd(
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Searches run at once."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
+    preset: str | None = PRESET,
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
     from saffron.evaluate import parse_options
     from saffron.serve import ServeConfig, ServeSettings, serve
 
-    settings = ServeSettings(method=method, method_options=parse_options(opt), default_max_tokens=max_new_tokens,
+    options = parse_options(opt)
+    if preset is not None:
+        options, mrm = _serve_preset(preset, method, options, mrm, max_new_tokens)
+    settings = ServeSettings(method=method, method_options=options, default_max_tokens=max_new_tokens,
                              max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
                              max_queue=max_queue, seed=seed)
     cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
@@ -446,6 +457,28 @@ def serve_cmd(
     settings.check()
     _quiet_hf()
     serve(cfg)
+
+
+def _serve_preset(name: str, method: str, options: dict[str, Any], mrm: str | None, max_new_tokens: int
+                  ) -> tuple[dict[str, Any], str | None]:
+    """The server's options and MRM under a preset. Its length is the server's default (``--max-new-tokens``);
+    its ``min_new_tokens`` is the shared default, which the server cuts to a shorter length a request asks for."""
+    from saffron.evaluate import method_option_names
+    from saffron.methods import get_method
+    from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
+    from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
+
+    p = get_preset(name)
+    length = p.every_method.get("max_new_tokens")
+    if length is not None and max_new_tokens != length:
+        raise SaffronError(f"--preset {name} sets max_new_tokens={length}; --max-new-tokens {max_new_tokens} "
+                           "contradicts it")
+    if p.every_method.get("min_new_tokens", DEFAULT_MIN_NEW_TOKENS) != DEFAULT_MIN_NEW_TOKENS:
+        raise SaffronError(f"--preset {name} fixes a min_new_tokens the server cannot honour per request")
+    names = [k for k in method_option_names(method) if k not in ("max_new_tokens", "min_new_tokens")]
+    opts = preset_options(p, method, names, options, eval_flag)
+    uses_mrm = "mrm" in get_method(method).models_for(opts)
+    return opts, preset_mrm(p, mrm) if uses_mrm else mrm
 
 
 @bench_app.command("serve")

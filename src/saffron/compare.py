@@ -58,7 +58,9 @@ def point_config(cc: CompareConfig, method: str, budget: int | None) -> EvalConf
     if knob is not None and budget is not None:
         opts[knob] = budget
     opts.setdefault("max_new_tokens", cc.base.method_options.get("max_new_tokens", 32))
-    return resolve(replace(cc.base, method=method, method_options=opts))
+    # a preset (cc.base.preset) fixes the same lengths for every method; in compare, options are METHOD:KEY=VALUE
+    return resolve(replace(cc.base, method=method, method_options=opts),
+                   lambda k, v: f"--max-new-tokens {v}" if k == "max_new_tokens" else f"-o {method}:{k}={v}")
 
 
 def validate_compare(cc: CompareConfig) -> None:

@@ -33,8 +33,13 @@ highest MRM prediction, capping the rerank's cost, which grows with the width an
 share.
 
 Three departures from the paper, on by default because on the embedded stack they cut attack success from 0.88
-to 0.38 at equal compute (docs/benchmarks.md); ``-o no_repeat_ngram=0 -o per_parent=0 -o policy_weight=0`` is
-the paper's search exactly. They answer the collapse we measured with a small MRM: the global top-N can fill the
+to 0.38 at equal compute (docs/benchmarks.md). Turning them off (``no_repeat_ngram=0 per_parent=0
+policy_weight=0``, ``diversity=0``) is the paper's search only together with ``final=first`` (the default
+``rerank`` adds a reward-model call the paper does not make) and an MRM whose unseen mask holds EOS (``train-mrm
+--eos mask``): with EOS supervised, a finished child gets a finite reward while unfinished nodes keep -inf, so
+finished nodes hold beam slots for good, another search. ``--preset paper`` (presets.py) sets exactly that, with
+the LoRA MRM ``smol-mrm`` and top-p 0.8; tests/test_paper_search.py checks it token for token against a naive
+transcription of the authors' pseudocode. They answer the collapse we measured with a small MRM: the global top-N can fill the
 whole beam with children of one node, and a 135M policy pushed off its distribution proposes word fragments and
 repeats that the MRM, trained on natural text only, scores as safe.
 ``no_repeat_ngram=n`` ranks a candidate that would repeat an ``n``-gram of the answer (prefill included) below
@@ -72,6 +77,9 @@ from saffron.methods.sampling import check_sampling, nucleus_mask
 from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, policy_step, prune
 from saffron.session import Session
 
+# Options (defaults): width (32, the budget), top_p (0.8), max_new_tokens (32), min_new_tokens (the shared 16),
+# final (rerank | first | mrm), no_repeat_ngram (3), per_parent (2), policy_weight (1.0), diversity (0),
+# rerank_top (0 = all); see the module docstring for each.
 FINAL_RULES = ("rerank", "first", "mrm")
 # Below every seen candidate (rewards are log-odds, tens at most) and below the unseen penalty too: a repeat
 # fills the beam only when nothing else can.
