@@ -132,5 +132,5 @@ def test_serve_under_the_preset(paper_mrm: Path) -> None:
     assert mrm == str(paper_mrm)
     with pytest.raises(SaffronError, match="--max-new-tokens 64 contradicts it"):
         _serve_preset("paper", "saffron", {}, str(paper_mrm), 64)
-    with pytest.raises(SaffronError, match="-o diversity=0.5 contradicts it"):
+    with pytest.raises(SaffronError, match=r"-o diversity=0\.5 contradicts it"):
         _serve_preset("paper", "saffron", {"diversity": 0.5}, str(paper_mrm), 32)

@@ -39,9 +39,9 @@ policy_weight=0``, ``diversity=0``) is the paper's search only together with ``f
 --eos mask``): with EOS supervised, a finished child gets a finite reward while unfinished nodes keep -inf, so
 finished nodes hold beam slots for good, another search. ``--preset paper`` (presets.py) sets exactly that, with
 the LoRA MRM ``smol-mrm`` and top-p 0.8; tests/test_paper_search.py checks it token for token against a naive
-transcription of the authors' pseudocode. They answer the collapse we measured with a small MRM: the global top-N can fill the
-whole beam with children of one node, and a 135M policy pushed off its distribution proposes word fragments and
-repeats that the MRM, trained on natural text only, scores as safe.
+transcription of the authors' pseudocode. The three answer the collapse we measured with a small MRM: the global
+top-N can fill the whole beam with children of one node, and a 135M policy pushed off its distribution proposes
+word fragments and repeats that the MRM, trained on natural text only, scores as safe.
 ``no_repeat_ngram=n`` ranks a candidate that would repeat an ``n``-gram of the answer (prefill included) below
 every other candidate, like HF's ``no_repeat_ngram_size`` but as a rank, not a ban; ``per_parent=k`` keeps at
 most ``k`` children of one node while other nodes still have candidates; ``policy_weight=b`` ranks by
