@@ -21,7 +21,7 @@ from saffron.methods import METHODS, Stack, get_method
 from saffron.methods.base import Method, MethodResult
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.deal_mcts import DealMcts
-from saffron.methods.rebase import Rebase
+from saffron.methods.rebase import Rebase, allot
 from saffron.methods.rejection import Rejection
 from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates, select_diverse
 from saffron.methods.sampling import choose_distinct, nucleus_mask
@@ -313,6 +313,46 @@ def test_rebase_expands_chunks(tiny: Model, session: Session) -> None:
     assert [len(c) for c in guard.calls] == [2, 4, 4]
 
 
+def test_allot_splits_the_width_by_softmax_of_the_rewards() -> None:
+    rewards = [1.0, 0.0, -1.0, 2.0]
+    for width in (1, 4, 7, 32):
+        for t in (0.01, 0.5, 1.0, 100.0):
+            got = allot(width, rewards, t)
+            assert sum(got) == width and min(got) >= 0
+    assert allot(8, rewards, 1e4) == [2, 2, 2, 2]  # high temperature: even
+    assert allot(8, rewards, 1e-3) == [0, 0, 0, 8]  # low temperature: all to the best
+    assert allot(5, [0.0, 0.0], 1.0) == [3, 2]  # remainders: ties go to the earlier node
+    assert allot(3, [float("-inf")], 1.0) == [3]  # the root has no reward yet
+    assert allot(4, [float("-inf"), 0.0], 1.0) == [0, 4] and allot(0, [1.0], 1.0) == [0]
+
+
+def test_rebase_balanced_expansion_spends_the_width_by_reward(tiny: Model, session: Session) -> None:
+    st = stack(tiny)
+    res = run(Rebase(width=5, expansion="balanced", balance_temperature=0.5, max_new_tokens=4, min_new_tokens=4),
+              session, st)
+    assert len(res.output_ids) == 4 and res.trace["allotted"][0] == [5]
+    for step in res.trace["allotted"]:
+        assert sum(step) == 5  # nothing finished (EOS banned): the whole width every step
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert [len(c) for c in guard.calls] == [5, 5, 5, 5]  # children distinct, so at most the allotted number
+    # a very low temperature gives the whole width to the best node: every child shares one parent
+    res = run(Rebase(width=4, expansion="balanced", balance_temperature=1e-4, max_new_tokens=3, min_new_tokens=3),
+              session, stack(tiny))
+    assert all(sorted(step)[-1] == 4 for step in res.trace["allotted"])
+
+
+def test_rebase_expansion_options() -> None:
+    assert Rebase().options()["expansion"] == "beam" and Rebase().options()["children"] == 2
+    assert Rebase(expansion="balanced").options()["children"] is None
+    with pytest.raises(SaffronError, match="children applies to expansion='beam' only"):
+        Rebase(expansion="balanced", children=3)
+    with pytest.raises(SaffronError, match="expansion must be one of beam, balanced"):
+        Rebase(expansion="rebase")
+    with pytest.raises(SaffronError, match="balance_temperature must be > 0"):
+        Rebase(expansion="balanced", balance_temperature=0)
+
+
 # -- deal-mcts -----------------------------------------------------------------------------------------------
 
 
@@ -349,6 +389,16 @@ def test_deal_mcts_lookahead_costs_policy_compute(tiny: Model, session: Session)
         res = run(DealMcts(simulations=3, top_k=2, lookahead=la, max_new_tokens=3), session, stack(tiny))
         flops.append(res.flops["policy"])
     assert flops[1] > flops[0]
+
+
+def test_deal_mcts_lookahead_scores_the_child_extended_by_l_policy_tokens(tiny: Model, session: Session) -> None:
+    for la in (0, 2):
+        st = stack(tiny)
+        run(DealMcts(simulations=3, top_k=2, lookahead=la, max_new_tokens=6, min_new_tokens=6), session, st)
+        guard = st.reward
+        assert isinstance(guard, RecordingGuard)
+        # the first simulation scores the root's first child (the policy's top token) continued greedily by L
+        assert guard.calls[0] == [tiny.decode(greedy(tiny, session, 1 + la, 6))]
 
 
 # -- saffron -------------------------------------------------------------------------------------------------
