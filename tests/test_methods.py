@@ -7,6 +7,7 @@ deterministic in its seed and charges every model's FLOPs to the right role.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -686,3 +687,26 @@ def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base:
     # the repeat rule demotes on top of the weighted rank (a 9-gram cannot repeat in 6 tokens + a short prefill)
     both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session, stack(tiny, mrm_base)).output_ids
     assert both == heavy
+
+
+# -- tuning grids --------------------------------------------------------------------------------------------
+
+
+def test_every_searching_method_has_a_grid_of_the_same_size_that_it_accepts() -> None:
+    from saffron.methods.grids import GRID_SIZE, TUNING_GRIDS
+
+    assert set(TUNING_GRIDS) == set(METHODS) - {"none"}
+    for name, grid in TUNING_GRIDS.items():
+        assert len(grid) == GRID_SIZE, name
+        assert len({json.dumps(c, sort_keys=True) for c in grid}) == GRID_SIZE, f"{name}: duplicate configurations"
+        for cfg in grid:
+            get_method(name)(**cfg)  # every configuration is valid
+            assert get_method(name).budget not in cfg and not {"min_new_tokens", "max_new_tokens"} & set(cfg)
+
+
+def test_every_method_shares_one_min_new_tokens_default() -> None:
+    from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
+
+    for name, cls in METHODS.items():
+        assert cls().options()["min_new_tokens"] == DEFAULT_MIN_NEW_TOKENS, name  # type: ignore[call-arg]
+        assert cls(max_new_tokens=5).options()["min_new_tokens"] == 5, name  # type: ignore[call-arg]

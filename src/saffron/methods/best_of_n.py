@@ -3,6 +3,9 @@
 The baseline the paper finds hardest to beat: one reward call per sample, no search. The N samples run in
 lockstep as one batch per step (they share the prompt's cached prefix), and all N are scored in one call.
 Defaults: temperature 0.7 with top-p 0.9 (diverse but not degenerate samples; the paper does not say).
+
+Options (defaults): ``n`` (32, the budget), ``max_new_tokens`` (32), ``min_new_tokens`` (the shared 16),
+``temperature`` (0.7), ``top_p`` (0.9). Tuning grid: ``grids.TUNING_GRIDS["best-of-n"]``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Cheaper than Best-of-N when the policy is often safe already: it stops at the first safe sample. After ``n``
 unsafe tries it returns the best one seen (first on ties). Same sampling defaults as Best-of-N.
+
+Options (defaults): ``n`` (32, the most tries: the budget), ``max_new_tokens`` (32), ``min_new_tokens`` (the
+shared 16), ``temperature`` (0.7), ``top_p`` (0.9). Tuning grid: ``grids.TUNING_GRIDS["rejection"]``.
 """
 
 from __future__ import annotations
