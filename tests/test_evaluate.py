@@ -90,11 +90,11 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
                      prefill_tokens=3, method_options={"max_new_tokens": 4})
     run_eval(cfg, out, progress=False)
     saved = json.loads((out / "config.json").read_text())["method_options"]
-    assert saved == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+    assert saved == {"max_new_tokens": 4, "min_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
     run_eval(cfg, out, progress=False)  # same defaults: resumes
     before = (out / "records.jsonl").read_bytes()
     # a release that changes a default must not extend this folder with records of another search
-    monkeypatch.setattr(NoDefence.__init__, "__defaults__", (32, 0.5, 1.0))  # temperature 0.0 -> 0.5
+    monkeypatch.setattr(NoDefence.__init__, "__defaults__", (32, None, 0.5, 1.0))  # temperature 0.0 -> 0.5
     with pytest.raises(SaffronError, match=r"different configuration .*method_options"):
         run_eval(cfg, out, progress=False)
     assert (out / "records.jsonl").read_bytes() == before

@@ -7,6 +7,7 @@ deterministic in its seed and charges every model's FLOPs to the right role.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from saffron.methods import METHODS, Stack, get_method
 from saffron.methods.base import Method, MethodResult
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.deal_mcts import DealMcts
-from saffron.methods.rebase import Rebase
+from saffron.methods.rebase import Rebase, allot
 from saffron.methods.rejection import Rejection
 from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates, select_diverse
 from saffron.methods.sampling import choose_distinct, nucleus_mask
@@ -299,7 +300,7 @@ def test_rebase_carries_finished_nodes_over(tiny: Model, session: Session) -> No
     # greedy children: [EOS, best token] at every node. Root's finished child scores 5: it must survive to the end
     reward = ScriptedReward(tiny, [5.0, 1.0, 0.0, 2.0, 0.0, 0.0])
     st = Stack(policy=EosProne(tiny), reward=reward)  # type: ignore[arg-type]
-    res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3), session, st)
+    res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3, min_new_tokens=0), session, st)
     assert [len(c) for c in reward.calls] == [2, 2, 2] and reward.calls[0][0] == ""
     assert res.output_ids == () and res.trace["final_rewards"] == [5.0, 0.0]  # AB gave way to its children
 
@@ -311,6 +312,46 @@ def test_rebase_expands_chunks(tiny: Model, session: Session) -> None:
     guard = st.reward
     assert isinstance(guard, RecordingGuard)
     assert [len(c) for c in guard.calls] == [2, 4, 4]
+
+
+def test_allot_splits_the_width_by_softmax_of_the_rewards() -> None:
+    rewards = [1.0, 0.0, -1.0, 2.0]
+    for width in (1, 4, 7, 32):
+        for t in (0.01, 0.5, 1.0, 100.0):
+            got = allot(width, rewards, t)
+            assert sum(got) == width and min(got) >= 0
+    assert allot(8, rewards, 1e4) == [2, 2, 2, 2]  # high temperature: even
+    assert allot(8, rewards, 1e-3) == [0, 0, 0, 8]  # low temperature: all to the best
+    assert allot(5, [0.0, 0.0], 1.0) == [3, 2]  # remainders: ties go to the earlier node
+    assert allot(3, [float("-inf")], 1.0) == [3]  # the root has no reward yet
+    assert allot(4, [float("-inf"), 0.0], 1.0) == [0, 4] and allot(0, [1.0], 1.0) == [0]
+
+
+def test_rebase_balanced_expansion_spends_the_width_by_reward(tiny: Model, session: Session) -> None:
+    st = stack(tiny)
+    res = run(Rebase(width=5, expansion="balanced", balance_temperature=0.5, max_new_tokens=4, min_new_tokens=4),
+              session, st)
+    assert len(res.output_ids) == 4 and res.trace["allotted"][0] == [5]
+    for step in res.trace["allotted"]:
+        assert sum(step) == 5  # nothing finished (EOS banned): the whole width every step
+    guard = st.reward
+    assert isinstance(guard, RecordingGuard)
+    assert [len(c) for c in guard.calls] == [5, 5, 5, 5]  # children distinct, so at most the allotted number
+    # a very low temperature gives the whole width to the best node: every child shares one parent
+    res = run(Rebase(width=4, expansion="balanced", balance_temperature=1e-4, max_new_tokens=3, min_new_tokens=3),
+              session, stack(tiny))
+    assert all(sorted(step)[-1] == 4 for step in res.trace["allotted"])
+
+
+def test_rebase_expansion_options() -> None:
+    assert Rebase().options()["expansion"] == "beam" and Rebase().options()["children"] == 2
+    assert Rebase(expansion="balanced").options()["children"] is None
+    with pytest.raises(SaffronError, match="children applies to expansion='beam' only"):
+        Rebase(expansion="balanced", children=3)
+    with pytest.raises(SaffronError, match="expansion must be one of beam, balanced"):
+        Rebase(expansion="rebase")
+    with pytest.raises(SaffronError, match="balance_temperature must be > 0"):
+        Rebase(expansion="balanced", balance_temperature=0)
 
 
 # -- deal-mcts -----------------------------------------------------------------------------------------------
@@ -349,6 +390,16 @@ def test_deal_mcts_lookahead_costs_policy_compute(tiny: Model, session: Session)
         res = run(DealMcts(simulations=3, top_k=2, lookahead=la, max_new_tokens=3), session, stack(tiny))
         flops.append(res.flops["policy"])
     assert flops[1] > flops[0]
+
+
+def test_deal_mcts_lookahead_scores_the_child_extended_by_l_policy_tokens(tiny: Model, session: Session) -> None:
+    for la in (0, 2):
+        st = stack(tiny)
+        run(DealMcts(simulations=3, top_k=2, lookahead=la, max_new_tokens=6, min_new_tokens=6), session, st)
+        guard = st.reward
+        assert isinstance(guard, RecordingGuard)
+        # the first simulation scores the root's first child (the policy's top token) continued greedily by L
+        assert guard.calls[0] == [tiny.decode(greedy(tiny, session, 1 + la, 6))]
 
 
 # -- saffron -------------------------------------------------------------------------------------------------
@@ -636,3 +687,26 @@ def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base:
     # the repeat rule demotes on top of the weighted rank (a 9-gram cannot repeat in 6 tokens + a short prefill)
     both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session, stack(tiny, mrm_base)).output_ids
     assert both == heavy
+
+
+# -- tuning grids --------------------------------------------------------------------------------------------
+
+
+def test_every_searching_method_has_a_grid_of_the_same_size_that_it_accepts() -> None:
+    from saffron.methods.grids import GRID_SIZE, TUNING_GRIDS
+
+    assert set(TUNING_GRIDS) == set(METHODS) - {"none"}
+    for name, grid in TUNING_GRIDS.items():
+        assert len(grid) == GRID_SIZE, name
+        assert len({json.dumps(c, sort_keys=True) for c in grid}) == GRID_SIZE, f"{name}: duplicate configurations"
+        for cfg in grid:
+            get_method(name)(**cfg)  # every configuration is valid
+            assert get_method(name).budget not in cfg and not {"min_new_tokens", "max_new_tokens"} & set(cfg)
+
+
+def test_every_method_shares_one_min_new_tokens_default() -> None:
+    from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
+
+    for name, cls in METHODS.items():
+        assert cls().options()["min_new_tokens"] == DEFAULT_MIN_NEW_TOKENS, name  # type: ignore[call-arg]
+        assert cls(max_new_tokens=5).options()["min_new_tokens"] == 5, name  # type: ignore[call-arg]

@@ -508,3 +508,74 @@ def test_saffron_with_a_head_mrm_runs_no_second_model(tiny_dir: Path, head_train
     # one policy forward per step and nothing else: the MRM ran only its head, once per active node
     assert runner.stats.forwards == res.trace["steps"] == 5 and mrm.runner.stats.forwards == 0
     assert res.flops["mrm"] == mrm.flops_per_node * (1 + 3 * 4)
+
+
+# -- EOS: supervised or in the conservative mask (train-mrm --eos) --------------------------------------------
+
+
+def _eos_rows(model: Model) -> list[RewardRow]:
+    """Two rows, one complete, and an EOS id inside a response: a masked EOS must stay unsupervised even there."""
+    p = _prompts(2, heldout=False, tag="eos")
+    eos = min(model.eos_ids)
+    return [_row(model, 0, p[0], [10, eos, 12], True), _row(model, 1, p[1], [11, 13], False)]
+
+
+def test_masked_eos_is_never_supervised_even_inside_a_response(tmp_path: Path, tiny_dir: Path) -> None:
+    model = load_model(str(tiny_dir))
+    data = _hand_made(tmp_path / "d", model, _eos_rows(model))
+    m = train_mrm(data, tmp_path / "m", base_model=str(tiny_dir), lr=1e-2, progress=False, eos=False, device="cpu")
+    unseen = torch.load(tmp_path / "m" / "unseen_mask.pt", weights_only=True)
+    assert set((~unseen).nonzero().flatten().tolist()) == {10, 11, 12, 13}
+    assert m.corpus["eos_in_mask"] is True and m.corpus["eos_supervised"] is False
+    assert bool((_bias(tmp_path / "m")[sorted(model.eos_ids)] == 0).all())  # never a target: never moved
+    q = load_mrm(tmp_path / "m", device="cpu").rewards(_prompts(1, heldout=False, tag="q")[0], [[10, 12]])
+    assert bool((q[0, sorted(model.eos_ids)] == m.penalty).all())  # -1024 at inference, as the paper does
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_head_mrm_masks_or_supervises_eos(tmp_path: Path, tiny_dir: Path, eos: bool) -> None:
+    from saffron.mrm.head import train_head_mrm
+
+    model = load_model(str(tiny_dir))
+    data = _hand_made(tmp_path / "d", model, _eos_rows(model))
+    m = train_head_mrm(data, tmp_path / "m", base_model=str(tiny_dir), layers=(1,), width=8, epochs=2,
+                       progress=False, device="cpu", eos=eos)
+    unseen = torch.load(tmp_path / "m" / "unseen_mask.pt", weights_only=True)
+    assert bool(unseen[sorted(model.eos_ids)].all()) is (not eos)
+    assert m.corpus["eos_in_mask"] is (not eos) and m.corpus["eos_supervised"] is eos
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from saffron.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "masked"), [("lora", True), ("head", False)])
+def test_train_mrm_cli_defaults_eos_by_kind(tmp_path: Path, tiny_dir: Path, kind: str, masked: bool,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The LoRA kind is the paper's form, so it masks EOS by default; the head kind keeps supervising it."""
+    from saffron.cli import main
+
+    model = load_model(str(tiny_dir))
+    data = _hand_made(tmp_path / "d", model, _eos_rows(model))
+    extra = ["--layers", "1", "--width", "8"] if kind == "head" else ["--max-steps", "1"]
+    main(["train-mrm", "--data", str(data), "--out", str(tmp_path / "m"), "--kind", kind, "--base-model",
+          str(tiny_dir), "--epochs", "1", *extra])
+    corpus = json.loads((tmp_path / "m" / "saffron.json").read_text())["corpus"]
+    assert corpus["eos_in_mask"] is masked
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["--eos", "drop"], "--eos must be mask or supervise, got 'drop'"),
+    (["--kind", "head", "--lora-r", "8"], "--lora-r does not apply to --kind head"),
+    (["--kind", "head", "--max-steps", "3"], "--max-steps does not apply to --kind head"),
+    (["--layers", "1,2"], "--layers does not apply to --kind lora"),
+    (["--kind", "both"], "--kind must be lora or head"),
+])
+def test_train_mrm_cli_refuses_what_a_kind_cannot_honour(argv: list[str], msg: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _cli(["train-mrm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"), *argv], capsys)
+    assert code == 2 and msg in err and err.count("\n") == 1 and not (tmp_path / "m").exists()

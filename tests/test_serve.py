@@ -487,7 +487,8 @@ def test_serve_command_serves_the_policy(tiny_dir: Path, monkeypatch: pytest.Mon
           "--max-new-tokens", "4", "-o", "temperature=0.5"])
     err = capsys.readouterr().err
     assert "serving" in err and f"http://127.0.0.1:{port}/v1" in err and seen["port"] == port
-    assert seen["answer"]["saffron"]["options"] == {"max_new_tokens": 3, "temperature": 0.5, "top_p": 1.0}
+    assert seen["answer"]["saffron"]["options"] == {"max_new_tokens": 3, "min_new_tokens": 3, "temperature": 0.5,
+                                                    "top_p": 1.0}
     assert seen["answer"]["usage"]["completion_tokens"] <= 3
     assert "limit of 8" in seen["bad"]["error"]["message"]
 

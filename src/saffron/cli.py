@@ -32,6 +32,9 @@ OPTS = typer.Option([], "--opt", "-o", help="Method option KEY=VALUE, repeatable
 REWARD = typer.Option(None, "--reward", help="Search-time reward model (default smol-guard for methods that use one).")
 MRM = typer.Option(None, "--mrm", help="MRM folder or an embedded MRM: smol-mrm-head (default, reads the policy's "
                    "hidden states) or smol-mrm (the paper's LoRA form).")
+PRESET = typer.Option(None, "--preset", help="Options fixed by name; paper: Saffron-1 as published (LoRA MRM "
+                      "smol-mrm with EOS masked, search heuristics off, final=first, top-p 0.8, 16-32 new tokens for "
+                      "every method). An option that contradicts it is refused.")
 PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
 PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
 BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
@@ -121,6 +124,7 @@ def eval_cmd(
     opt: list[str] = OPTS,
     seed: int = SEED,
     quality: bool = QUALITY,
+    preset: str | None = PRESET,
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
@@ -141,7 +145,7 @@ def eval_cmd(
     from saffron.judges import parse_judges
 
     cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward,
-                     mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality,
+                     mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
                      method_options=_options(max_new_tokens, temperature, top_p, opt))
     cfg = resolve(cfg)
     validate(cfg, limit)
@@ -200,6 +204,7 @@ def compare_cmd(
                                   help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
     seed: int = SEED,
     quality: bool = QUALITY,
+    preset: str | None = PRESET,
     as_json: bool = typer.Option(False, "--json",
                                  help="Print {methods: {name: {asr, judges: {judge: {asr, ci95}}, asr_any, kappa, "
                                  "p_vs_best_of_n, seeds, tflops_per_prompt, scaleff, n, ...}}}."),
@@ -232,7 +237,7 @@ def compare_cmd(
         per_budgets[m.strip()] = _int_list("--method-budgets", bs)
     seed_list = None if seeds is None else _int_list("--seeds", seeds)
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
-                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality,
+                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
                       method_options={"max_new_tokens": max_new_tokens})
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
                        method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
@@ -383,15 +388,20 @@ def train_mrm_cmd(
                              "head: a small network on the policy's own hidden states (the policy is the "
                              "backbone; a search pays only the head); prm: the same head as a value model, the "
                              "reward of the prefix itself, for the baselines (--reward head-prm:OUT)."),
+    eos: str | None = typer.Option(None, "--eos", help="mask: EOS is never supervised and stays in the unseen "
+                                   "mask (-1024 at inference, as the paper does; default for --kind lora, the "
+                                   "paper's form); supervise: complete rows teach EOS the final reward, so a "
+                                   "search can rank finished answers (default for --kind head)."),
     base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
                                    "tokenizer); for --kind head and prm, the policy itself."),
-    r: int = typer.Option(4, "--lora-r", min=1, help="LoRA rank (lora)."),
-    alpha: int = typer.Option(4, "--lora-alpha", min=1, help="LoRA alpha (lora)."),
+    r: int | None = typer.Option(None, "--lora-r", min=1, help="LoRA rank (lora; default 4)."),
+    alpha: int | None = typer.Option(None, "--lora-alpha", min=1, help="LoRA alpha (lora; default 4)."),
     layers: str | None = typer.Option(None, "--layers", help="Policy hidden states the head reads, comma-separated "
                                       "(head, prm; 0 = embeddings, N = final; default 10,14,18,22,26,30)."),
     width: int | None = typer.Option(None, "--width", min=1, help="Hidden units of the head (head, prm; default "
                                      "256)."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0, help="AdamW weight decay (head, prm)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", min=0.0, help="AdamW weight decay (head, prm; "
+                                              "default 0.1)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4 lora, 1e-3 head)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Sequences per step (lora, default "
                                           "4) or supervised tokens per step (head, prm: default 256)."),
@@ -399,36 +409,50 @@ def train_mrm_cmd(
                                       "20 head, prm)."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (resume later; "
                                          "lora)."),
-    bias_init: str = typer.Option("mean", "--bias-init", help="LM-head bias at step 0: mean (one offset fitted "
-                                  "under the frozen backbone) or zero (the paper's) (lora)."),
+    bias_init: str | None = typer.Option(None, "--bias-init", help="LM-head bias at step 0: mean (one offset "
+                                         "fitted under the frozen backbone; default) or zero (the paper's) (lora)."),
     seed: int = SEED,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
     command = " ".join(["saffron", *sys.argv[1:]])
+    if kind not in ("lora", "head"):
+        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+    if eos not in (None, "mask", "supervise"):
+        raise SaffronError(f"--eos must be mask or supervise, got {eos!r}")
+    # an option the chosen kind has no use for is refused, not silently dropped
+    other: dict[str, Any] = (
+        {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init} if kind == "head"
+        else {"--layers": layers, "--width": width, "--weight-decay": weight_decay})
+    stray = [flag for flag, v in other.items() if v is not None]
+    if stray:
+        raise SaffronError(f"{stray[0]} does not apply to --kind {kind}")
+    supervise_eos = (eos or ("supervise" if kind == "head" else "mask")) == "supervise"
     _quiet_hf()
     if kind == "head":
         from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH, train_head_mrm
 
         layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
         man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
-                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
-                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
+                             lr=lr if lr is not None else 1e-3,
+                             weight_decay=weight_decay if weight_decay is not None else 0.1,
+                             batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, eos=supervise_eos,
+                             command=command)
     elif kind == "prm":
         from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
         from saffron.mrm.prm import train_head_prm
 
         layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
         man = train_head_prm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
-                             lr=lr if lr is not None else 1e-3, weight_decay=weight_decay,
+                             lr=lr if lr is not None else 1e-3,
+                             weight_decay=weight_decay if weight_decay is not None else 0.1,
                              batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
-    elif kind == "lora":
+    else:
         from saffron.mrm.train import train_mrm
 
-        man = train_mrm(data, out, base_model=base_model, r=r, alpha=alpha, lr=lr if lr is not None else 1e-4,
-                        batch_size=batch_size or 4, epochs=epochs or 1, max_steps=max_steps, seed=seed,
-                        bias_init=bias_init, command=command)
-    else:
-        raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
+        man = train_mrm(data, out, base_model=base_model, r=r or 4, alpha=alpha or 4,
+                        lr=lr if lr is not None else 1e-4, batch_size=batch_size or 4, epochs=epochs or 1,
+                        max_steps=max_steps, seed=seed, bias_init=bias_init or "mean", eos=supervise_eos,
+                        command=command)
     typer.echo(json.dumps(man.train or {}, indent=2))
 
 
@@ -505,12 +529,16 @@ def serve_cmd(
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Searches run at once."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
+    preset: str | None = PRESET,
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
     from saffron.evaluate import parse_options
     from saffron.serve import ServeConfig, ServeSettings, serve
 
-    settings = ServeSettings(method=method, method_options=parse_options(opt), default_max_tokens=max_new_tokens,
+    options = parse_options(opt)
+    if preset is not None:
+        options, mrm = _serve_preset(preset, method, options, mrm, max_new_tokens)
+    settings = ServeSettings(method=method, method_options=options, default_max_tokens=max_new_tokens,
                              max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
                              max_queue=max_queue, seed=seed)
     cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
@@ -518,6 +546,28 @@ def serve_cmd(
     settings.check()
     _quiet_hf()
     serve(cfg)
+
+
+def _serve_preset(name: str, method: str, options: dict[str, Any], mrm: str | None, max_new_tokens: int
+                  ) -> tuple[dict[str, Any], str | None]:
+    """The server's options and MRM under a preset. Its length is the server's default (``--max-new-tokens``);
+    its ``min_new_tokens`` is the shared default, which the server cuts to a shorter length a request asks for."""
+    from saffron.evaluate import method_option_names
+    from saffron.methods import get_method
+    from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
+    from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
+
+    p = get_preset(name)
+    length = p.every_method.get("max_new_tokens")
+    if length is not None and max_new_tokens != length:
+        raise SaffronError(f"--preset {name} sets max_new_tokens={length}; --max-new-tokens {max_new_tokens} "
+                           "contradicts it")
+    if p.every_method.get("min_new_tokens", DEFAULT_MIN_NEW_TOKENS) != DEFAULT_MIN_NEW_TOKENS:
+        raise SaffronError(f"--preset {name} fixes a min_new_tokens the server cannot honour per request")
+    names = [k for k in method_option_names(method) if k not in ("max_new_tokens", "min_new_tokens")]
+    opts = preset_options(p, method, names, options, eval_flag)
+    uses_mrm = "mrm" in get_method(method).models_for(opts)
+    return opts, preset_mrm(p, mrm) if uses_mrm else mrm
 
 
 @bench_app.command("serve")

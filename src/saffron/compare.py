@@ -92,7 +92,9 @@ def point_config(cc: CompareConfig, method: str, budget: int | None, seed: int |
         opts[knob] = budget
     opts.setdefault("max_new_tokens", cc.base.method_options.get("max_new_tokens", 32))
     seed = seeds_of(cc, method)[0] if seed is None else seed
-    return resolve(replace(cc.base, method=method, method_options=opts, seed=seed))
+    # a preset (cc.base.preset) fixes the same lengths for every method; in compare, options are METHOD:KEY=VALUE
+    return resolve(replace(cc.base, method=method, method_options=opts, seed=seed),
+                   lambda k, v: f"--max-new-tokens {v}" if k == "max_new_tokens" else f"-o {method}:{k}={v}")
 
 
 def validate_compare(cc: CompareConfig) -> None:

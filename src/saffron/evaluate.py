@@ -25,7 +25,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -68,10 +68,14 @@ class EvalConfig:
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS
     seed: int = 0
     quality: bool = False  # score every output with saffron.quality.QualityScorer
+    preset: str | None = None  # presets.py: options fixed by name (e.g. "paper"), applied by ``resolve``
     accounting: int = field(default=ACCOUNTING, init=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), sort_keys=True))
+        d = asdict(self)
+        if d["preset"] is None:  # absent, not null: folders written before presets existed still resume
+            del d["preset"]
+        return json.loads(json.dumps(d, sort_keys=True))
 
 
 def prompt_seed(seed: int, example_id: str) -> int:
@@ -120,9 +124,18 @@ DEFAULT_REWARD = "smol-guard"
 DEFAULT_MRM = "smol-mrm-head"  # the embedded MRM on the policy's hidden states (mrm/head.py)
 
 
-def resolve(cfg: EvalConfig) -> EvalConfig:
-    """Fill in the models the method needs and the user left out, so ``config.json`` names every model used;
-    drop the ones it does not use, so they cannot make two equal runs look different."""
+def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> EvalConfig:
+    """Apply ``cfg.preset`` (a contradicting option is refused, named as ``flag`` renders it), then fill in the
+    models the method needs and the user left out, so ``config.json`` names every model used; drop the ones it
+    does not use, so they cannot make two equal runs look different."""
+    if cfg.preset is not None:
+        from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
+
+        preset = get_preset(cfg.preset)
+        opts = preset_options(preset, cfg.method, method_option_names(cfg.method), cfg.method_options,
+                              flag or eval_flag)
+        mrm = preset_mrm(preset, cfg.mrm) if "mrm" in get_method(cfg.method).models_for(opts) else cfg.mrm
+        cfg = replace(cfg, method_options=opts, mrm=mrm)
     uses = get_method(cfg.method).models_for(cfg.method_options)
     reward = (cfg.reward or DEFAULT_REWARD) if "reward" in uses else None
     mrm = (cfg.mrm or DEFAULT_MRM) if "mrm" in uses else None

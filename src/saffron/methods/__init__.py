@@ -6,6 +6,7 @@ from saffron.errors import SaffronError
 from saffron.methods.base import Method, MethodResult, Stack
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.deal_mcts import DealMcts
+from saffron.methods.grids import GRID_SIZE, TUNING_GRIDS
 from saffron.methods.none import NoDefence
 from saffron.methods.rebase import Rebase
 from saffron.methods.rejection import Rejection
@@ -23,4 +24,4 @@ def get_method(name: str) -> type[Method]:
         raise SaffronError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Method", "MethodResult", "Stack", "get_method"]
+__all__ = ["GRID_SIZE", "METHODS", "TUNING_GRIDS", "Method", "MethodResult", "Stack", "get_method"]

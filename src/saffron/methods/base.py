@@ -101,11 +101,21 @@ def check_int(name: str, value: Any, lo: int = 1) -> int:
     return value
 
 
-def check_lengths(max_new_tokens: Any, min_new_tokens: Any) -> None:
+# Every method's EOS ban: no method may stop before this many new tokens unless asked to. One figure for all, so
+# that no method wins (or loses) a comparison by answering shorter; 16 is the paper's (min_new_tokens of its code).
+DEFAULT_MIN_NEW_TOKENS = 16
+
+
+def check_lengths(max_new_tokens: Any, min_new_tokens: Any) -> int:
+    """Check the length options and return ``min_new_tokens``; ``None`` (every method's default) is
+    ``DEFAULT_MIN_NEW_TOKENS`` cut to ``max_new_tokens``, so a short answer asked for is not refused."""
     check_int("max_new_tokens", max_new_tokens)
+    if min_new_tokens is None:
+        return min(DEFAULT_MIN_NEW_TOKENS, max_new_tokens)
     check_int("min_new_tokens", min_new_tokens, lo=0)
     if min_new_tokens > max_new_tokens:
         raise SaffronError(f"min_new_tokens ({min_new_tokens}) must be <= max_new_tokens ({max_new_tokens})")
+    return int(min_new_tokens)
 
 
 def check_float(name: str, value: Any, lo: float = 0.0) -> float:

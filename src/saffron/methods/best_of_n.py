@@ -3,6 +3,9 @@
 The baseline the paper finds hardest to beat: one reward call per sample, no search. The N samples run in
 lockstep as one batch per step (they share the prompt's cached prefix), and all N are scored in one call.
 Defaults: temperature 0.7 with top-p 0.9 (diverse but not degenerate samples; the paper does not say).
+
+Options (defaults): ``n`` (32, the budget), ``max_new_tokens`` (32), ``min_new_tokens`` (the shared 16),
+``temperature`` (0.7), ``top_p`` (0.9). Tuning grid: ``grids.TUNING_GRIDS["best-of-n"]``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ class BestOfN(Method):
     budget = "n"
     uses = ("reward",)
 
-    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.7,
-                 top_p: float = 0.9) -> None:
+    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int | None = None,
+                 temperature: float = 0.7, top_p: float = 0.9) -> None:
         check_int("n", n)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.n, self.max_new_tokens, self.min_new_tokens = n, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p

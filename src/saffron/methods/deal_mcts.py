@@ -7,6 +7,15 @@ policy tokens, greedy by default; L = 0 scores the child itself), backpropagate 
 path). Then the most-visited child is committed (ties: higher mean reward, then policy order) and its subtree
 is kept for the next step. A node's evaluation is cached, so revisiting a finished node costs no reward call.
 Rewards are the reward model's raw values (a logit difference for the guards here), so ``c`` is in those units.
+
+Lookahead (DeAL's, and the paper's Table 1 with L = 0 and 2): with ``lookahead=L > 0`` a freshly expanded child is
+scored on its output continued by L policy tokens (greedy unless ``temperature`` > 0), so the reward model judges
+where the token leads rather than the token alone; the rollout's tokens are not kept in the tree, and their
+policy compute is charged. L = 0 scores the child as it is.
+
+Options (defaults): ``simulations`` (8, the budget), ``top_k`` (4), ``c`` (1.0), ``lookahead`` (0),
+``max_new_tokens`` (32), ``min_new_tokens`` (the shared 16), ``temperature`` / ``top_p`` (0 / 1: the lookahead's
+sampling). Tuning grid: ``grids.TUNING_GRIDS["deal-mcts"]``.
 """
 
 from __future__ import annotations
@@ -55,14 +64,14 @@ class DealMcts(Method):
     uses = ("reward",)
 
     def __init__(self, simulations: int = 8, top_k: int = 4, c: float = 1.0, lookahead: int = 0,
-                 max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.0,
+                 max_new_tokens: int = 32, min_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0) -> None:
         """``temperature``/``top_p`` apply to the lookahead rollouts only (0 = greedy); expansion is top-k."""
         check_int("simulations", simulations)
         check_int("top_k", top_k)
         check_float("c", c)
         check_int("lookahead", lookahead, lo=0)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.simulations, self.top_k, self.c, self.lookahead = simulations, top_k, float(c), lookahead
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens

@@ -1,4 +1,9 @@
-"""No defence: the policy continues the attacked conversation on its own (greedy or sampled)."""
+"""No defence: the policy continues the attacked conversation on its own (greedy or sampled).
+
+Options: ``max_new_tokens`` (32), ``min_new_tokens`` (EOS banned before it; default the shared
+``DEFAULT_MIN_NEW_TOKENS``, as for every method, so the undefended row answers at the same length as the
+defences), ``temperature`` (0: greedy) and ``top_p`` (1).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,25 @@ from typing import Any
 
 import torch
 
-from saffron.methods.base import Method, MethodResult, Stack
-from saffron.methods.sampling import check_sampling, choose
+from saffron.methods.base import Method, MethodResult, Stack, check_lengths
+from saffron.methods.sampling import ban, check_sampling, choose
 from saffron.session import Session
 
 
 class NoDefence(Method):
     name = "none"
 
-    def __init__(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    def __init__(self, max_new_tokens: int = 32, min_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0) -> None:
+        self.min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
 
     def options(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        return {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p}
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         runner = stack.policy
@@ -33,6 +41,8 @@ class NoDefence(Method):
         for _ in range(self.max_new_tokens):
             logits = runner.forward([ctx]).logits
             assert logits is not None
+            if len(out) < self.min_new_tokens:
+                ban(logits, eos)
             tok = choose(logits[0], self.temperature, self.top_p, gen)
             if tok in eos:
                 break

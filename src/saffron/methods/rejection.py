@@ -2,6 +2,9 @@
 
 Cheaper than Best-of-N when the policy is often safe already: it stops at the first safe sample. After ``n``
 unsafe tries it returns the best one seen (first on ties). Same sampling defaults as Best-of-N.
+
+Options (defaults): ``n`` (32, the most tries: the budget), ``max_new_tokens`` (32), ``min_new_tokens`` (the
+shared 16), ``temperature`` (0.7), ``top_p`` (0.9). Tuning grid: ``grids.TUNING_GRIDS["rejection"]``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ class Rejection(Method):
     budget = "n"
     uses = ("reward",)
 
-    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int = 0, temperature: float = 0.7,
-                 top_p: float = 0.9) -> None:
+    def __init__(self, n: int = 32, max_new_tokens: int = 32, min_new_tokens: int | None = None,
+                 temperature: float = 0.7, top_p: float = 0.9) -> None:
         check_int("n", n)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_sampling(temperature, top_p)
         self.n, self.max_new_tokens, self.min_new_tokens = n, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p

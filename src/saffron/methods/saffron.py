@@ -33,10 +33,15 @@ highest MRM prediction, capping the rerank's cost, which grows with the width an
 share.
 
 Three departures from the paper, on by default because on the embedded stack they cut attack success from 0.88
-to 0.38 at equal compute (docs/benchmarks.md); ``-o no_repeat_ngram=0 -o per_parent=0 -o policy_weight=0`` is
-the paper's search exactly. They answer the collapse we measured with a small MRM: the global top-N can fill the
-whole beam with children of one node, and a 135M policy pushed off its distribution proposes word fragments and
-repeats that the MRM, trained on natural text only, scores as safe.
+to 0.38 at equal compute (docs/benchmarks.md). Turning them off (``no_repeat_ngram=0 per_parent=0
+policy_weight=0``, ``diversity=0``) is the paper's search only together with ``final=first`` (the default
+``rerank`` adds a reward-model call the paper does not make) and an MRM whose unseen mask holds EOS (``train-mrm
+--eos mask``): with EOS supervised, a finished child gets a finite reward while unfinished nodes keep -inf, so
+finished nodes hold beam slots for good, another search. ``--preset paper`` (presets.py) sets exactly that, with
+the LoRA MRM ``smol-mrm`` and top-p 0.8; tests/test_paper_search.py checks it token for token against a naive
+transcription of the authors' pseudocode. The three answer the collapse we measured with a small MRM: the global
+top-N can fill the whole beam with children of one node, and a 135M policy pushed off its distribution proposes
+word fragments and repeats that the MRM, trained on natural text only, scores as safe.
 ``no_repeat_ngram=n`` ranks a candidate that would repeat an ``n``-gram of the answer (prefill included) below
 every other candidate, like HF's ``no_repeat_ngram_size`` but as a rank, not a ban; ``per_parent=k`` keeps at
 most ``k`` children of one node while other nodes still have candidates; ``policy_weight=b`` ranks by
@@ -72,6 +77,9 @@ from saffron.methods.sampling import check_sampling, nucleus_mask
 from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, policy_step, prune
 from saffron.session import Session
 
+# Options (defaults): width (32, the budget), top_p (0.8), max_new_tokens (32), min_new_tokens (the shared 16),
+# final (rerank | first | mrm), no_repeat_ngram (3), per_parent (2), policy_weight (1.0), diversity (0),
+# rerank_top (0 = all); see the module docstring for each.
 FINAL_RULES = ("rerank", "first", "mrm")
 # Below every seen candidate (rewards are log-odds, tens at most) and below the unseen penalty too: a repeat
 # fills the beam only when nothing else can.
@@ -143,12 +151,12 @@ class Saffron(Method):
         # only rerank calls the reward model
         return cls.uses if options.get("final", "rerank") == "rerank" else ("mrm",)
 
-    def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32, min_new_tokens: int = 16,
-                 final: str = "rerank", no_repeat_ngram: int = 3, per_parent: int = 2,
-                 policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
+    def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32,
+                 min_new_tokens: int | None = None, final: str = "rerank", no_repeat_ngram: int = 3,
+                 per_parent: int = 2, policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
         check_int("width", width)
         check_sampling(0.0, top_p)
-        check_lengths(max_new_tokens, min_new_tokens)
+        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
         check_choice("final", final, FINAL_RULES)
         check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
         check_int("per_parent", per_parent, lo=0)

@@ -14,7 +14,7 @@ EMBEDDED = {
     "smol-mrm-head": (ASSETS / "smol_mrm_head", "saffron build-rewards --out runs/rewards --max-tokens 48 --limit "
                       "128 --seed 0 && saffron train-mrm --kind head --data runs/rewards --out {path} --seed 0"),
     "smol-mrm": (ASSETS / "smol_mrm", "saffron build-rewards --out runs/rewards --max-tokens 48 --limit 128 --seed 0 "
-                 "&& saffron train-mrm --data runs/rewards --out {path} --lr 2e-3 --epochs 4 --seed 0"),
+                 "&& saffron train-mrm --data runs/rewards --out {path} --eos mask --lr 2e-3 --epochs 4 --seed 0"),
 }
 EMBEDDED_MRM = "smol-mrm-head"
 

@@ -319,8 +319,10 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
 
     Supervision as for the LoRA MRM (``train.py``): the state after ``response[:j]`` predicts ``response[j]``'s
     reward, and on a complete row the state after the whole response predicts every EOS id with the final
-    reward. Reading the rows' policy states takes about two minutes on 2 CPU cores and fitting well under one,
-    so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
+    reward; ``eos=False`` (``--eos mask``) never supervises EOS, which then stays in the unseen mask (the paper's
+    rule; recorded as ``eos_in_mask``). Reading the rows' policy states takes about two minutes on 2 CPU cores
+    and fitting well under one, so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
+
     t_start = time.time()
     data_dir, out = Path(data_dir), Path(out)
     check_fit_options(width, batch_size, epochs, lr, weight_decay)
@@ -334,11 +336,13 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     parts: list[torch.Tensor] = []
     toks: list[int] = []
     want: list[float] = []
+    masked = set() if eos else set(eos_ids)  # eos=False (--eos mask): EOS never a target, wherever it occurs
     for r, s in zip(rows, feats.states, strict=True):
         n = len(r.response_ids)
-        parts.append(s[:n])
-        toks.extend(int(t) for t in r.response_ids)
-        want.extend(float(x) for x in r.rewards)
+        keep = [j for j, t in enumerate(r.response_ids) if int(t) not in masked]
+        parts.append(s[:n][keep])
+        toks.extend(int(r.response_ids[j]) for j in keep)
+        want.extend(float(r.rewards[j]) for j in keep)
         if eos and r.complete:
             for e in eos_ids:
                 parts.append(s[n:])
@@ -366,6 +370,7 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
                 "tokens": sum(len(r.response_ids) for r in rows), "supervised_pairs": len(y),
                 "max_tokens": data_cfg.get("max_tokens"), "seen_tokens": int(seen.sum()),
                 "unseen_tokens": int(unseen.sum()), "eos_supervised": eos,
+                "eos_in_mask": bool(unseen[eos_ids].all()) if eos_ids else None,
                 "reward_mean": float(y.mean()), "reward_std": float(y.std()),
                 "reward_model_identity": data_cfg.get("reward_model")},
         train=train_record(feats, losses, fit_seconds, t_start, command, epochs=epochs, lr=lr,

@@ -14,8 +14,11 @@ EOS. The corpus responses carry no EOS token. Ending a response adds no text, so
 (the reward model reads the same decoded text). With ``eos=True`` (default) every *complete* row (the response
 ended within ``max_tokens``; a truncated one did not end there) also supervises each of the policy's EOS ids
 at its last position with the reward of the whole response; EOS is then a seen token and ``M(s)[EOS]`` predicts
-the reward of stopping now, which lets a search rank finished candidates. ``eos=False`` reproduces the paper:
-EOS is never a target, so it lands in the unseen mask and gets the penalty.
+the reward of stopping now, which lets a search rank finished candidates. ``eos=False`` (``train-mrm --eos mask``,
+the CLI's default for this LoRA kind) reproduces the paper: EOS is never a target (not even where an EOS id occurs
+inside a response), so it is always in the unseen mask and gets the penalty at inference; the manifest records
+``eos_in_mask``. With EOS seen, a finished child gets a finite reward while unfinished nodes keep -inf, so
+finished nodes hold beam slots for good: another search than the paper's.
 
 Unseen mask: True for every token never supervised in the steps actually run (``[V]`` bool); it equals "never
 a next token in the corpus" after a full epoch.
@@ -102,11 +105,13 @@ def supervision(rows: Sequence[RewardRow], eos_ids: Sequence[int], eos: bool
     complete row with ``eos``, the last position also predicts each EOS id with the final reward."""
     seqs: list[list[int]] = []
     targets: list[tuple[int, int, int, float]] = []
+    masked = set() if eos else {int(e) for e in eos_ids}  # masked EOS: never a target, wherever it occurs
     for b, r in enumerate(rows):
         p = len(r.prompt_ids)
         seqs.append(list(r.prompt_ids) + list(r.response_ids))
         for j, (tok, rew) in enumerate(zip(r.response_ids, r.rewards, strict=True)):
-            targets.append((b, p - 1 + j, int(tok), float(rew)))
+            if int(tok) not in masked:
+                targets.append((b, p - 1 + j, int(tok), float(rew)))
         if eos and r.complete:
             for e in eos_ids:
                 targets.append((b, p - 1 + len(r.response_ids), int(e), float(r.rewards[-1])))
@@ -336,6 +341,8 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         if eos and rows[i].complete:
             seen[torch.tensor(eos_ids, dtype=torch.long)] = True
             eos_rows += 1
+    if not eos:
+        seen[torch.tensor(eos_ids, dtype=torch.long)] = False  # never supervised (see ``supervision``)
     unseen = ~seen
     tail = losses[-min(len(losses), 50):]
     reward_values = torch.tensor([x for r_ in rows for x in r_.rewards])

@@ -78,7 +78,8 @@ def method_options(method: str, given: dict[str, Any], max_tokens: int) -> dict[
     opts = {**given, "max_new_tokens": max_tokens}
     if "min_new_tokens" in method_option_names(method) and "min_new_tokens" not in given:
         default = inspect.signature(get_method(method).__init__).parameters["min_new_tokens"].default
-        opts["min_new_tokens"] = min(int(default), max_tokens)
+        if default is not None:  # None: the method cuts the shared default to the length itself
+            opts["min_new_tokens"] = min(int(default), max_tokens)
     return opts
 
 
