@@ -6,8 +6,9 @@ The backbone's features do not depend on the probe, so they are computed once an
     PYTHONPATH=src python scripts/choose_guard_augmentation.py dev runs/choose    # DEV_SPLIT views + suite
     PYTHONPATH=src python scripts/choose_guard_augmentation.py grid runs/choose   # refit each candidate, score
 
-The train features must come from a run that drew every candidate rewrite (the default: all of
-``UNSAFE_KINDS`` and junk); a candidate keeps only the views of its kinds. Rule (saffron.guards.train's
+The train features must come from a run that drew every candidate rewrite (all of ``UNSAFE_KINDS`` and junk:
+``train_guard(..., augment_junk=True)``; the 2026-12-03 grid used the then-default run with junk on, weight 1); a
+candidate keeps only the views of its kinds. Rule (saffron.guards.train's
 docstring): dev AUCs (full, 16-token prefix) no lower than the unaugmented probe's minus 0.005 and junk outscoring
 real safe answers no more often than under it, then the best mean of the refusal-prefix and disclaimer catch
 rates, then the lowest rate of junk judged unsafe. The ``shipped`` line

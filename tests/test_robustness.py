@@ -163,7 +163,7 @@ def test_bench_reports_robustness_per_judge(tmp_path: Path, tiny_dir: Path) -> N
 
     rows = _rows(12)
     spec = train_guard(tmp_path / "g", seed=0, base_model=str(tiny_dir), layers=(1, 2), prefixes=(8,),
-                       progress=False, rows=rows)
+                       progress=False, rows=rows, augment_junk=True)  # junk is off by default; exercise it here
     assert spec.train is not None and spec.train["augment"]["junk"] is True
     views = spec.train["augment"]["views_per_kind"]
     assert views["original"] > 0 and sum(views[k] for k in JUNK_KINDS if k in views) > 0

@@ -18,14 +18,18 @@ does (``junk_beats_safe``). One rewrite
 per row, drawn by a seeded generator of the row id, because every view set costs a backbone forward over the
 whole text. Augmented views weigh ``AUGMENT_WEIGHT`` against 1 for a real labelled view.
 
-How the choice is made: on ``DEV_SPLIT`` only, by ``scripts/choose_guard_augmentation.py``, which refits the
-probe from saved features for every candidate (no rewrites / refusal+disclaimer / all four; junk or not; weight
-0.5, 1, 2) and keeps the best mean catch rate on refusal-prefixed and disclaimed harmful text among candidates
-whose dev AUCs (full, 16-token prefix) stay within 0.005 of the unaugmented probe's and whose ``junk_beats_safe``
-is no higher than its. The defaults here are the
-widest candidate (all four rewrites, junk, weight 1), which the default ``train-guard`` draws so that every
-candidate can be refitted from its features (``--save-features``); until the grid has run on the final split,
-they are a prior, not a dev-chosen value (docs/benchmarks.md says which).
+How the choice was made: on dev only, by ``scripts/choose_guard_augmentation.py``, which refits the probe from
+saved features for every candidate (no rewrites / refusal+disclaimer / all four; junk or not; weight 0.5, 1, 2).
+Its pre-set rule (the best mean catch rate on refusal-prefixed and disclaimed harmful text among candidates whose
+dev AUCs stay within 0.005 of the unaugmented probe's and whose ``junk_beats_safe`` is no higher) keeps *no*
+augmentation: on this backbone every rewrite costs AUC. The grid (docs/benchmarks.md, 2026-12-03, measured on
+the old hash split's held-out rows, which served as dev) showed two things the defaults follow:
+
+- Junk labelled safe makes junk outscore real safe answers 79-95% of the time (7% without): a search would
+  maximise its way into junk, so ``AUGMENT_JUNK`` is off.
+- All four unsafe rewrites at weight 0.5 raise the catch rates from 0.53 / 0.78 (refusal prefix / disclaimer,
+  unaugmented guard half) to 0.88 / 0.88, story and list to 0.97, at AUCs 0.907 / 0.839 against 0.930 / 0.873:
+  the default here, a trade of AUC for robustness that overrides the pre-set rule (the lead's call to keep).
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ WEIGHT_DECAY = 1e-2
 C = 0.01  # inverse L2 strength of the logistic probe
 # Chosen on DEV_SPLIT (module docstring): which rewrites of unsafe rows to add, whether to add junk, their weight.
 AUGMENT_UNSAFE: tuple[str, ...] = UNSAFE_KINDS
-AUGMENT_JUNK = True
-AUGMENT_WEIGHT = 1.0
+AUGMENT_JUNK = False  # junk labelled safe teaches the guard to reward junk (dev: junk_beats_safe 0.07 -> 0.79+)
+AUGMENT_WEIGHT = 0.5
 JUNK_PREFIX_TOKENS = (16,)  # junk is junk at any length: one partial view is enough
 # The frame can push a rewrite past MAX_RESPONSE_TOKENS; keep room so a disclaimer at the end is not cut off.
 MAX_AUGMENTED_TOKENS = MAX_RESPONSE_TOKENS + 64
@@ -264,7 +268,7 @@ def train_guard(out: Path, seed: int = 0, base_model: str = EMBEDDED_POLICY, lay
             "junk": bool(augment_junk and aug),
             "weight": augment_weight,
             "views_per_kind": {str(k): int(n) for k, n in zip(kinds, counts, strict=True)},
-            "choice": "widest candidate; dev grid: scripts/choose_guard_augmentation.py (saffron.guards.train)",
+            "choice": "dev grid, scripts/choose_guard_augmentation.py; why: saffron.guards.train docstring",
         },
         "probe": "logistic (L-BFGS)" if hidden == 0 else f"mlp({hidden}) AdamW",
         "c": C, "epochs": EPOCHS, "lr": LR, "weight_decay": WEIGHT_DECAY,
