@@ -515,7 +515,7 @@ def test_saffron_with_a_head_mrm_runs_no_second_model(tiny_dir: Path, head_train
 
 def _eos_rows(model: Model) -> list[RewardRow]:
     """Two rows, one complete, and an EOS id inside a response: a masked EOS must stay unsupervised even there."""
-    p = _prompts(2, heldout=False, tag="eos")
+    p = _prompts(2, "train", tag="eos")
     eos = min(model.eos_ids)
     return [_row(model, 0, p[0], [10, eos, 12], True), _row(model, 1, p[1], [11, 13], False)]
 
@@ -528,7 +528,7 @@ def test_masked_eos_is_never_supervised_even_inside_a_response(tmp_path: Path, t
     assert set((~unseen).nonzero().flatten().tolist()) == {10, 11, 12, 13}
     assert m.corpus["eos_in_mask"] is True and m.corpus["eos_supervised"] is False
     assert bool((_bias(tmp_path / "m")[sorted(model.eos_ids)] == 0).all())  # never a target: never moved
-    q = load_mrm(tmp_path / "m", device="cpu").rewards(_prompts(1, heldout=False, tag="q")[0], [[10, 12]])
+    q = load_mrm(tmp_path / "m", device="cpu").rewards(_prompts(1, "train", tag="q")[0], [[10, 12]])
     assert bool((q[0, sorted(model.eos_ids)] == m.penalty).all())  # -1024 at inference, as the paper does
 
 
