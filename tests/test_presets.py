@@ -94,7 +94,7 @@ def test_an_mrm_that_supervises_eos_is_refused(tmp_path: Path, tiny_dir: Path) -
 
 def test_eval_under_the_preset_records_it(tmp_path: Path, tiny_dir: Path, paper_mrm: Path) -> None:
     cfg = resolve(EvalConfig(method="saffron", preset="paper", mrm=str(paper_mrm), dataset=_dataset(tmp_path),
-                             policy=str(tiny_dir), judge=f"llama-guard-3:{tiny_dir}", prefill_tokens=2,
+                             policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",), prefill_tokens=2,
                              method_options={"width": 2}))
     m = run_eval(cfg, tmp_path / "run", None, progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -415,14 +415,16 @@ def train_mrm_cmd(
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
     command = " ".join(["saffron", *sys.argv[1:]])
-    if kind not in ("lora", "head"):
-        raise SaffronError(f"--kind must be lora or head, got {kind!r}")
+    if kind not in ("lora", "head", "prm"):
+        raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
     if eos not in (None, "mask", "supervise"):
         raise SaffronError(f"--eos must be mask or supervise, got {eos!r}")
     # an option the chosen kind has no use for is refused, not silently dropped
     other: dict[str, Any] = (
-        {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init} if kind == "head"
-        else {"--layers": layers, "--width": width, "--weight-decay": weight_decay})
+        {"--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps, "--bias-init": bias_init}
+        if kind in ("head", "prm") else {"--layers": layers, "--width": width, "--weight-decay": weight_decay})
+    if kind == "prm":
+        other["--eos"] = eos  # a value head scores prefixes, it predicts no next token
     stray = [flag for flag, v in other.items() if v is not None]
     if stray:
         raise SaffronError(f"{stray[0]} does not apply to --kind {kind}")
