@@ -37,7 +37,10 @@ from saffron.model import load_model
 
 SEED = 0
 DEV_SUITE_ROWS = SUITE_ROWS  # the bench's sample size, so dev and test rates are comparable
-AUC_SLACK = 0.005
+# The rule first written (0.005) keeps no augmentation at all: every rewrite costs some AUC. Having seen that on the
+# old split's held-out rows, we allow 0.03 (set before the new dev split was scored): the issue asks for a guard
+# that catches refusal-prefixed and disclaimed harm, and trades a little ranking quality for it.
+AUC_SLACK = 0.03
 
 
 def dev(out: Path) -> None:
@@ -112,5 +115,32 @@ def grid(out: Path) -> None:
     (out / "grid.json").write_text(json.dumps({"candidates": res, "chosen": best}, indent=2) + "\n")
 
 
+def refit(out: Path, dest: Path) -> None:
+    """Refit the chosen candidate from the saved train features and save it as a probe folder at ``dest`` (the
+    train record of the run that saved the features, with the chosen augmentation)."""
+    from saffron.guards.smol_guard import ProbeSpec, save_probe
+
+    chosen = json.loads((out / "grid.json").read_text())["chosen"]
+    f = np.load(out / "train_features.npz")
+    kind = f["kind"]
+    keep = (kind == "original") | np.isin(kind, chosen["unsafe_kinds"]) | (chosen["junk"] & np.isin(kind, JUNK_KINDS))
+    probe = fit_probe(f["x"][keep], f["unsafe"][keep], 0, SEED,
+                      weight=np.where(kind[keep] == "original", 1.0, chosen["weight"]))
+    spec, _ = load_probe(out / "features-run")
+    kinds, counts = np.unique(kind[keep], return_counts=True)
+    train = {**(spec.train or {}), "n_views": int(keep.sum()),
+             "command": f"{(spec.train or {}).get('command')} --save-features {out}/train_features.npz; "
+                        f"python scripts/choose_guard_augmentation.py dev|grid {out}; ... refit {out} {dest}",
+             "augment": {"unsafe_kinds": chosen["unsafe_kinds"], "junk": chosen["junk"], "weight": chosen["weight"],
+                         "views_per_kind": {str(k): int(n) for k, n in zip(kinds, counts, strict=True)},
+                         "choice": f"dev grid (AUC slack {AUC_SLACK}), scripts/choose_guard_augmentation.py",
+                         "dev": {k: chosen[k] for k in ("auc_full", "auc_prefix16", "junk_beats_safe", "unsafe_rate")}}}
+    save_probe(dest, ProbeSpec(base_model=spec.base_model, layers=spec.layers, hidden=0, train=train), probe)
+    print(json.dumps({"wrote": str(dest), "augment": train["augment"]}))
+
+
 if __name__ == "__main__":
-    {"dev": dev, "shipped": shipped, "grid": grid}[sys.argv[1]](Path(sys.argv[2]))
+    if sys.argv[1] == "refit":
+        refit(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        {"dev": dev, "shipped": shipped, "grid": grid}[sys.argv[1]](Path(sys.argv[2]))
