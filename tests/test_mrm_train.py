@@ -579,3 +579,13 @@ def test_train_mrm_cli_refuses_what_a_kind_cannot_honour(argv: list[str], msg: s
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _cli(["train-mrm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"), *argv], capsys)
     assert code == 2 and msg in err and err.count("\n") == 1 and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_head_mrm_accepts_its_policy_in_another_dtype(tiny_dir: Path, head_trained: Path, dtype: str) -> None:
+    # the default dtype off CPU is bf16: a head trained in fp32 must still read the same model there
+    from saffron.model import load_model_copy
+
+    same = load_model_copy(str(tiny_dir))
+    same.hf.to(getattr(torch, dtype))
+    load_mrm(head_trained).check_policy(same)

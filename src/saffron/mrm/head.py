@@ -65,15 +65,40 @@ DEFAULT_LAYERS = (10, 14, 18, 22, 26, 30)
 DEFAULT_WIDTH = 256
 
 
-def policy_fingerprint(model: Model) -> str:
-    """A hash of the model's shape and a sample of its weights: equal iff the head reads the same states."""
+def _weight_tensors(model: Model) -> list[torch.Tensor]:
+    hf = model.hf
+    return [hf.get_input_embeddings().weight[::997], hf.model.norm.weight,
+            hf.model.layers[-1].mlp.down_proj.weight[::97]]
+
+
+FINGERPRINT_SAMPLE = 256  # weight values kept per manifest: enough to tell two checkpoints apart, small to store
+# bf16 keeps 8 mantissa bits (relative error <= 2^-8), fp16 10 bits but flushes |x| < 6e-5 to subnormals: a value
+# read in any of fp32/bf16/fp16 stays within this of its fp32 self, while another checkpoint's weights do not
+FINGERPRINT_RTOL, FINGERPRINT_ATOL = 1e-2, 1e-4
+
+
+def policy_fingerprint(model: Model) -> dict[str, Any]:
+    """What identifies the policy a head reads, whatever dtype or device it was loaded in: a hash of its tokenizer
+    and shape (exact), and a fixed sample of its weights (compared with a tolerance by ``same_policy``). A hash of
+    the weights themselves would change with the dtype: a head trained in fp32 would refuse the same model in
+    bf16."""
     hf = model.hf
     h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
     h.update(repr((hf.config.num_hidden_layers, hf.config.hidden_size)).encode())
-    for t in (hf.get_input_embeddings().weight[::997], hf.model.norm.weight,
-              hf.model.layers[-1].mlp.down_proj.weight[::97]):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    flat = torch.cat([t.detach().float().cpu().flatten() for t in _weight_tensors(model)])
+    idx = torch.linspace(0, len(flat) - 1, FINGERPRINT_SAMPLE).long()
+    return {"tokenizer_shape": h.hexdigest(), "weights": [float(x) for x in flat[idx]]}
+
+
+def same_policy(model: Model, stored: Any) -> bool:
+    """Whether ``model`` is the policy whose ``policy_fingerprint`` was stored (any dtype, any device)."""
+    if not isinstance(stored, dict) or "weights" not in stored:
+        return False  # a manifest from before dtype-free fingerprints: retrain the head (the message says how)
+    mine = policy_fingerprint(model)
+    if mine["tokenizer_shape"] != stored.get("tokenizer_shape") or len(stored["weights"]) != FINGERPRINT_SAMPLE:
+        return False
+    a, b = torch.tensor(stored["weights"]), torch.tensor(mine["weights"])
+    return bool(((a - b).abs() <= FINGERPRINT_RTOL * a.abs() + FINGERPRINT_ATOL).all())
 
 
 def head_flops(n_features: int, width: int, d_model: int, n_scored: int) -> int:
@@ -153,10 +178,11 @@ class HeadMrm(Mrm):
 
     def check_policy(self, policy: Model) -> None:
         self.check_tokenizer(policy)
-        if policy_fingerprint(policy) != self.manifest.head.get("policy_fingerprint"):
+        if not same_policy(policy, self.manifest.head.get("policy_fingerprint")):
             raise SaffronError(f"this head MRM reads the hidden states of {self.manifest.base_model}, and the policy "
-                               f"{policy.name} is another model; train a head MRM for it with `saffron train-mrm "
-                               f"--kind head --base {policy.name}`")
+                               f"{policy.name} is another model (or the MRM predates dtype-free fingerprints); "
+                               f"train a head MRM for it with `saffron train-mrm --kind head --base-model "
+                               f"{policy.name}`")
 
     @torch.inference_mode()
     def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
@@ -413,4 +439,5 @@ def inspect_head_mrm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
     }
 
 
-__all__ = ["HeadMrm", "HeadNet", "inspect_head_mrm", "load_head_mrm", "policy_fingerprint", "train_head_mrm"]
+__all__ = ["HeadMrm", "HeadNet", "inspect_head_mrm", "load_head_mrm", "policy_fingerprint", "same_policy",
+           "train_head_mrm"]

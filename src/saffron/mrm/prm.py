@@ -57,6 +57,7 @@ from saffron.mrm.head import (
     fit,
     policy_fingerprint,
     read_features,
+    same_policy,
     train_record,
 )
 from saffron.mrm.model import MANIFEST, MrmManifest, read_manifest
@@ -100,7 +101,7 @@ class HeadPrm(RewardModel):
         """Refuse a policy other than the one this PRM read in training (its states would mean nothing)."""
         if id(policy) in self._checked:
             return
-        if policy is not self.model and policy_fingerprint(policy) != self.manifest.head.get("policy_fingerprint"):
+        if policy is not self.model and not same_policy(policy, self.manifest.head.get("policy_fingerprint")):
             raise SaffronError(f"the head PRM reads the hidden states of {self.manifest.base_model}, and the policy "
                                f"{policy.name} is another model; pass --reward head-prm:PATH with a PRM trained "
                                f"for it (`saffron train-mrm --kind prm --base-model {policy.name}`)")
@@ -149,7 +150,7 @@ def load_head_prm(path: str | Path | None = None, device: str | None = None) -> 
         raise SaffronError(f"head PRM in {folder} is corrupted ({type(e).__name__}); retrain it with `saffron "
                            f"train-mrm --kind prm`") from None
     prm = HeadPrm(policy, manifest, net)
-    if policy_fingerprint(policy) != manifest.head.get("policy_fingerprint"):
+    if not same_policy(policy, manifest.head.get("policy_fingerprint")):
         raise SaffronError(f"the head PRM in {folder} was trained on other weights than {manifest.base_model}'s "
                            f"as loaded here; retrain it with `saffron train-mrm --kind prm`")
     return prm
