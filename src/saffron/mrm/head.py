@@ -90,10 +90,20 @@ def policy_fingerprint(model: Model) -> dict[str, Any]:
     return {"tokenizer_shape": h.hexdigest(), "weights": [float(x) for x in flat[idx]]}
 
 
+def _legacy_fingerprint(model: Model) -> str:
+    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
+    h.update(repr((model.hf.config.num_hidden_layers, model.hf.config.hidden_size)).encode())
+    for t in _weight_tensors(model):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def same_policy(model: Model, stored: Any) -> bool:
     """Whether ``model`` is the policy whose ``policy_fingerprint`` was stored (any dtype, any device)."""
+    if isinstance(stored, str):  # a manifest from before dtype-free fingerprints: exact, so fp32 only
+        return stored == _legacy_fingerprint(model)
     if not isinstance(stored, dict) or "weights" not in stored:
-        return False  # a manifest from before dtype-free fingerprints: retrain the head (the message says how)
+        return False
     mine = policy_fingerprint(model)
     if mine["tokenizer_shape"] != stored.get("tokenizer_shape") or len(stored["weights"]) != FINGERPRINT_SAMPLE:
         return False
