@@ -56,17 +56,23 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return torch.softmax(lg, dim=-1)
 
 
+def _draw(probs: torch.Tensor, n: int, gen: torch.Generator, replacement: bool = True) -> torch.Tensor:
+    """``torch.multinomial`` on the generator's device (the CPU): a CPU generator cannot draw from CUDA
+    probabilities, and drawing on the CPU keeps a seed's tokens the same on every device."""
+    return torch.multinomial(probs.to(gen.device), n, replacement=replacement, generator=gen)
+
+
 def choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, temperature, top_p), 1, generator=gen))
+    return int(_draw(probabilities(logits, temperature, top_p), 1, gen))
 
 
 def choose_rows(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> list[int]:
     """``choose`` for every row of ``[B, V]`` logits in one draw (lockstep sampling of a batch)."""
     if temperature == 0:
         return [int(t) for t in logits.argmax(dim=-1)]
-    return [int(t) for t in torch.multinomial(probabilities(logits, temperature, top_p), 1, generator=gen)[:, 0]]
+    return [int(t) for t in _draw(probabilities(logits, temperature, top_p), 1, gen)[:, 0]]
 
 
 def choose_distinct(logits: torch.Tensor, k: int, temperature: float, top_p: float,
@@ -80,4 +86,4 @@ def choose_distinct(logits: torch.Tensor, k: int, temperature: float, top_p: flo
         return [int(t) for t in order[:n]]
     probs = probabilities(logits, temperature, top_p)
     n = min(k, int((probs > 0).sum()))
-    return [int(t) for t in torch.multinomial(probs, n, replacement=False, generator=gen)]
+    return [int(t) for t in _draw(probs, n, gen, replacement=False)]
