@@ -4,10 +4,12 @@ It shares nothing with smol-guard (the search reward, the MRM teacher): another 
 MiniLM sentence encoder, ``encoder.py``) and other training labels (only the ``"judge"`` half of the labelled
 train rows, ``data.label_half``; smol-guard reads the ``"guard"`` half).
 
-Features: the encoder's unit embedding r of the response, and r * p, its elementwise product with the prompt's
-embedding p (how the response relates to what was asked; the prompt alone carries no label, since the same
-harmful prompt has safe and unsafe responses). A standardised L2-regularised logistic regression on them gives
-the reward, log-odds(safe): > 0 safe, < 0 unsafe.
+Features: the encoder's unit embeddings of the response (r) and of the prompt (p), concatenated. The prompt
+alone decides nothing (the same harmful prompt has safe and unsafe responses), but it moves the threshold per
+topic: how much of a response must be present before it is harmful differs between, say, a slur and a recipe.
+Chosen on the dev split against r alone, r and r * p, and all three (dev ROC-AUC 0.854 vs 0.832-0.839; table in
+docs/benchmarks.md). A standardised L2-regularised logistic regression on them gives the reward, log-odds(safe):
+> 0 safe, < 0 unsafe.
 
 Training views of each row, all with the row's label unless said: the whole response (first 256 word pieces),
 its first 8/16/32/64 word pieces (a search's outputs are short and partial), and the robustness augmentations
@@ -41,7 +43,7 @@ ASSET = Path(__file__).resolve().parent / "assets" / "minilm_judge"
 PREFIX_TOKENS = (8, 16, 32, 64)
 AUG_PREFIX = 32  # the prefix the augmentations are also applied to (a search output's length)
 JUDGE_JUNK = ("emoji", "random_words", "repetition", "shuffled")
-C = 0.1  # inverse L2 strength, chosen on the dev split (see docs/benchmarks.md)
+C = 3e-4  # inverse L2 strength, chosen on the dev split from 5e-5..1e-2 (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def fit_head(x: np.ndarray, positive: np.ndarray, c: float, seed: int) -> Linear
 @dataclass(frozen=True)
 class JudgeSpec:
     encoder: str = ENCODER_NAME
-    features: str = "response,response*prompt"
+    features: str = "response,prompt"
     train: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -92,12 +94,12 @@ class JudgeSpec:
 
 
 def judge_features(enc: Encoder, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    """[n, 2 * dim]: the response embedding r and r * p (p the prompt's embedding; each distinct prompt once)."""
+    """[n, 2 * dim]: the response's embedding, then the prompt's (each distinct prompt embedded once)."""
     r = enc.embed(responses)
     uniq = sorted(set(prompts))
-    pe = enc.embed(uniq)
-    p = pe[[uniq.index(q) for q in prompts]] if prompts else np.zeros_like(r)
-    return np.concatenate([r, r * p], axis=1)
+    pos = {q: i for i, q in enumerate(uniq)}
+    p = enc.embed(uniq)[[pos[q] for q in prompts]] if prompts else np.zeros_like(r)
+    return np.concatenate([r, p], axis=1)
 
 
 def judge_rows(split: str = "train") -> list[Example]:
@@ -203,7 +205,7 @@ class MinilmJudge:
         pass  # no per-prompt state
 
 
-def select_c(seed: int = 0, cs: Sequence[float] = (0.01, 0.1, 1.0)) -> dict[str, float]:
+def select_c(seed: int = 0, cs: Sequence[float] = (1e-4, 3e-4, 1e-3, 1e-2)) -> dict[str, float]:
     """Dev-split AUC (full responses) for each C: how ``C`` was chosen. Never reads the test split."""
     from sklearn.metrics import roc_auc_score
 

@@ -39,7 +39,7 @@ def _policy_prefixes(texts: list[str], n: int) -> list[str]:
     from saffron.embedded import convert
 
     tok = AutoTokenizer.from_pretrained(str(convert()))
-    return [tok.decode(tok.encode(t, add_special_tokens=False)[:n]) for t in texts]
+    return [str(tok.decode(tok.encode(t, add_special_tokens=False)[:n])) for t in texts]
 
 
 def _auc_unsafe(unsafe: np.ndarray, reward: np.ndarray) -> float:
