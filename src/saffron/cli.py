@@ -270,17 +270,41 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
 
 @app.command("train-guard")
 def train_guard_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write probe.safetensors and probe.json to."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the weights and their JSON spec to."),
     seed: int = SEED,
     save_features: Path | None = typer.Option(None, "--save-features", help="Also write the training views' "
-                                              "features to this .npz (to refit augmentation choices)."),
+                                              "features to this .npz (to refit augmentation choices; probe)."),
+    kind: str = typer.Option("probe", "--kind", help="probe: smol-guard's probe (guard half of the labels); "
+                             "minilm: the independent minilm-judge (MiniLM encoder, judge half)."),
 ) -> None:
-    """Train smol-guard's probe on the guard half of the train split, with the robustness augmentations."""
+    """Train smol-guard's probe (with the robustness augmentations) or, --kind minilm, the independent judge, on
+    the train split's labelled rows."""
+    _quiet_hf()
+    if kind == "minilm":
+        if save_features is not None:
+            raise SaffronError("--save-features applies to --kind probe only")
+        from saffron.minilm_judge import train_minilm_judge
+
+        typer.echo(json.dumps(train_minilm_judge(out, seed=seed).train, indent=2))
+        return
+    if kind != "probe":
+        raise SaffronError(f"--kind must be probe or minilm, got {kind!r}")
     from saffron.guards.train import train_guard
 
-    _quiet_hf()
     spec = train_guard(out, seed=seed, save_features=save_features)
     typer.echo(json.dumps(spec.train, indent=2))
+
+
+@app.command("train-junk")
+def train_junk_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write junk.safetensors and junk.json to."),
+    seed: int = SEED,
+) -> None:
+    """Train the junk detector of the quality columns on constructed junk vs the train split's responses."""
+    from saffron.quality import train_junk_detector
+
+    _quiet_hf()
+    typer.echo(json.dumps(train_junk_detector(out, seed=seed)["train"], indent=2))
 
 
 @bench_app.command("guard")
@@ -299,6 +323,19 @@ def bench_guard_cmd(
     specs = parse_judges(judges) if judges is not None else None  # checked before any model loads
     _quiet_hf()
     _emit(bench_guard(guard, judges=specs, seed=seed), as_json)
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    judge: Path | None = typer.Option(None, "--judge", help="minilm-judge folder (default: the shipped one)."),
+    junk: Path | None = typer.Option(None, "--junk", help="Junk detector folder (default: the shipped one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Test-split figures of the independent judges and the junk detector (AUC per junk kind, false positives)."""
+    from saffron.bench.quality import bench_quality
+
+    _quiet_hf()
+    _emit(bench_quality(judge, junk), as_json)
 
 
 def _emit(res: dict[str, Any], as_json: bool) -> None:

@@ -15,6 +15,13 @@ from typing import Protocol, runtime_checkable
 from saffron.errors import SaffronError
 from saffron.guards.base import check_guard_spec, load_guard
 
+# Judges that are never a search-time reward: name -> what it is (the registry; guards are judges too).
+INDEPENDENT = {
+    "refusal-rules": "rule-based refusal / compliance detector (refusal.py)",
+    "minilm-judge": "logistic regression on MiniLM embeddings, judge half of the labels (minilm_judge.py)",
+}
+KNOWN = "smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH], refusal-rules, minilm-judge[:PATH]"
+
 
 @runtime_checkable
 class Judge(Protocol):
@@ -35,10 +42,36 @@ class Judge(Protocol):
 
 def check_judge_spec(spec: str) -> None:
     """Raise a one-line error for a judge name that does not exist (loads nothing)."""
-    check_guard_spec(spec)
+    name, sep, arg = spec.partition(":")
+    if name == "refusal-rules":
+        if sep:
+            raise SaffronError(f"judge 'refusal-rules' takes no argument, got '{spec}'")
+        return
+    if name == "minilm-judge":
+        if sep and not arg:
+            raise SaffronError("judge 'minilm-judge:' needs a folder, e.g. minilm-judge:my_judge")
+        return
+    try:
+        check_guard_spec(spec)
+    except SaffronError:
+        raise SaffronError(f"unknown judge '{spec}'; known: {KNOWN}") from None
 
 
 def load_judge(spec: str) -> Judge:
+    """``refusal-rules``, ``minilm-judge[:PATH]`` (shipped or a folder from ``train-guard --kind minilm``), or
+    any guard (``guards.base.load_guard``)."""
+    check_judge_spec(spec)
+    name, _, arg = spec.partition(":")
+    if name == "refusal-rules":
+        from saffron.refusal import RefusalRulesJudge
+
+        return RefusalRulesJudge()
+    if name == "minilm-judge":
+        from pathlib import Path
+
+        from saffron.minilm_judge import MinilmJudge
+
+        return MinilmJudge(Path(arg) if arg else None, name=spec)
     return load_guard(spec)
 
 
