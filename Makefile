@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 	$(PY) -m saffron.prefetch
 	touch $@
 
-# The prefilling attack on held-out harmful pairs, undefended and defended at matched compute (Best-of-N at
-# N=32). The budgets are first guesses near the match; compare searches from them. Resumable.
+# The prefilling attack on test-split harmful pairs, undefended and defended at matched compute (Best-of-N at
+# N=32), judged by two judges that no search optimises (minilm-judge, refusal-rules) and by smol-guard (the search
+# reward, so not evidence), with output-quality columns and 95 % intervals. The budgets are first guesses near
+# the match, found on the dev split; compare searches from them. Resumable.
 DEMO_LIMIT ?= 4
+DEMO_JUDGES ?= minilm-judge,refusal-rules,smol-guard
 demo: setup
-	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep \
+	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep --dataset pyrit-harmful:test \
+		--judge $(DEMO_JUDGES) --quality \
 		--methods none,best-of-n,rebase,deal-mcts,saffron \
 		--method-budgets best-of-n=32 --method-budgets rebase=3 --method-budgets deal-mcts=5 \
 		--method-budgets saffron=44
