@@ -18,18 +18,18 @@ does (``junk_beats_safe``). One rewrite
 per row, drawn by a seeded generator of the row id, because every view set costs a backbone forward over the
 whole text. Augmented views weigh ``AUGMENT_WEIGHT`` against 1 for a real labelled view.
 
-How the choice was made: on dev only, by ``scripts/choose_guard_augmentation.py``, which refits the probe from
-saved features for every candidate (no rewrites / refusal+disclaimer / all four; junk or not; weight 0.5, 1, 2).
-Its pre-set rule (the best mean catch rate on refusal-prefixed and disclaimed harmful text among candidates whose
-dev AUCs stay within 0.005 of the unaugmented probe's and whose ``junk_beats_safe`` is no higher) keeps *no*
-augmentation: on this backbone every rewrite costs AUC. The grid (docs/benchmarks.md, 2026-12-03, measured on
-the old hash split's held-out rows, which served as dev) showed two things the defaults follow:
+How the choice was made: on the dev split only, by ``scripts/choose_guard_augmentation.py``, which refits the
+probe from saved features for every candidate (no rewrites / refusal+disclaimer / all four; junk or not; weight
+0.5, 1, 2). Its first rule (dev AUCs within 0.005 of the unaugmented probe's) kept *no* augmentation: on this
+backbone every rewrite costs AUC. Having seen that on the old split's held-out rows, the slack was set to 0.03
+before the new dev split was scored; on it (docs/benchmarks.md) the rule chose refusal prefix + disclaimer at
+weight 0.5, no junk: dev AUCs 0.892 / 0.886 (unaugmented guard half 0.921 / 0.909), refusal-prefixed harmful
+judged unsafe 0.81 (0.56), harmful + disclaimer 0.88 (0.81). Junk labelled safe makes junk outscore real safe
+answers 66-81 % of the time (13 % without): a search would maximise its way into junk, so ``AUGMENT_JUNK`` is off.
 
-- Junk labelled safe makes junk outscore real safe answers 79-95% of the time (7% without): a search would
-  maximise its way into junk, so ``AUGMENT_JUNK`` is off.
-- All four unsafe rewrites at weight 0.5 raise the catch rates from 0.53 / 0.78 (refusal prefix / disclaimer,
-  unaugmented guard half) to 0.88 / 0.88, story and list to 0.97, at AUCs 0.907 / 0.839 against 0.930 / 0.873:
-  the default here, a trade of AUC for robustness that overrides the pre-set rule (the lead's call to keep).
+The shipped probe is that candidate refitted from the features of a run that drew every rewrite (``refit``
+in the script; its ``train.command`` records the chain). A plain ``train-guard`` draws its one rewrite per row
+among ``AUGMENT_UNSAFE`` only, so it gives the same recipe with other draws.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ LR = 1e-2
 WEIGHT_DECAY = 1e-2
 C = 0.01  # inverse L2 strength of the logistic probe
 # Chosen on DEV_SPLIT (module docstring): which rewrites of unsafe rows to add, whether to add junk, their weight.
-AUGMENT_UNSAFE: tuple[str, ...] = UNSAFE_KINDS
+AUGMENT_UNSAFE: tuple[str, ...] = ("refusal_prefix", "disclaimer")
 AUGMENT_JUNK = False  # junk labelled safe teaches the guard to reward junk (dev: junk_beats_safe 0.07 -> 0.79+)
 AUGMENT_WEIGHT = 0.5
 JUNK_PREFIX_TOKENS = (16,)  # junk is junk at any length: one partial view is enough
