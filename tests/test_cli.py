@@ -20,15 +20,15 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["eval", "--dataset", "nope"], "unknown dataset 'nope'"),
     (["eval", "--dataset", "pyrit-harmful:nope"], "unknown split 'nope'"),  # 'test' became a split
     (["eval", "--method", "magic"], "unknown method 'magic'"),
-    (["eval", "--judge", "gpt"], "unknown guard 'gpt'"),
+    (["eval", "--judge", "gpt"], "unknown judge 'gpt'"),
     (["eval", "--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
-    (["eval", "--judge", "smol-guard,nope"], "unknown guard 'nope'"),
+    (["eval", "--judge", "smol-guard,nope"], "unknown judge 'nope'"),
     (["eval", "--judge", ","], "--judge expects comma-separated judge names"),
     (["generate", "--prompt", "hi", "--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
     (["eval", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["eval", "--prefill", "  "], "--prefill is empty"),
     (["generate", "--prompt", "   "], "the prompt is empty"),
-    (["bench", "guard", "--judges", "smol-guard,gpt"], "unknown guard 'gpt'"),
+    (["bench", "guard", "--judges", "smol-guard,gpt"], "unknown judge 'gpt'"),
     (["bench", "guard", "--judges", "smol-guard,smol-guard"], "names 'smol-guard' twice"),
 ])
 def test_bad_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,

@@ -106,7 +106,7 @@ def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.Capture
     (["--tflop-lim", "0"], "--tflop-lim must be a positive number"),
     (["--tflop-lim", "-2"], "--tflop-lim must be a positive number"),
     (["--judge", "smol-guard,smol-guard"], "--judge names 'smol-guard' twice"),
-    (["--judge", "smol-guard,gpt"], "unknown guard 'gpt'"),
+    (["--judge", "smol-guard,gpt"], "unknown judge 'gpt'"),
     (["--judge", "smol-guard,"], "--judge expects comma-separated judge names"),
 ])
 def test_bad_compare_options_fail_before_loading_models(argv: list[str], msg: str, tmp_path: Path,

@@ -228,7 +228,7 @@ def test_folder_of_a_single_judge_is_refused(tmp_path: Path, tiny_dir: Path) -> 
 
 @pytest.mark.parametrize(("judges", "msg"), [
     (("smol-guard", "smol-guard"), "--judge names 'smol-guard' twice"),
-    (("smol-guard", "gpt"), "unknown guard 'gpt'"),
+    (("smol-guard", "gpt"), "unknown judge 'gpt'"),
     ((), "--judge expects comma-separated judge names"),
     ("smol-guard", "judges must be a tuple"),
 ])

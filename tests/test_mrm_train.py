@@ -573,7 +573,7 @@ def test_train_mrm_cli_defaults_eos_by_kind(tmp_path: Path, tiny_dir: Path, kind
     (["--kind", "head", "--lora-r", "8"], "--lora-r does not apply to --kind head"),
     (["--kind", "head", "--max-steps", "3"], "--max-steps does not apply to --kind head"),
     (["--layers", "1,2"], "--layers does not apply to --kind lora"),
-    (["--kind", "both"], "--kind must be lora or head"),
+    (["--kind", "both"], "--kind must be lora, head or prm"),
 ])
 def test_train_mrm_cli_refuses_what_a_kind_cannot_honour(argv: list[str], msg: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
