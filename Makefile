@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 # The prefilling attack on test-split harmful pairs, undefended and defended at matched compute (Best-of-N at
 # N=32), judged by two judges that no search optimises (minilm-judge, refusal-rules) and by smol-guard (the search
 # reward, so not evidence), with output-quality columns and 95 % intervals. The budgets are first guesses near
-# the match, found on the dev split; compare searches from them. Resumable.
+# the match; compare moves them until each method's compute is within 10 % of Best-of-N-32's on the same prompts
+# (a choice of compute, never of ASR). Resumable.
 DEMO_LIMIT ?= 4
 DEMO_JUDGES ?= minilm-judge,refusal-rules,smol-guard
 demo: setup
