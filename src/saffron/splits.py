@@ -184,34 +184,31 @@ def _known_index() -> tuple[list[str], Any, Any]:
 
 
 @lru_cache(maxsize=65536)
-def cluster_of(prompt: str) -> str:
-    """The cluster id of ``prompt``: its own, its nearest near-duplicate's, or a new one."""
-    p = normalise(prompt)
+def _nearest_known_cluster(p: str) -> str | None:
+    """The cluster of the offline-set prompt that normalised ``p`` is, or is a near-duplicate of; else None."""
     table: dict[str, str] = assignment()["prompts"]
     if p in table:
         return table[p]
-    known, vec, x = _known_index()
-    sims = np.round((vec.transform([p]) @ x.T).toarray()[0], SIM_DECIMALS)
-    best = int(np.argmax(sims)) if len(known) else -1
-    if best >= 0 and sims[best] >= THRESHOLD:
-        return table[known[best]]
-    return cluster_id(p)
-
-
-def known_split(prompt: str) -> str | None:
-    """The split of ``prompt`` if it is an offline-set prompt or a near-duplicate of one, else None: a new prompt
-    (a user's file) was never trained on, whatever side its own hash would put it."""
-    p = normalise(prompt)
-    table: dict[str, str] = assignment()["prompts"]
-    clusters: dict[str, str] = assignment()["clusters"]
-    if p in table:
-        return clusters[table[p]]
     known, vec, x = _known_index()
     if not len(known):
         return None
     sims = np.round((vec.transform([p]) @ x.T).toarray()[0], SIM_DECIMALS)
     best = int(np.argmax(sims))
-    return clusters[table[known[best]]] if sims[best] >= THRESHOLD else None
+    return table[known[best]] if sims[best] >= THRESHOLD else None
+
+
+def cluster_of(prompt: str) -> str:
+    """The cluster id of ``prompt``: its own, its nearest near-duplicate's, or a new one."""
+    p = normalise(prompt)
+    cid = _nearest_known_cluster(p)
+    return cid if cid is not None else cluster_id(p)
+
+
+def known_split(prompt: str) -> str | None:
+    """The split of ``prompt`` if it is an offline-set prompt or a near-duplicate of one, else None: a new prompt
+    (a user's file) was never trained on, whatever side its own hash would put it."""
+    cid = _nearest_known_cluster(normalise(prompt))
+    return None if cid is None else assignment()["clusters"][cid]
 
 
 def split_of(prompt: str) -> str:

@@ -77,22 +77,24 @@ FINGERPRINT_SAMPLE = 256  # weight values kept per manifest: enough to tell two 
 FINGERPRINT_RTOL, FINGERPRINT_ATOL = 1e-2, 1e-4
 
 
+def _tokenizer_shape_hash(model: Model) -> Any:
+    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
+    h.update(repr((model.hf.config.num_hidden_layers, model.hf.config.hidden_size)).encode())
+    return h
+
+
 def policy_fingerprint(model: Model) -> dict[str, Any]:
     """What identifies the policy a head reads, whatever dtype or device it was loaded in: a hash of its tokenizer
     and shape (exact), and a fixed sample of its weights (compared with a tolerance by ``same_policy``). A hash of
     the weights themselves would change with the dtype: a head trained in fp32 would refuse the same model in
     bf16."""
-    hf = model.hf
-    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
-    h.update(repr((hf.config.num_hidden_layers, hf.config.hidden_size)).encode())
     flat = torch.cat([t.detach().float().cpu().flatten() for t in _weight_tensors(model)])
     idx = torch.linspace(0, len(flat) - 1, FINGERPRINT_SAMPLE).long()
-    return {"tokenizer_shape": h.hexdigest(), "weights": [float(x) for x in flat[idx]]}
+    return {"tokenizer_shape": _tokenizer_shape_hash(model).hexdigest(), "weights": [float(x) for x in flat[idx]]}
 
 
 def _legacy_fingerprint(model: Model) -> str:
-    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
-    h.update(repr((model.hf.config.num_hidden_layers, model.hf.config.hidden_size)).encode())
+    h = _tokenizer_shape_hash(model)
     for t in _weight_tensors(model):
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -425,28 +427,33 @@ def save_head_mrm(path: Path, manifest: MrmManifest, net: HeadNet, unseen: torch
     atomic_write_json(path / MANIFEST, asdict(manifest))
 
 
-def inspect_head_mrm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
-    """``saffron mrm inspect`` for a head MRM: its shapes and manifest, from its files alone."""
+def inspect_head_files(path: Path, manifest: MrmManifest, kind: str, what: str,
+                       weights: str = WEIGHTS) -> dict[str, Any]:
+    """What every head's ``saffron mrm inspect`` shows, read from its ``weights`` file and the manifest alone
+    (``what`` names the artifact in errors: "head MRM", "head PRM")."""
     try:
-        state = load_file(str(path / WEIGHTS))
+        state = load_file(str(path / weights))
     except FileNotFoundError:
-        raise SaffronError(f"head MRM file missing: {path / WEIGHTS}") from None
+        raise SaffronError(f"{what} file missing: {path / weights}") from None
     except Exception as e:
-        raise SaffronError(f"{path / WEIGHTS} is corrupted ({type(e).__name__})") from None
-    unseen = _load_tensor(path / "unseen_mask.pt")
+        raise SaffronError(f"{path / weights} is corrupted ({type(e).__name__})") from None
     return {
         "path": str(path),
-        "kind": "head",
+        "kind": kind,
         "base_model": manifest.base_model,
         "layers": manifest.head.get("layers"),
         "width": int(state["inner.weight"].shape[0]),
         "features": int(state["mean"].shape[0]),
         "parameters": sum(int(v.numel()) for k, v in state.items() if k not in ("mean", "std")),
-        "vocab_size": int(unseen.shape[0]),
-        "unseen_tokens": int(unseen.bool().sum()),
-        "flops_per_node": manifest.head.get("flops_per_node"),
-        "manifest": asdict(manifest),
     }
+
+
+def inspect_head_mrm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
+    """``saffron mrm inspect`` for a head MRM: its shapes and manifest, from its files alone."""
+    info = inspect_head_files(path, manifest, "head", "head MRM")
+    unseen = _load_tensor(path / "unseen_mask.pt")
+    return {**info, "vocab_size": int(unseen.shape[0]), "unseen_tokens": int(unseen.bool().sum()),
+            "flops_per_node": manifest.head.get("flops_per_node"), "manifest": asdict(manifest)}
 
 
 __all__ = ["HeadMrm", "HeadNet", "inspect_head_mrm", "load_head_mrm", "policy_fingerprint", "same_policy",

@@ -55,6 +55,7 @@ from saffron.mrm.head import (
     check_fit_options,
     feature_runner,
     fit,
+    inspect_head_files,
     policy_fingerprint,
     read_features,
     same_policy,
@@ -197,15 +198,7 @@ def train_head_prm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
 
 def inspect_head_prm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
     """``saffron mrm inspect`` for a head PRM: its shapes and manifest, from its files alone."""
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except FileNotFoundError:
-        raise SaffronError(f"head PRM file missing: {path / WEIGHTS}") from None
-    except Exception as e:
-        raise SaffronError(f"{path / WEIGHTS} is corrupted ({type(e).__name__})") from None
-    return {"path": str(path), "kind": KIND, "base_model": manifest.base_model, "layers": manifest.head.get("layers"),
-            "width": int(state["inner.weight"].shape[0]), "features": int(state["mean"].shape[0]),
-            "parameters": sum(int(v.numel()) for k, v in state.items() if k not in ("mean", "std")),
+    return {**inspect_head_files(path, manifest, KIND, "head PRM", WEIGHTS),
             "flops_per_call": manifest.head.get("flops_per_call"), "usage": f"--reward head-prm:{path}",
             "manifest": asdict(manifest)}
 
