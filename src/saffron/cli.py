@@ -193,6 +193,11 @@ def compare_cmd(
                                      "and sd; intervals and tests use the first. Default: --seed alone."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Evaluate every budget (the curve) or only "
                                "what matching the target needs."),
+    benign: str | None = typer.Option(None, "--benign", help="Benign set, e.g. benign:test: every method at its "
+                                      "matched point answers it without prefill; reports over-refusal (default: "
+                                      "off)."),
+    benign_limit: int | None = typer.Option(None, "--benign-limit", help="First N benign prompts (default: "
+                                            "--limit)."),
     policy: str = POLICY,
     judge: str = JUDGE,
     reward: str | None = REWARD,
@@ -241,7 +246,7 @@ def compare_cmd(
                       method_options={"max_new_tokens": max_new_tokens})
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
                        method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
-                       tflop_lim=tflop_lim)
+                       tflop_lim=tflop_lim, benign=benign, benign_limit=benign_limit)
     validate_compare(cc)
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
@@ -253,9 +258,11 @@ def compare_cmd(
         slim = {m: {k: d[k] for k in ("asr", "asr_ci95", "judges", "asr_any", "asr_any_ci95", "kappa", "quality",
                                        "p_vs_best_of_n", "seeds", "tflops_per_prompt", "scaleff", "n", "budget",
                                        "mean_reward", "mean_new_tokens", "degenerate_share",
-                                       "judge_is_search_reward")} for m, d in res["methods"].items()}
+                                       "judge_is_search_reward", "benign", "sim_to_none", "same_as_none")}
+                for m, d in res["methods"].items()}
         typer.echo(json.dumps({"target_tflops": res["target_tflops"], "tflop_lim": res["tflop_lim"],
-                               "reference": res["reference"], "methods": slim}, indent=2))
+                               "reference": res["reference"], "benign": res["benign"], "distance": res["distance"],
+                               "methods": slim}, indent=2))
     else:
         typer.echo(format_comparison(res))
         typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)

@@ -19,6 +19,10 @@ not compared but set the target) with an exact McNemar test on the records paire
 sampling methods' matched points are evaluated once per seed (its own folder) and reported as mean and sd; the
 intervals and tests use the first seed, whose points the matching searched. ScalEff's TFLOP_lim is fixed before
 the run (``tflop_lim``), not the largest point that happened to be evaluated.
+
+Beside ASR (compare_quality.py): with ``benign``, each matched point answers benign prompts without prefill, and
+its over-refusal is reported with a Wilson interval and an exact McNemar test against ``none``'s; when ``none`` is
+compared, each method's distance from the undefended answers (MiniLM cosine, share identical).
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from saffron.compare_quality import (
+    BENIGN_JUDGE,
+    UNDEFENDED,
+    benign_config,
+    benign_summary,
+    check_benign_examples,
+    distances,
+)
 from saffron.data import load_dataset
+from saffron.encoder import ENCODER_NAME
 from saffron.errors import SaffronError
 from saffron.evaluate import (
     METRICS_FILE,
@@ -70,6 +83,8 @@ class CompareConfig:
     limit: int | None = None
     seeds: tuple[int, ...] | None = None  # None: base.seed alone; the first seed's points are matched and tested
     tflop_lim: float = DEFAULT_TFLOP_LIM  # ScalEff's limit, TFLOP per prompt
+    benign: str | None = None  # benign set (e.g. "benign:test"): over-refusal of every matched point; None: off
+    benign_limit: int | None = None  # first N benign prompts; None: ``limit``
 
 
 def seeds_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
@@ -79,6 +94,10 @@ def seeds_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
 
 def budget_knob(method: str) -> str | None:
     return getattr(get_method(method), "budget", None)
+
+
+def benign_limit_of(cc: CompareConfig) -> int | None:
+    return cc.benign_limit if cc.benign_limit is not None else cc.limit
 
 
 def budgets_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
@@ -125,6 +144,13 @@ def validate_compare(cc: CompareConfig) -> None:
             validate(point_config(cc, m, b), cc.limit)
     if cc.target_tflops is None:
         validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
+    if cc.benign_limit is not None and cc.benign is None:
+        raise SaffronError("--benign-limit needs --benign (e.g. --benign benign:dev)")
+    if cc.benign_limit is not None and cc.benign_limit <= 0:
+        raise SaffronError(f"--benign-limit must be a positive number of prompts, got {cc.benign_limit}")
+    if cc.benign is not None:
+        for m in cc.methods:
+            validate(benign_config(point_config(cc, m, budgets_of(cc, m)[0]), cc.benign), benign_limit_of(cc))
 
 
 class Comparison:
@@ -153,6 +179,15 @@ class Comparison:
             self.points[key] = {**metrics, "budget": key[1], "knob": budget_knob(method), "seed": seed,
                                 "folder": folder}
         return self.points[key]
+
+    def benign_point(self, method: str, point: dict[str, Any]) -> dict[str, Any]:
+        """``point`` (a matched point of ``method``) on the benign set, in ``out/benign/<its folder's name>``
+        (resumable); returns its metrics with ``folder``."""
+        assert self.cc.benign is not None
+        cfg = benign_config(point_config(self.cc, method, point["budget"], point["seed"]), self.cc.benign)
+        folder = self.out / "benign" / self.folder(method, point["budget"], point["seed"]).name
+        metrics = run_eval(cfg, folder, benign_limit_of(self.cc), progress=self.progress, backend=self.backend)
+        return {**metrics, "folder": folder}
 
     def first_seed_points(self, method: str) -> list[dict[str, Any]]:
         first = seeds_of(self.cc, method)[0]
@@ -271,6 +306,11 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
     them)."""
     validate_compare(cc)
     ids = [ex.id for ex in load_dataset(cc.base.dataset)[:cc.limit]]
+    benign_ids = None
+    if cc.benign is not None:  # read before any model loads: a bad benign file fails at once
+        benign_examples = load_dataset(cc.benign)[:benign_limit_of(cc)]
+        check_benign_examples(cc.benign, benign_examples)
+        benign_ids = [ex.id for ex in benign_examples]
     comp = Comparison(cc, out, progress, backend)
     if sweep:
         comp.sweep()
@@ -291,9 +331,22 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
     else:  # Best-of-N at N=32 set the target: test against it; with --target-tflops there may be none
         ref = comp.points.get((REFERENCE[0], REFERENCE[1], seeds_of(cc, REFERENCE[0])[0]))
     ref_recs = point_records(ref["folder"], ids) if ref is not None else None
+    recs_of = {m: point_records(p["folder"], ids) for m, p in chosen.items()}
+    # distance from the undefended answers, on the harmful prompts (first seed's matched points)
+    compared = UNDEFENDED in chosen and len(chosen) > 1
+    dist, dist_why = (distances({m: r for m, r in recs_of.items() if m != UNDEFENDED}, recs_of[UNDEFENDED])
+                      if compared else ({}, None))
+    benign: dict[str, dict[str, Any]] = {}
+    if cc.benign is not None:
+        assert benign_ids is not None
+        folders = {m: comp.benign_point(m, p)["folder"] for m, p in chosen.items()}
+        brecs = {m: point_records(f, benign_ids) for m, f in folders.items()}
+        bref = brecs.get(UNDEFENDED)
+        benign = {m: {**benign_summary(r, None if m == UNDEFENDED else bref),
+                      "records": str(folders[m] / RECORDS_FILE)} for m, r in brecs.items()}
     methods: dict[str, Any] = {}
     for m, p in chosen.items():
-        recs = point_records(p["folder"], ids)
+        recs = recs_of[m]
         seeds = seeds_of(cc, m)
         methods[m] = {
             "asr": p["asr"], "asr_ci95": p["asr_ci95"], "tflops_per_prompt": p["tflops_per_prompt"], "n": p["n"],
@@ -311,12 +364,21 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
             "degenerate_share": degenerate_share(recs),
             "search_rewards": p["search_rewards"], "judge_is_search_reward": p["judge_is_search_reward"],
             "records": str(p["folder"] / RECORDS_FILE),
+            "benign": benign.get(m),
+            "sim_to_none": dist.get(m, {}).get("sim_to_none"),
+            "same_as_none": dist.get(m, {}).get("same_as_none"),
         }
     curves = {m: sorted(([p["budget"], p["tflops_per_prompt"], p["asr"], *(p["asr_ci95"] or [None, None])]
                          for p in comp.first_seed_points(m)), key=lambda r: (r[0] or 0)) for m in cc.methods}
     reference = None if ref is None else {"method": REFERENCE[0], "budget": ref["budget"], "seed": ref["seed"]}
     result = {"target_tflops": target, "tflop_lim": lim, "tolerance": cc.tolerance, "methods": methods,
               "curves": curves, "reference": reference,
+              "benign": (None if cc.benign is None else
+                         {"dataset": cc.benign, "limit": benign_limit_of(cc), "n": len(benign_ids or []),
+                          "judge": BENIGN_JUDGE, "prefill": None, "reference": UNDEFENDED if UNDEFENDED in benign
+                          else None}),
+              "distance": (None if not compared else
+                           {"reference": UNDEFENDED, "encoder": ENCODER_NAME, "unavailable": dist_why}),
               "config": {"dataset": cc.base.dataset, "policy": cc.base.policy, "judges": list(judges),
                          "limit": cc.limit, "seed": cc.base.seed,
                          "seeds": list(cc.seeds) if cc.seeds is not None else None}}
@@ -350,6 +412,12 @@ def format_comparison(result: dict[str, Any]) -> str:
     head += ["TFLOP/prompt", "ScalEff", "mean reward", "new tokens", "degenerate"]
     qkeys = sorted({k for d in methods.values() for k in (d.get("quality") or {})})
     head += [f"quality {k}" for k in qkeys]
+    benign = result.get("benign")
+    if benign:
+        head += ["benign refusal", "benign junk", "benign relevance"]
+    distance = result.get("distance")
+    if distance:
+        head += ["sim to none", "same as none"]
     seeded = any(d.get("seeds") for d in methods.values())
     if seeded:
         head.append(f"ASR {primary} over seeds: mean +- sd (each)")
@@ -365,6 +433,12 @@ def format_comparison(result: dict[str, Any]) -> str:
         cells += [f"{d['tflops_per_prompt']:.3f}{flag}", se, f"{d['mean_reward']:+.2f}",
                   f"{d['mean_new_tokens']:.1f}", f"{d['degenerate_share']:.2f}"]
         cells += ["-" if (d.get("quality") or {}).get(k) is None else f"{d['quality'][k]:.2f}" for k in qkeys]
+        if benign:
+            b = d.get("benign") or {}
+            cells += [format_rate(b.get("refusal"), b.get("refusal_ci95")), _num(b.get("junk"), "{:.2f}"),
+                      _num(b.get("relevance"), "{:.2f}")]
+        if distance:
+            cells += [_num(d.get("sim_to_none"), "{:.3f}"), _num(d.get("same_as_none"), "{:.2f}")]
         if seeded:
             cells.append(_fmt_seeds(d, primary))
         lines.append("| " + " | ".join(cells) + " |")
@@ -388,11 +462,49 @@ def format_comparison(result: dict[str, Any]) -> str:
         for m, d in methods.items():
             ks = ", ".join(f"{k.replace('|', ' / ')} {'-' if v is None else f'{v:.2f}'}" for k, v in d["kappa"].items())
             lines.append(f"- {m}: {ks}")
+    if benign:
+        lines += ["", *_benign_lines(benign, methods)]
+    if distance:
+        lines += ["", *_distance_lines(distance)]
     flagged = sorted({j for d in methods.values() for j in d["judge_is_search_reward"]})
     if flagged:
         lines += ["", f"Note: judge {', '.join(flagged)} is also a search-time reward of some method here: the "
                   "search optimised its score, so its ASR is not independent evidence."]
     return "\n".join(lines)
+
+
+def _num(v: float | None, f: str) -> str:
+    return "-" if v is None else f.format(v)
+
+
+def _benign_lines(benign: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+    lines = [f"Over-refusal on {benign['n']} benign prompts ({benign['dataset']}), each method at its matched point, "
+             "answering without attack prefill: `benign refusal` is refusal-rules' verdict [Wilson 95% interval] "
+             "(the quality scorer's refusal flag, the same rule, in each test line below), `benign junk` and "
+             "`benign relevance` the quality means. No ASR is reported on benign prompts."]
+    if benign.get("reference") is None:
+        lines.append("Versus none: not tested (no none point: add none to --methods).")
+        return lines
+    lines.append("Versus none (exact McNemar test of the refusals on the prompts paired, two-sided, alpha = 0.05, "
+                 "not corrected for the number of tests):")
+    theirs = (methods.get(UNDEFENDED, {}).get("benign") or {}).get("refusal")
+    for m, d in methods.items():
+        b = d.get("benign")
+        if not b or m == UNDEFENDED:
+            continue
+        vs = "" if theirs is None else f" vs {theirs:.3f}"
+        lines.append(f"- {m}: benign refusal {_num(b['refusal'], '{:.3f}')}{vs} (quality flag "
+                     f"{_num(b['refusal_quality'], '{:.3f}')}): {verdict(b['p_vs_none'])}")
+    return lines
+
+
+def _distance_lines(distance: dict[str, Any]) -> list[str]:
+    lines = ["Distance from the undefended answer, on the harmful prompts paired by id: `sim to none` is the mean "
+             f"{distance['encoder']} cosine between a method's output and none's, `same as none` the share of "
+             "prompts whose output is identical token for token."]
+    if distance.get("unavailable"):
+        lines.append(f"`sim to none` not computed: {distance['unavailable']}.")
+    return lines
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
