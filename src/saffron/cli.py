@@ -35,6 +35,8 @@ MRM = typer.Option(None, "--mrm", help="MRM folder or an embedded MRM: smol-mrm-
 PRESET = typer.Option(None, "--preset", help="Options fixed by name; paper: Saffron-1 as published (LoRA MRM "
                       "smol-mrm with EOS masked, search heuristics off, final=first, top-p 0.8, 16-32 new tokens for "
                       "every method). An option that contradicts it is refused.")
+TUNED = typer.Option(None, "--tuned", help="A tuning.json from saffron tune: each tuned method runs with the "
+                     "options chosen on dev (refused if tuned on these prompts or not on dev).")
 PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
 PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
 BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
@@ -125,6 +127,7 @@ def eval_cmd(
     seed: int = SEED,
     quality: bool = QUALITY,
     preset: str | None = PRESET,
+    tuned: Path | None = TUNED,
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     backend: str = BACKEND,
     ray_address: str | None = RAY_ADDRESS,
@@ -144,9 +147,20 @@ def eval_cmd(
     )
     from saffron.judges import parse_judges
 
+    options = _options(max_new_tokens, temperature, top_p, opt)
+    tuning = None
+    if tuned is not None:
+        from saffron.presets import eval_flag
+        from saffron.tune import apply_tuning
+
+        per, tuning, _ = apply_tuning(tuned, (method,), {method: options}, dataset, limit, preset,
+                                      lambda m, k, v: eval_flag(k, v))
+        if method not in tuning["chosen"]:
+            raise SaffronError(f"--tuned {tuned} holds no choice for method '{method}'")
+        options = per[method]
     cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward,
                      mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
-                     method_options=_options(max_new_tokens, temperature, top_p, opt))
+                     method_options=options, tuning=tuning)
     cfg = resolve(cfg)
     validate(cfg, limit)
     _quiet_hf()
@@ -210,6 +224,7 @@ def compare_cmd(
     seed: int = SEED,
     quality: bool = QUALITY,
     preset: str | None = PRESET,
+    tuned: Path | None = TUNED,
     as_json: bool = typer.Option(False, "--json",
                                  help="Print {methods: {name: {asr, judges: {judge: {asr, ci95}}, asr_any, kappa, "
                                  "p_vs_best_of_n, seeds, tflops_per_prompt, scaleff, n, ...}}}."),
@@ -220,19 +235,19 @@ def compare_cmd(
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
     from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
-    from saffron.evaluate import EvalConfig, make_backend, parse_options
+    from saffron.evaluate import EvalConfig, make_backend
     from saffron.judges import parse_judges
 
-    per_method: dict[str, dict[str, Any]] = {}
-    for o in opt:
-        m, sep, kv = o.partition(":")
-        if not sep:
-            raise SaffronError(f"--opt for compare expects METHOD:KEY=VALUE, got '{o}'")
-        per_method.setdefault(m.strip(), {}).update(parse_options([kv]))
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    stray = sorted(set(per_method) - set(names))
-    if stray:
-        raise SaffronError(f"--opt names method '{stray[0]}', which is not in --methods")
+    per_method = _method_options(opt, names, "compare")
+    tuning = None
+    if tuned is not None:
+        from saffron.tune import apply_tuning
+
+        per_method, tuning, untuned = apply_tuning(tuned, names, per_method, dataset, limit, preset)
+        if untuned:
+            typer.echo(f"warning: --tuned {tuned} holds no choice for {', '.join(untuned)}: run with defaults",
+                       err=True)
     budget_list = _int_list("--budgets", budgets)
     per_budgets: dict[str, tuple[int, ...]] = {}
     for mb in method_budgets:
@@ -243,7 +258,7 @@ def compare_cmd(
     seed_list = None if seeds is None else _int_list("--seeds", seeds)
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
                       prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
-                      method_options={"max_new_tokens": max_new_tokens})
+                      method_options={"max_new_tokens": max_new_tokens}, tuning=tuning)
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
                        method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
                        tflop_lim=tflop_lim, benign=benign, benign_limit=benign_limit)
@@ -266,6 +281,85 @@ def compare_cmd(
     else:
         typer.echo(format_comparison(res))
         typer.echo(f"plot: {out / 'asr_vs_tflop.png'}  table: {out / 'comparison.md'}", err=True)
+
+
+def _method_options(opt: list[str], names: tuple[str, ...], verb: str) -> dict[str, dict[str, Any]]:
+    """``-o METHOD:KEY=VALUE`` of compare and tune, by method; a method not in ``names`` is refused."""
+    from saffron.evaluate import parse_options
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for o in opt:
+        m, sep, kv = o.partition(":")
+        if not sep:
+            raise SaffronError(f"--opt for {verb} expects METHOD:KEY=VALUE, got '{o}'")
+        per_method.setdefault(m.strip(), {}).update(parse_options([kv]))
+    stray = sorted(set(per_method) - set(names))
+    if stray:
+        raise SaffronError(f"--opt names method '{stray[0]}', which is not in --methods")
+    return per_method
+
+
+@app.command("tune")
+def tune_cmd(
+    methods: str = typer.Option("best-of-n,rebase,deal-mcts,saffron", "--methods", help="Comma-separated methods "
+                                "to tune (each has a grid in saffron.methods.grids; none is never tuned)."),
+    dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
+                                "dev prompts (test, train and all are refused)."),
+    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder for grid-i comparisons, tuning.json, "
+                             "tuning.md (resumable)."),
+    judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
+                              "the objective averages those that are no search-time reward of the method."),
+    method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B: the first budget its "
+                                             "matching tries (default best-of-n=32 rebase=3 deal-mcts=5 "
+                                             "saffron=44), repeatable."),
+    target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
+                                               "(default: Best-of-N's at N=32 under its first configuration)."),
+    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in each grid's comparison table "
+                                    "(not used by the choice)."),
+    policy: str = POLICY,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    prefill: str | None = PREFILL,
+    prefill_tokens: int = PREFILL_TOKENS,
+    max_new_tokens: int = MAX_NEW,
+    opt: list[str] = typer.Option([], "--opt", "-o", help="METHOD:KEY=VALUE for every configuration of METHOD, "
+                                  "repeatable; an option its grid varies is refused."),
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json", help="Print tuning.json."),
+    backend: str = BACKEND,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int | None = RAY_WORKERS,
+    ray_gpus_per_worker: float | None = RAY_GPUS,
+) -> None:
+    """Choose every method's configuration on dev: its tuning grid at matched compute, lowest mean ASR under the
+    independent judges + junk rate. Apply with compare/eval --tuned OUT/tuning.json."""
+    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.judges import parse_judges
+    from saffron.tune import TuneConfig, format_tuning, run_tune, validate_tune
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    budgets: dict[str, int] = {}
+    for mb in method_budgets:
+        m, sep, b = mb.partition("=")
+        bs = _int_list("--method-budgets", b) if sep else ()
+        if len(bs) != 1:
+            raise SaffronError(f"--method-budgets for tune expects METHOD=B (one budget), got '{mb}'")
+        budgets[m.strip()] = bs[0]
+    base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
+                      prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=True,
+                      method_options={"max_new_tokens": max_new_tokens})
+    tc = TuneConfig(methods=names, base=base, method_budgets=budgets,
+                    method_options=_method_options(opt, names, "tune"), target_tflops=target_tflops, limit=limit,
+                    tflop_lim=tflop_lim)
+    validate_tune(tc)
+    _quiet_hf()
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        res = run_tune(tc, out, backend=be)
+    typer.echo(json.dumps(res, indent=2) if as_json else format_tuning(res))
+    if not as_json:
+        typer.echo(f"tuning: {out / 'tuning.json'}  table: {out / 'tuning.md'}  apply: --tuned {out / 'tuning.json'}",
+                   err=True)
 
 
 def _int_list(flag: str, text: str) -> tuple[int, ...]:

@@ -69,12 +69,19 @@ class EvalConfig:
     seed: int = 0
     quality: bool = False  # score every output with saffron.quality.QualityScorer
     preset: str | None = None  # presets.py: options fixed by name (e.g. "paper"), applied by ``resolve``
+    # --tuned (tune.py): {"path", "sha256", "chosen": {method: options}}; the options are already in method_options
+    tuning: dict[str, Any] | None = None
     accounting: int = field(default=ACCOUNTING, init=False)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["preset"] is None:  # absent, not null: folders written before presets existed still resume
             del d["preset"]
+        # this method's tuning only, absent when it has none: an untuned method's folder is the untuned run's
+        tuning = d.pop("tuning")
+        if tuning is not None and self.method in tuning["chosen"]:
+            d["tuning"] = {"path": tuning["path"], "sha256": tuning["sha256"],
+                           "options": tuning["chosen"][self.method]}
         return json.loads(json.dumps(d, sort_keys=True))
 
 
