@@ -39,6 +39,7 @@ def test_every_search_method_names_its_budget_knob() -> None:
 
 
 @needs_plot
+@pytest.mark.slow  # a sweep of three methods and Best-of-N at N=32
 def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) -> None:
     cc = CompareConfig(methods=("none", "best-of-n", "rebase"), budgets=(1, 2), base=_base(tmp_path, tiny_dir),
                        method_options={"rebase": {"children": 2}}, limit=2)

@@ -542,6 +542,7 @@ def test_serve_command_serves_the_policy(tiny_dir: Path, monkeypatch: pytest.Mon
 
 
 @embedded
+@pytest.mark.slow
 def test_openai_client_against_the_embedded_server() -> None:
     import openai
 
