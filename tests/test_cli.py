@@ -49,7 +49,7 @@ def test_malformed_jsonl_reports_line(tmp_path: Path, tiny_dir: Path, capsys: py
 
 def test_unknown_model_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(["generate", "--prompt", "hi", "--policy", "nobody/nothing-here"], capsys)
-    assert code == 2 and "model 'nobody/nothing-here' could not be loaded" in err
+    assert code == 5 and "model 'nobody/nothing-here' could not be loaded" in err  # UnavailableError: the hub
 
 
 def test_generate_with_tiny_model(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

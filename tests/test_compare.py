@@ -17,6 +17,7 @@ from saffron.compare import (
 )
 from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig
+from tests.conftest import needs_plot
 
 
 def _dataset(tmp_path: Path, n: int = 3) -> str:
@@ -37,6 +38,8 @@ def test_every_search_method_names_its_budget_knob() -> None:
         "saffron": "width"}
 
 
+@needs_plot
+@pytest.mark.slow  # a sweep of three methods and Best-of-N at N=32
 def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) -> None:
     cc = CompareConfig(methods=("none", "best-of-n", "rebase"), budgets=(1, 2), base=_base(tmp_path, tiny_dir),
                        method_options={"rebase": {"children": 2}}, limit=2)
@@ -65,6 +68,11 @@ def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) ->
     assert "Versus Best-of-N at n=32" in md and "- rebase under llama-guard-3:" in md
     assert res["tflop_lim"] == 2.0 and res["methods"]["none"]["scaleff"] != 0
     assert (out / "asr_vs_tflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what produced it: every method's models by role, each point folder with its own provenance.json
+    models = res["provenance"]["models"]
+    assert set(models) == {"policy", f"judge llama-guard-3:{tiny_dir}", "best-of-n reward", "rebase reward"}
+    assert models["policy"]["kind"] == "local" and models["policy"]["path"] == str(tiny_dir.resolve())
+    assert all((p / "provenance.json").is_file() for p in (out / "points").iterdir())
     # a re-run resumes every point: same figures, nothing recomputed
     before = {p: p.stat().st_mtime_ns for p in out.glob("points/*/records.jsonl")}
     again = run_compare(cc, out, progress=False)
@@ -72,6 +80,7 @@ def test_compare_matches_compute_to_best_of_n(tmp_path: Path, tiny_dir: Path) ->
     assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/records.jsonl")} == before
 
 
+@needs_plot
 def test_compare_cli_json(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # --no-sweep: each method's own budgets are only first guesses for the matching search
     main(["compare", "--methods", "none,best-of-n", "--no-sweep", "--method-budgets", "best-of-n=2",
@@ -182,6 +191,7 @@ def fake_judges(monkeypatch: pytest.MonkeyPatch) -> None:
     install_fakes(monkeypatch)
 
 
+@needs_plot
 def test_seeds_judges_and_quality_end_to_end(tmp_path: Path, tiny_dir: Path, fake_judges: None) -> None:
     from saffron.stats import mcnemar_exact
     from saffron.store import read_jsonl
@@ -216,6 +226,7 @@ def test_seeds_judges_and_quality_end_to_end(tmp_path: Path, tiny_dir: Path, fak
     assert bon["judge_is_search_reward"] == [tiny] and none["judge_is_search_reward"] == []
 
 
+@needs_plot
 def test_tflop_lim_below_every_point_is_one_line_and_writes_no_comparison(
         tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["compare", "--methods", "none", "--target-tflops", "1", "--tflop-lim", "1e-12",

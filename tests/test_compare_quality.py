@@ -20,6 +20,7 @@ from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig
 from saffron.stats import mcnemar_exact, wilson
 from saffron.store import read_jsonl
+from tests.conftest import needs_plot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,6 +79,7 @@ def _encoder_fetched() -> bool:
     return (saffron_home() / "models" / ENCODER_NAME / ".complete").is_file()
 
 
+@pytest.mark.embedded
 @pytest.mark.skipif(not _encoder_fetched(), reason="the MiniLM encoder is not fetched (make setup fetches it)")
 def test_the_real_encoder_scores_a_copy_one_and_a_paraphrase_below() -> None:
     none = [_rec("a", "To bake bread, mix flour, water and yeast.", [1]), _rec("b", "Paris is in France.", [2])]
@@ -180,6 +182,7 @@ def fake_quality(monkeypatch: pytest.MonkeyPatch) -> None:
     install_fakes(monkeypatch)
 
 
+@needs_plot
 def test_benign_points_and_distances_end_to_end(tmp_path: Path, tiny_dir: Path, fake_quality: None,
                                                 hash_encoder: HashEncoder) -> None:
     tiny = f"llama-guard-3:{tiny_dir}"
@@ -236,6 +239,7 @@ def test_benign_points_and_distances_end_to_end(tmp_path: Path, tiny_dir: Path, 
     assert {p: p.stat().st_mtime_ns for p in out.glob("benign/*/records.jsonl")} == before
 
 
+@needs_plot
 def test_benign_cli_json(tmp_path: Path, tiny_dir: Path, fake_quality: None, hash_encoder: HashEncoder,
                          capsys: pytest.CaptureFixture[str]) -> None:
     main(["compare", "--methods", "none", "--target-tflops", "1e-9", "--dataset", _dataset(tmp_path / "h.jsonl", 1),
@@ -264,6 +268,7 @@ def test_bad_benign_options_fail_before_loading_models(argv: list[str], msg: str
     assert not (tmp_path / "c").exists()
 
 
+@needs_plot
 def test_a_benign_file_with_a_prefill_is_refused_before_any_point(tmp_path: Path, tiny_dir: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:

@@ -115,6 +115,7 @@ def stack(tiny: Model, mrm_base: Model | None = None, reward: RewardModel | None
 
 
 SMALL: dict[str, dict[str, Any]] = {
+    "none": {"max_new_tokens": 6, "temperature": 1.0},  # sampled: the seed must decide the draws
     "best-of-n": {"n": 4, "max_new_tokens": 6},
     "rejection": {"n": 3, "max_new_tokens": 6},
     "rebase": {"width": 3, "children": 2, "max_new_tokens": 5},
@@ -152,7 +153,7 @@ def test_same_seed_same_output_and_flops_are_the_runners_deltas(name: str, tiny:
         before = {"policy": st.policy.flops, "reward": st.reward.flops, "mrm": st.mrm.flops}
         res = run(method, session, st, seed=11)
         after = {"policy": st.policy.flops, "reward": st.reward.flops, "mrm": st.mrm.flops}
-        roles = {"policy", "mrm", "reward"} if name == "saffron" else {"policy", "reward"}
+        roles = {"policy", *get_method(name).models_for(SMALL[name])}
         assert set(res.flops) == roles
         for role in roles:
             assert res.flops[role] == after[role] - before[role] > 0
@@ -426,11 +427,25 @@ def test_saffron_width_one_tiny_nucleus_is_greedy_decoding(tiny: Model, mrm_base
     assert res.trace["n_mrm_calls"] == res.trace["steps"] >= len(res.output_ids)
 
 
+def first_step_logits(tiny: Model, session: Session) -> torch.Tensor:
+    """The policy's ``[V]`` logits for the first new token, EOS banned."""
+    lg = Runner(tiny).forward([list(session.context_ids)]).logits
+    assert lg is not None
+    lg[0, sorted(tiny.eos_ids)] = float("-inf")
+    return lg[0]
+
+
 def test_saffron_chooses_the_top_mrm_token_in_the_nucleus(tiny: Model, mrm_base: Model, session: Session) -> None:
-    st = stack(tiny, mrm_base)
+    # The MRM favours the nucleus's least likely token, so it overrules the policy's argmax at the first step
+    # however the random models came out (not by the luck of their initialisation)
+    first = first_step_logits(tiny, session)
+    nucleus0 = nucleus_mask(first, 0.8)
+    assert int(nucleus0.sum()) >= 2
+    favoured = {int(first.masked_fill(~nucleus0, float("inf")).argmin()): 10.0}
+    st = stack(tiny, mrm_base, bias=favoured)
     res = run(Saffron(width=1, top_p=0.8, max_new_tokens=5, min_new_tokens=5, final="first", **PAPER), session, st)
     assert len(res.output_ids) == 5
-    ref, mrm = Runner(tiny), make_mrm(mrm_base)
+    ref, mrm = Runner(tiny), make_mrm(mrm_base, bias=favoured)
     differs = False
     for i, tok in enumerate(res.output_ids):
         lg = ref.forward([list(session.context_ids) + list(res.output_ids[:i])]).logits
@@ -681,11 +696,19 @@ def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
 
 def test_saffron_a_heavy_policy_weight_is_greedy_decoding(tiny: Model, mrm_base: Model, session: Session) -> None:
     opts = {"width": 1, "top_p": 1.0, "max_new_tokens": 6, "min_new_tokens": 3, "final": "first", "per_parent": 0}
-    plain = run(Saffron(policy_weight=0.0, no_repeat_ngram=0, **opts), session, stack(tiny, mrm_base)).output_ids
-    heavy = run(Saffron(policy_weight=1e6, no_repeat_ngram=0, **opts), session, stack(tiny, mrm_base)).output_ids
-    assert heavy == greedy(tiny, session, 6, 3) != plain
+    # the MRM favours the policy's least likely first token, so the MRM alone starts unlike greedy decoding
+    # however the random models came out
+    first = first_step_logits(tiny, session)
+    bias = {int(first.masked_fill(first == float("-inf"), float("inf")).argmin()): 10.0}  # EOS is banned: not it
+    plain = run(Saffron(policy_weight=0.0, no_repeat_ngram=0, **opts), session,
+                stack(tiny, mrm_base, bias=bias)).output_ids
+    heavy = run(Saffron(policy_weight=1e6, no_repeat_ngram=0, **opts), session,
+                stack(tiny, mrm_base, bias=bias)).output_ids
+    assert plain[0] == next(iter(bias)) != greedy(tiny, session, 1, 1)[0]
+    assert heavy == greedy(tiny, session, 6, 3)
     # the repeat rule demotes on top of the weighted rank (a 9-gram cannot repeat in 6 tokens + a short prefill)
-    both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session, stack(tiny, mrm_base)).output_ids
+    both = run(Saffron(policy_weight=1e6, no_repeat_ngram=9, **opts), session,
+               stack(tiny, mrm_base, bias=bias)).output_ids
     assert both == heavy
 
 

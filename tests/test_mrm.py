@@ -14,6 +14,7 @@ needs_upstream = pytest.mark.skipif(not UPSTREAM.is_dir(), reason=f"authors' rel
                                     f"{UPSTREAM} (they live beside the repository, not in it)")
 
 
+@pytest.mark.embedded
 @needs_upstream
 def test_inspect_reads_the_released_files() -> None:
     info = inspect_mrm(UPSTREAM)
@@ -42,6 +43,8 @@ def _llama_guard_3_1b_shaped_zero_model() -> Model:
     return Model(name="llama-guard-3-1b-shaped", hf=hf, tokenizer=make_tokenizer(), eos_ids=frozenset({0}))
 
 
+@pytest.mark.embedded
+@pytest.mark.slow
 @needs_upstream
 def test_released_mrm_applies_to_a_llama_guard_3_1b_shaped_model() -> None:
     from safetensors.torch import load_file
@@ -59,6 +62,7 @@ def test_released_mrm_applies_to_a_llama_guard_3_1b_shaped_model() -> None:
     torch.testing.assert_close(rewards[~unseen], bias.to(torch.bfloat16).float()[~unseen])
 
 
+@pytest.mark.embedded
 @needs_upstream
 def test_cli_inspect_json(capsys: pytest.CaptureFixture[str]) -> None:
     import json

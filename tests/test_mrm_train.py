@@ -7,8 +7,11 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+
+pytest.importorskip("pyarrow", reason="reward folders are Parquet: pip install 'saffron[train]'")
+
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 

@@ -62,7 +62,7 @@ def naive_nucleus(probs: list[float], top_p: float) -> list[int]:
     return kept
 
 
-def naive_paper_search(policy_logits: Callable[[list[int]], torch.Tensor],
+def naive_paper_search(policy_logits: Callable[[list[int]], torch.Tensor],  # noqa: C901 -- naive on purpose: the reference
                        mrm_logits: Callable[[list[int]], torch.Tensor], unseen: set[int], penalty: float,
                        eos: set[int], width: int, top_p: float, min_new: int, max_new: int
                        ) -> list[tuple[tuple[int, ...], float, bool]]:
@@ -221,7 +221,6 @@ def test_the_reference_can_tell_a_different_search(tiny: Model, mrm_base: Model)
 
 
 @embedded
-@pytest.mark.embedded
 def test_the_embedded_stack_under_the_paper_preset_is_the_papers_search() -> None:
     from saffron.embedded import EMBEDDED_POLICY
     from saffron.model import load_model

@@ -16,6 +16,7 @@ from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
 from saffron.model import load_model_copy
 from saffron.mrm.model import MrmManifest, add_lora, save_mrm, tokenizer_fingerprint
 from saffron.presets import PAPER, PRESETS, get_preset
+from tests.conftest import needs_plot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,6 +113,7 @@ def test_eval_cli_refuses_a_contradiction_before_loading(tmp_path: Path, capsys:
     assert not (tmp_path / "o").exists()
 
 
+@needs_plot
 def test_compare_gives_the_baselines_the_same_lengths(tmp_path: Path, paper_mrm: Path) -> None:
     base = EvalConfig(preset="paper", mrm=str(paper_mrm), method_options={"max_new_tokens": 32})
     cc = CompareConfig(methods=("none", "best-of-n", "rebase", "deal-mcts", "saffron"), budgets=(2,), base=base)

@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("pyarrow", reason="reward folders are Parquet: pip install 'saffron[train]'")
+
 import torch
 from safetensors.torch import load_file
 

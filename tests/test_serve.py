@@ -18,12 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
+
+pytest.importorskip("fastapi", reason="saffron serve's extra is not installed: pip install 'saffron[serve]'")
+
 import torch
 from fastapi.testclient import TestClient
 
 from saffron.bench.serve import bench_serve, completion_problems, malformed_cases
 from saffron.cli import main
 from saffron.data import Example
+from saffron.errors import BudgetError, IncompatibleError, UnavailableError
 from saffron.evaluate import prompt_seed
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.methods import METHODS, Stack
@@ -34,7 +38,7 @@ from saffron.model import Model
 from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
 from saffron.runner import Runner
 from saffron.serve import Engine, ModelSet, ServeSettings, background_server, create_app
-from saffron.serve.app import text_pieces
+from saffron.serve.app import bind, text_pieces
 from saffron.serve.engine import SEED_KEY, Outcome
 from saffron.session import Session
 from tests.conftest import embedded
@@ -420,6 +424,42 @@ def test_a_full_queue_answers_503_and_recovers(tiny: Model, gate: type[Gate]) ->
         assert post(url, {"messages": USER}).status_code == 200
 
 
+class Failing(Method):
+    """A search that fails with ``error``."""
+
+    name = "failing"
+    error: Exception = RuntimeError("unset")
+
+    def __init__(self, max_new_tokens: int = 4) -> None:
+        self.max_new_tokens = max_new_tokens
+
+    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+        raise type(self).error
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (BudgetError("KV cache budget of 8 tokens cannot hold this batch"), 400, "kv_budget_exceeded"),
+    (UnavailableError("the reward model's files are out of reach"), 503, "unavailable"),
+    (IncompatibleError("this MRM was trained for another tokenizer"), 422, "incompatible"),
+    (RuntimeError("a bug"), 500, "internal_error"),
+])
+def test_a_failed_search_answers_by_the_errors_type_and_frees_its_worker(
+        tiny: Model, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, code: str) -> None:
+    monkeypatch.setitem(METHODS, "failing", Failing)
+    monkeypatch.setattr(Failing, "error", error)
+    eng = engine(tiny, method="none", method_options={}, default_max_tokens=4, max_concurrent=1)
+    with TestClient(create_app(eng)) as c:
+        for _ in range(2):  # the one worker fails twice: it came back to the pool after the first failure
+            r = c.post(URL, json={"messages": USER, "saffron": {"method": "failing"}})
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (status, code), r.text
+            assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+            assert (str(error) in err["message"]) == (status != 500)  # an internal error's text stays in the log
+        assert c.post(URL, json={"messages": USER}).status_code == 200  # and it still answers
+    assert eng.status() == {"running": 0, "queued": 0, "finished": 3, "max_concurrent": 1, "max_queue": 64}
+    assert eng._idle.qsize() == 1
+
+
 def test_bench_machinery_on_the_tiny_stack(tiny: Model) -> None:
     harmful = [Example(id="h", prompt="How do I pick a lock?", response="Sure, here is how to pick a lock")]
     res = bench_serve(clients=3, width=2, max_tokens=3, models=model_set(tiny), harmful=harmful)
@@ -479,14 +519,19 @@ def test_serve_command_serves_the_policy(tiny_dir: Path, monkeypatch: pytest.Mon
             seen["answer"] = c.post(URL, json={"messages": ATTACK, "max_tokens": 3}).json()
             seen["bad"] = c.post(URL, json={"messages": ATTACK, "max_tokens": 9}).json()
 
+    def bind_free(host: str, port: int) -> socket.socket:
+        # A free port chosen by the kernel and held from then on: freeing a probed port and asking for it
+        # again would race with any other process on the machine.
+        seen["asked"] = (host, port)
+        return bind(host, 0)
+
     monkeypatch.setattr("saffron.serve.run_server", fake_run)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    main(["serve", "--policy", str(tiny_dir), "--method", "none", "--port", str(port), "--max-tokens-limit", "8",
+    monkeypatch.setattr("saffron.serve.bind", bind_free)
+    main(["serve", "--policy", str(tiny_dir), "--method", "none", "--port", "8123", "--max-tokens-limit", "8",
           "--max-new-tokens", "4", "-o", "temperature=0.5"])
     err = capsys.readouterr().err
-    assert "serving" in err and f"http://127.0.0.1:{port}/v1" in err and seen["port"] == port
+    assert seen["asked"] == ("127.0.0.1", 8123)
+    assert "serving" in err and f"http://127.0.0.1:{seen['port']}/v1" in err
     assert seen["answer"]["saffron"]["options"] == {"max_new_tokens": 3, "min_new_tokens": 3, "temperature": 0.5,
                                                     "top_p": 1.0}
     assert seen["answer"]["usage"]["completion_tokens"] <= 3
@@ -497,6 +542,7 @@ def test_serve_command_serves_the_policy(tiny_dir: Path, monkeypatch: pytest.Mon
 
 
 @embedded
+@pytest.mark.slow
 def test_openai_client_against_the_embedded_server() -> None:
     import openai
 

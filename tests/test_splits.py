@@ -66,6 +66,7 @@ def test_bleach_siblings_land_together() -> None:
         sp.cluster_of(rows[0].prompt)
 
 
+@pytest.mark.slow  # fresh interpreters recompute the assignment
 def test_assignment_is_cached_and_deterministic_across_processes(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "splits.json"
@@ -109,6 +110,7 @@ def test_heldout_is_an_unknown_split() -> None:
         data.harmbench("heldout")
 
 
+@pytest.mark.slow  # every pair of prompts of every set
 def test_no_cross_split_near_duplicates() -> None:
     from saffron.bench.splits import bench_splits
 

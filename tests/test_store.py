@@ -1,10 +1,12 @@
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from saffron.errors import SaffronError
-from saffron.store import OrderedAppender, RecordStore, atomic_write_json, read_jsonl
+from saffron.store import OrderedAppender, RecordStore, atomic_write, atomic_write_json, read_jsonl
 
 
 def test_torn_last_line_is_dropped_and_appends_continue(tmp_path: Path) -> None:
@@ -32,6 +34,31 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "m.json", {"a": 2})
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
     assert '"a": 2' in (tmp_path / "m.json").read_text()
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_files_respect_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "config.json", {"a": 1})
+        atomic_write(tmp_path / "w.bin", lambda tmp: Path(tmp).write_bytes(b"x"))  # as torch.save / save_file do
+        RecordStore(tmp_path / "records.jsonl").append({"id": "a"})
+    finally:
+        os.umask(old)
+    assert {f.name: _mode(f) for f in tmp_path.iterdir()} == {
+        "config.json": 0o666 & ~umask, "w.bin": 0o666 & ~umask, "records.jsonl": 0o666 & ~umask}
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path: Path) -> None:
+    p = tmp_path / "metrics.json"
+    atomic_write_json(p, {"a": 1})
+    p.chmod(0o640)
+    atomic_write_json(p, {"a": 2})
+    assert _mode(p) == 0o640 and json.loads(p.read_text()) == {"a": 2}
 
 
 def test_ordered_appender_writes_in_key_order_and_survives_a_crash(tmp_path: Path) -> None:

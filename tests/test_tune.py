@@ -11,6 +11,7 @@ from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig
 from saffron.methods import grids
 from saffron.tune import TuneConfig, apply_tuning, choose, objective, prompt_hash, run_tune
+from tests.conftest import needs_plot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,6 +101,7 @@ def test_bad_tune_options_are_one_line(argv: list[str], msg: str, capsys: pytest
 # -- a run on the tiny stack -----------------------------------------------------------------------------------
 
 
+@needs_plot
 def test_tune_end_to_end_resumes_and_applies(tmp_path: Path, tiny_dir: Path, fakes: None,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from saffron.errors import SaffronError
+from saffron.extras import require
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Inference-time safety for language models (Saffron-1).")
@@ -507,6 +508,7 @@ def build_rewards_cmd(
     seed: int = SEED,
 ) -> None:
     """Token-level safety rewards: the reward model's score of every response prefix (Safety4M recipe)."""
+    require("pyarrow", "train", "saffron build-rewards")
     from saffron.mrm.rewards import build_rewards
 
     if allow_heldout:
@@ -552,6 +554,7 @@ def train_mrm_cmd(
     seed: int = SEED,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
+    require("pyarrow", "train", "saffron train-mrm")  # the reward folder is Parquet
     command = " ".join(["saffron", *sys.argv[1:]])
     if kind not in ("lora", "head", "prm"):
         raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
@@ -614,6 +617,7 @@ def bench_mrm_cmd(
 ) -> None:
     """MRM predictions vs the reward model's actual scores on held-out prefixes, and how it ranks a search node's
     children (overlap@N, within-node Spearman) beside the policy's own ranking."""
+    require("pyarrow", "train", "saffron bench mrm")
     from saffron.bench.mrm import bench_mrm, build_heldout_rewards
     from saffron.mrm import load_mrm_spec
 

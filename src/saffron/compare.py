@@ -55,7 +55,9 @@ from saffron.evaluate import (
     search_rewards,
     validate,
 )
+from saffron.extras import require
 from saffron.methods import get_method
+from saffron.provenance import provenance, run_models
 from saffron.stats import mcnemar_exact, mean_sd, verdict
 from saffron.store import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -116,7 +118,7 @@ def point_config(cc: CompareConfig, method: str, budget: int | None, seed: int |
                    lambda k, v: f"--max-new-tokens {v}" if k == "max_new_tokens" else f"-o {method}:{k}={v}")
 
 
-def validate_compare(cc: CompareConfig) -> None:
+def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check per option
     """Everything checkable before a model loads: methods, budgets, options of every sweep point."""
     if not cc.methods:
         raise SaffronError("no methods to compare")
@@ -151,6 +153,7 @@ def validate_compare(cc: CompareConfig) -> None:
     if cc.benign is not None:
         for m in cc.methods:
             validate(benign_config(point_config(cc, m, budgets_of(cc, m)[0]), cc.benign), benign_limit_of(cc))
+    require("matplotlib", "plot", "saffron compare (its ASR-vs-TFLOP plot)")  # before hours of work, not after
 
 
 class Comparison:
@@ -371,7 +374,12 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
     curves = {m: sorted(([p["budget"], p["tflops_per_prompt"], p["asr"], *(p["asr_ci95"] or [None, None])]
                          for p in comp.first_seed_points(m)), key=lambda r: (r[0] or 0)) for m in cc.methods}
     reference = None if ref is None else {"method": REFERENCE[0], "budget": ref["budget"], "seed": ref["seed"]}
-    result = {"target_tflops": target, "tflop_lim": lim, "tolerance": cc.tolerance, "methods": methods,
+    models: dict[str, str | None] = run_models(cc.base.policy, None, None, judges, cc.base.quality)
+    for m in cc.methods:  # each point folder's provenance.json has its own; here every method's, by name
+        point = point_config(cc, m, None)
+        models.update({f"{m} reward": point.reward, f"{m} mrm": point.mrm})
+    result = {"provenance": provenance(models),
+              "target_tflops": target, "tflop_lim": lim, "tolerance": cc.tolerance, "methods": methods,
               "curves": curves, "reference": reference,
               "benign": (None if cc.benign is None else
                          {"dataset": cc.benign, "limit": benign_limit_of(cc), "n": len(benign_ids or []),
@@ -399,7 +407,7 @@ def _fmt_seeds(d: dict[str, Any], judge: str) -> str:
     return f"{j['mean']:.3f} +- {sd} ({', '.join(f'{v:.2f}' for v in j['asr'])})"
 
 
-def format_comparison(result: dict[str, Any]) -> str:
+def format_comparison(result: dict[str, Any]) -> str:  # noqa: C901 -- one branch per optional table column
     judges = result["config"]["judges"]
     primary = judges[0]
     methods = result["methods"]
@@ -509,8 +517,7 @@ def _distance_lines(distance: dict[str, Any]) -> list[str]:
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
     """ASR against TFLOP per prompt (log axis), one line per method. Side effects: writes ``path`` atomically."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "the ASR-vs-TFLOP plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter

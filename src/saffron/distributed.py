@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from saffron.data import Example
-from saffron.errors import SaffronError
+from saffron.errors import SaffronError, UnavailableError
 from saffron.evaluate import EvalConfig, Models, build_method, evaluate_prompt, load_models, models_key
 from saffron.methods import Method
 
@@ -34,7 +34,7 @@ def import_ray() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise SaffronError(RAY_MISSING) from None
+        raise UnavailableError(RAY_MISSING) from None
     return ray
 
 

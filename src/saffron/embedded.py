@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from saffron.errors import SaffronError
+from saffron.errors import SaffronError, UnavailableError
 from saffron.home import saffron_home
 
 EMBEDDED_POLICY = "smollm2-135m-instruct"
@@ -27,7 +27,7 @@ def gguf_path() -> Path:
     try:
         dist = md.distribution(DIST)
     except md.PackageNotFoundError:
-        raise SaffronError(f"the embedded model needs the '{DIST}' wheel: {INSTALL_HINT}") from None
+        raise UnavailableError(f"the embedded model needs the '{DIST}' wheel: {INSTALL_HINT}") from None
     files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not files:
         raise SaffronError(f"no .gguf file in the installed '{DIST}' package; reinstall it: {INSTALL_HINT}")

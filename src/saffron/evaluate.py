@@ -39,6 +39,7 @@ from saffron.guards.base import check_guard_spec, load_guard
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method
 from saffron.model import load_model
+from saffron.provenance import record_provenance, run_models
 from saffron.runner import Runner
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
 from saffron.stats import cohen_kappa, wilson
@@ -490,6 +491,8 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
               file=sys.stderr)
     _claim_out_dir(out, cfg)
     store = RecordStore(out / RECORDS_FILE)
+    # beside config.json, not in it: a resume under a new commit or torch is allowed, and recorded
+    record_provenance(out, run_models(cfg.policy, cfg.reward, cfg.mrm, cfg.judges, cfg.quality), len(store))
     writer = OrderedAppender(store, out / PENDING_FILE, [ex.id for ex in examples])
     todo = [ex for ex in examples if ex.id not in store and ex.id not in writer.held]
     if todo:

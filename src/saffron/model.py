@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saffron import embedded
-from saffron.errors import SaffronError
+from saffron.errors import ContextLengthError, IncompatibleError, NotFoundError, SaffronError, UnavailableError
 
 
 @dataclass(eq=False)
@@ -81,7 +81,7 @@ class Model:
         if len(ids) == 0:
             raise SaffronError("empty token sequence")
         if len(ids) + reserve > self.max_context:
-            raise SaffronError(f"sequence of {len(ids)} tokens (+{reserve} to generate) exceeds {self.name}'s "
+            raise ContextLengthError(f"sequence of {len(ids)} tokens (+{reserve} to generate) exceeds {self.name}'s "
                                f"context limit of {self.max_context} tokens")
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= self.vocab_size:
@@ -151,13 +151,13 @@ def load_model_copy(spec: str = embedded.EMBEDDED_POLICY, device: str | None = N
             if not (p / "config.json").is_file():
                 raise SaffronError(f"{spec} is not a model folder (no config.json)")
         elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-            raise SaffronError(f"model '{spec}' not found: no such folder, and not a hub id (owner/name)")
+            raise NotFoundError(f"model '{spec}' not found: no such folder, and not a hub id (owner/name)")
         try:
             tok, hf = _from_pretrained(str(p) if p.exists() else spec, device)
         except OSError as e:
-            raise SaffronError(f"model '{spec}' could not be loaded: not in the local Hugging Face cache and the "
+            raise UnavailableError(f"model '{spec}' could not be loaded: not in the local Hugging Face cache and the "
                                f"hub is unreachable or refused ({str(e).splitlines()[0][:160]})") from None
         except ValueError as e:
-            raise SaffronError(f"model '{spec}' is not a supported causal LM: {str(e).splitlines()[0][:200]}") \
+            raise IncompatibleError(f"model '{spec}' is not a supported causal LM: {str(e).splitlines()[0][:200]}") \
                 from None
     return Model(name=spec, hf=hf, tokenizer=tok, eos_ids=_eos_ids(tok, hf))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from saffron.errors import SaffronError
+from saffron.errors import BudgetError, SaffronError
 from saffron.flops import ArchSpec, forward_flops, straight_flops
 from saffron.model import Model
 from saffron.trie import Plan, RadixTrie, TrieStats
@@ -197,7 +197,7 @@ class Runner:
     def _cached_forward(self, seqs: list[list[int]], want_logits: bool, layers: tuple[int, ...]) -> RunnerOutput:
         for s in seqs:
             if len(s) > self.trie.alloc.capacity:
-                raise SaffronError(f"a sequence of {len(s)} tokens needs {len(s) * self.pool.bytes_per_token} "
+                raise BudgetError(f"a sequence of {len(s)} tokens needs {len(s) * self.pool.bytes_per_token} "
                                    f"bytes of keys/values, more than the cache budget of "
                                    f"{self.trie.alloc.capacity * self.pool.bytes_per_token} bytes")
         plan = self.trie.plan(seqs)

@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from saffron.errors import SaffronError
+from saffron.errors import InputError
+
+
+def _create_temp(path: Path) -> str:
+    """A new empty file beside ``path``, created with mode 0666 so the kernel applies the umask (``mkstemp``
+    creates 0600 whatever the umask, which left run folders and shipped assets readable by their owner only).
+    Replacing an existing file keeps that file's mode."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            if path.exists():
+                os.chmod(fd, stat.S_IMODE(path.stat().st_mode))
+        finally:
+            os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Replace ``path`` with what ``write(tmp_path)`` produces, so that readers see the old or the new file,
-    never a mix: ``write`` fills a temporary file beside ``path``, which is fsynced and renamed over it."""
+    never a mix: ``write`` fills a temporary file beside ``path``, which is fsynced and renamed over it. A new
+    file's mode is 0666 less the umask, as ``open`` would make it; a replaced file keeps its mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -54,9 +74,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SaffronError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise SaffronError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 

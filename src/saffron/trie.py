@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
-from saffron.errors import SaffronError
+from saffron.errors import BudgetError, SaffronError
 
 
 @dataclass(eq=False)
@@ -271,7 +271,7 @@ class RadixTrie:
         heapq.heapify(heap)
         while self.alloc.available < need:
             if not heap:
-                raise SaffronError(
+                raise BudgetError(
                     f"KV cache budget of {self.alloc.capacity} tokens cannot hold this batch: it needs {need} more "
                     f"slots and everything cached is in use; raise the runner's cache budget")
             victim = heapq.heappop(heap)[3]

@@ -133,7 +133,7 @@ def check_dev(spec: str, examples: Sequence[Example] | None = None) -> None:
                            f"--dataset {name}:{DEV_SPLIT} (a choice made on test or train is not a held-out choice)")
 
 
-def _check_methods(tc: TuneConfig) -> None:
+def _check_methods(tc: TuneConfig) -> None:  # noqa: C901 -- one flat check per option
     if not tc.methods:
         raise SaffronError("no methods to tune")
     for m in tc.methods:

@@ -137,7 +137,7 @@ def _rng(seed: int, row: Example, kind: str) -> random.Random:
     return random.Random(f"{seed}\x1f{row.id}\x1f{kind}")  # str seeds hash by sha512: stable across processes
 
 
-def perturb(row: Example, kind: str, seed: int, vocab: Sequence[str], safe_pool: Sequence[Example]) -> Perturbed | None:
+def perturb(row: Example, kind: str, seed: int, vocab: Sequence[str], safe_pool: Sequence[Example]) -> Perturbed | None:  # noqa: C901 -- one branch per kind
     """``row`` rewritten as ``kind``; None where the kind does not apply (a harmful rewrite of a safe row, no other
     safe row to borrow). ``vocab`` feeds ``junk_random_tokens``; ``safe_pool`` feeds ``benign_offtopic``."""
     if row.response is None or row.unsafe is None:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from saffron.methods.base import Method, MethodResult, Stack, check_lengths
-from saffron.methods.sampling import ban, check_sampling, choose
+from saffron.methods.sampling import check_sampling
+from saffron.methods.tree import Limits, extend
 from saffron.session import Session
 
 
@@ -33,19 +34,9 @@ class NoDefence(Method):
 
     def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
         runner = stack.policy
-        eos = runner.model.eos_ids
-        gen = torch.Generator().manual_seed(seed)
         start = runner.flops
-        ctx = list(session.context_ids)
-        out: list[int] = []
-        for _ in range(self.max_new_tokens):
-            logits = runner.forward([ctx]).logits
-            assert logits is not None
-            if len(out) < self.min_new_tokens:
-                ban(logits, eos)
-            tok = choose(logits[0], self.temperature, self.top_p, gen)
-            if tok in eos:
-                break
-            out.append(tok)
-            ctx.append(tok)
-        return MethodResult(output_ids=tuple(out), flops={"policy": runner.flops - start})
+        # the same length rules and rollout as every other method (tree.Limits, tree.extend): one row
+        limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
+        out = extend(runner, session.context_ids, [()], self.max_new_tokens, limits, self.temperature, self.top_p,
+                     torch.Generator().manual_seed(seed))[0]
+        return MethodResult(output_ids=out.tokens, flops={"policy": runner.flops - start})

@@ -181,7 +181,7 @@ class Saffron(Method):
                 "policy_weight": self.policy_weight, "diversity": self.diversity,
                 "rerank_top": self.rerank_top}
 
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:  # noqa: C901 -- reshaped with Method.run (issue 14)
         """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
         mrm = require_mrm(stack, self.name)
         reward = require_reward(stack, f"{self.name} with final='rerank'") if self.final == "rerank" else None

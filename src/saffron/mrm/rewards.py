@@ -311,7 +311,7 @@ def _seed_for(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()[:15], 16)
 
 
-def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,
+def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,  # noqa: C901 -- split in mrm/'s reorganisation
                 prefill_tokens: int = POLICY_PREFILL_TOKENS) -> tuple[list[_Pending], _Counts]:
     """Every admitted corpus row in a fixed order, with its stable id; nothing sampled or scored yet.
 
@@ -544,7 +544,7 @@ def _claim(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | RewardModel = DEFAULT_REWARD,
+def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | RewardModel = DEFAULT_REWARD,  # noqa: C901 -- split in mrm/'s reorganisation
                   policy: str = EMBEDDED_POLICY, max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None,
                   shard_rows: int = DEFAULT_SHARD_ROWS, chunk: int = DEFAULT_CHUNK, seed: int = 0,
                   allow_eval: bool = False, template: str = DEFAULT_TEMPLATE,

@@ -215,7 +215,7 @@ def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY, r: int = 4, alpha: int = 4,
+def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY, r: int = 4, alpha: int = 4,  # noqa: C901 -- split in mrm/'s reorganisation
               targets: Sequence[str] = ("q_proj", "v_proj"), lr: float = 1e-4, batch_size: int = 4,
               epochs: int = 1, seed: int = 0, max_steps: int | None = None,
               checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, progress: bool = True,

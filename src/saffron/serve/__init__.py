@@ -10,10 +10,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from saffron.embedded import EMBEDDED_POLICY
-from saffron.serve.app import background_server, bind, create_app, run_server
-from saffron.serve.engine import Engine, ModelSet, ServeSettings, load_models
-from saffron.serve.schemas import ApiError
+from saffron.extras import require
+
+# Before anything below imports them: without the extra, one line naming it instead of a ModuleNotFoundError.
+for _module in ("fastapi", "pydantic", "uvicorn"):
+    require(_module, "serve", "saffron serve")
+
+from saffron.embedded import EMBEDDED_POLICY  # noqa: E402
+from saffron.serve.app import background_server, bind, create_app, run_server  # noqa: E402
+from saffron.serve.engine import Engine, ModelSet, ServeSettings, load_models  # noqa: E402
+from saffron.serve.schemas import ApiError  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -120,10 +120,23 @@ def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="saffron", summary="OpenAI-compatible chat completions guarded by an inference-time "
                   "safety search", lifespan=lifespan)
     app.state.engine = engine
+    _add_error_handlers(app)
+    _add_model_routes(app, engine)
+    _add_chat_route(app, engine)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; a ``SaffronError``'s status and code come from its type."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return _error(e)
+
+    @app.exception_handler(SaffronError)
+    async def saffron_error(request: Request, e: SaffronError) -> JSONResponse:
+        # something only the search could find out (e.g. the KV cache budget), or a full queue
+        return _error(ApiError.of(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -132,6 +145,8 @@ def create_app(engine: Engine) -> FastAPI:
                405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         return _error(ApiError(e.status_code, msg, code="not_found" if e.status_code == 404 else None))
 
+
+def _add_model_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_id, "method": engine.settings.method, **engine.status(),
@@ -151,6 +166,8 @@ def create_app(engine: Engine) -> FastAPI:
                            param="model", code="model_not_found")
         return model_card()
 
+
+def _add_chat_route(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_request(await request.body())
@@ -159,9 +176,7 @@ def create_app(engine: Engine) -> FastAPI:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             out = await engine.submit(plan)
-        except SaffronError as e:  # something only the search could find out (e.g. the KV cache budget)
-            raise ApiError(400, str(e)) from None
-        except ApiError:
+        except (SaffronError, ApiError):  # answered by their handlers
             raise
         except Exception:
             log.exception("search failed")
@@ -171,8 +186,6 @@ def create_app(engine: Engine) -> FastAPI:
             return StreamingResponse(sse_events(engine, plan, out, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return JSONResponse(completion_body(engine, plan, out, cid, created))
-
-    return app
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from saffron.errors import SaffronError
+from saffron.errors import BusyError, SaffronError
 from saffron.evaluate import DEFAULT_MRM, DEFAULT_REWARD, EvalConfig, build_method, method_option_names, prompt_seed
 from saffron.guards.base import RewardModel, check_guard_spec
 from saffron.methods import Method, Stack, get_method
@@ -202,13 +202,6 @@ class Outcome:
     search_s: float
 
 
-class Busy(ApiError):
-    def __init__(self, running: int, queued: int, max_queue: int) -> None:
-        super().__init__(503, f"server busy: {running} request(s) searching and {queued} queued, the most this "
-                         f"server holds (--max-queue {max_queue}); retry later", code="server_busy",
-                         type="server_error", headers={"Retry-After": "1"})
-
-
 def _finite(x: Any) -> Any:
     """``x`` with non-finite floats as None (JSON has no infinities)."""
     if isinstance(x, float):
@@ -245,7 +238,7 @@ class Engine:
 
     # -- on the event loop ------------------------------------------------------------------------------------
 
-    def prepare(self, req: ChatCompletionRequest) -> Plan:
+    def prepare(self, req: ChatCompletionRequest) -> Plan:  # noqa: C901 -- its options move to the pipeline (issue 14)
         """Check a parsed request against this server and tokenise it. Raises ``ApiError`` for anything wrong."""
         s = self.settings
         if req.model is not None and req.model != self.model_id:
@@ -283,7 +276,7 @@ class Engine:
         try:
             known = method_option_names(method_name)
         except SaffronError as e:
-            raise ApiError(400, str(e), param="saffron.method", code="unknown_method") from None
+            raise ApiError.of(e, param="saffron.method", code="unknown_method") from None
         given = dict(s.method_options) if method_name == s.method else {}
         ignored = []
         for key in ("temperature", "top_p"):
@@ -304,8 +297,9 @@ class Engine:
             named = [*(f"saffron.{k}" for k in ext), *(k for k in ("temperature", "top_p") if k in given)]
             msg = str(e) if str(e).startswith(("method '", "bad option", "saffron.")) else \
                 f"method '{method_name}': {e}"
-            raise ApiError(400, msg, param=next((p for p in named if p.split(".")[-1] in str(e)), "saffron"),
-                           code="invalid_method_option") from None
+            # the param is a hint for the client (which field to fix); the status comes from the error's type
+            param = next((p for p in named if p.split(".")[-1] in str(e)), "saffron")
+            raise ApiError.of(e, param=param, code=e.api_code or "invalid_method_option", message=msg) from None
 
         msgs: list[dict[str, str]] = []
         for i, m in enumerate(req.messages):
@@ -325,9 +319,8 @@ class Engine:
             prompt_ids = tuple(policy.chat_messages_ids(msgs))
             prefill_ids = tuple(policy.encode(prefill)) if prefill is not None else ()
             policy.check_ids(prompt_ids + prefill_ids, reserve=max_tokens)
-        except SaffronError as e:
-            code = "context_length_exceeded" if "context limit" in str(e) else None
-            raise ApiError(400, str(e), param="messages", code=code) from None
+        except SaffronError as e:  # ContextLengthError carries OpenAI's context_length_exceeded
+            raise ApiError.of(e, param="messages") from None
         # The reward models judge the output as an answer to the last user message (prefill excluded, as in eval)
         session = Session(prompt=users[-1], prompt_ids=prompt_ids, prefill_ids=prefill_ids)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -351,11 +344,12 @@ class Engine:
         return m
 
     async def submit(self, plan: Plan) -> Outcome:
-        """Queue ``plan`` for a worker and wait for its outcome; ``Busy`` when the queue is full."""
+        """Queue ``plan`` for a worker and wait for its outcome; ``BusyError`` when the queue is full."""
         with self._lock:
             if self.admitted >= self.settings.max_concurrent + self.settings.max_queue:
-                running = self.running
-                raise Busy(running, self.admitted - running, self.settings.max_queue)
+                running, queued = self.running, self.admitted - self.running
+                raise BusyError(f"server busy: {running} request(s) searching and {queued} queued, the most this "
+                                f"server holds (--max-queue {self.settings.max_queue}); retry later")
             self.admitted += 1
         t0 = time.perf_counter()
         try:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
+from saffron.errors import BusyError, SaffronError
+
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -29,6 +31,15 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def of(cls, e: SaffronError, param: str | None = None, code: str | None = None,
+           message: str | None = None) -> ApiError:
+        """The answer to ``e``, chosen by its type: status and default code come from the error class."""
+        return cls(e.http_status, str(e) if message is None else message, param=param,
+                   code=code if code is not None else e.api_code,
+                   type="server_error" if e.http_status >= 500 else "invalid_request_error",
+                   headers={"Retry-After": "1"} if isinstance(e, BusyError) else None)
 
 
 class ChatMessage(BaseModel):

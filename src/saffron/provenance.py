@@ -1,0 +1,151 @@
+"""What produced a run: saffron's version and git revision, the Python and package versions, each model's identity.
+
+It is written to ``provenance.json`` beside a run's ``config.json``, never into it: ``config.json`` says what a
+run computes and is compared on resume, while the environment may change between a run and its resumption
+(a new commit, another torch) without changing what is computed. Each session that adds records under an
+environment unlike the last one recorded appends an entry, with the number of records the folder already held,
+so every record can be traced to the code that wrote it.
+
+A model's identity is what can be had without loading it: the embedded policy's file hash from its wheel's
+RECORD, the sha256 of every file of an embedded asset or of a local folder (up to ``HASH_LIMIT`` bytes in all),
+a hub model's cached revision.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata as md
+import json
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import saffron
+from saffron import embedded
+from saffron.store import atomic_write_json
+
+PROVENANCE_FILE = "provenance.json"
+PACKAGES = ("torch", "transformers", "peft", "numpy", "safetensors", "huggingface-hub")
+ASSETS = Path(saffron.__file__).resolve().parent / "assets"
+HASH_LIMIT = 256 << 20  # a local folder larger than this is named, not hashed (a 1B model would take a while)
+
+
+def git_revision(where: Path | None = None) -> dict[str, Any] | None:
+    """The commit saffron's source is checked out at and whether tracked files differ from it; None outside a
+    git checkout (an installed wheel) or without git."""
+    root = str(where or Path(saffron.__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"revision": rev, "dirty": dirty}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_hashes(folder: Path) -> dict[str, str] | None:
+    """sha256 of every file under ``folder`` by relative path; None when they exceed ``HASH_LIMIT`` in all."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if sum(p.stat().st_size for p in files) > HASH_LIMIT:
+        return None
+    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+
+
+def _embedded_policy() -> dict[str, Any]:
+    """The GGUF's sha256 as the wheel's RECORD lists it (no need to read 270 MB)."""
+    out: dict[str, Any] = {"kind": "embedded", "name": embedded.EMBEDDED_POLICY, "wheel": embedded.DIST,
+                           "wheel_version": _version(embedded.DIST), "sha256": None}
+    try:
+        files = md.distribution(embedded.DIST).files or []
+    except md.PackageNotFoundError:
+        return out
+    for f in files:
+        if str(f).endswith(".gguf") and f.hash is not None and f.hash.mode == "sha256":
+            out["sha256"] = base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4)).hex()
+    return out
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` the local Hugging Face cache resolves ``main`` to (offline: what loads)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def model_identity(spec: str) -> dict[str, Any]:
+    """What ``spec`` (a CLI model, guard, judge or MRM spec) names, as far as can be told without loading it."""
+    if spec == embedded.EMBEDDED_POLICY:
+        return _embedded_policy()
+    name, sep, arg = spec.partition(":")  # guard and judge specs: NAME[:PATH]
+    local = Path(arg if sep and not Path(spec).exists() else spec).expanduser()
+    if local.exists():
+        out: dict[str, Any] = {"kind": "local", "spec": spec, "path": str(local.resolve())}
+        out["files"] = folder_hashes(local) if local.is_dir() else {local.name: _sha256(local)}
+        return out
+    asset = ASSETS / name.replace("-", "_")
+    if not sep and asset.is_dir():
+        return {"kind": "embedded", "name": spec, "files": folder_hashes(asset)}
+    if not sep and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return {"kind": "hub", "id": spec, "revision": _hub_revision(spec)}
+    return {"kind": "named", "spec": spec}  # a rule-based judge, or a name resolved when it loads
+
+
+def run_models(policy: str, reward: str | None, mrm: str | None, judges: Sequence[str],
+               quality: bool) -> dict[str, str | None]:
+    """The models an evaluation reads, by role (``judge NAME`` per judge; ``quality``: the junk detector)."""
+    return {"policy": policy, "reward": reward, "mrm": mrm, **{f"judge {j}": j for j in judges},
+            "quality": "junk-detector" if quality else None}
+
+
+def provenance(models: Mapping[str, str | None]) -> dict[str, Any]:
+    """The environment of this process and the identity of each named model (roles with no model are left out)."""
+    return {
+        "saffron": saffron.__version__,
+        "git": git_revision(),
+        "python": platform.python_version(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "models": {role: model_identity(spec) for role, spec in models.items() if spec is not None},
+    }
+
+
+def record_provenance(folder: Path, models: Mapping[str, str | None], records: int) -> dict[str, Any]:
+    """Add this session's provenance to ``folder/provenance.json`` unless the last entry already says the same;
+    ``records`` is how many records the folder held before this session. Returns the current entry."""
+    path = folder / PROVENANCE_FILE
+    entry = provenance(models)
+    sessions: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            sessions = list(json.loads(path.read_text())["sessions"])
+        except (ValueError, KeyError, TypeError):
+            sessions = []  # unreadable: start over rather than refuse a run over a side file
+    last = {k: v for k, v in sessions[-1].items() if k != "records_before"} if sessions else None
+    if last != entry:
+        sessions.append({**entry, "records_before": records})
+        atomic_write_json(path, {"sessions": sessions})
+    return entry

@@ -1,0 +1,118 @@
+"""Provenance: every run folder says what produced it, beside config.json so that resuming stays possible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import saffron
+from saffron import provenance as prov
+from saffron.evaluate import EvalConfig, run_eval
+from tests.conftest import embedded
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _dataset(tmp_path: Path, n: int) -> str:
+    p = tmp_path / "ds.jsonl"
+    p.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response": f"Sure, {i} is"}) + "\n"
+                         for i in range(n)))
+    return f"jsonl:{p}"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_run_records_its_provenance_beside_config_and_resumes_under_another(
+        tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    judge = f"llama-guard-3:{tiny_dir}"
+    cfg = EvalConfig(dataset=_dataset(tmp_path, 3), policy=str(tiny_dir), judges=(judge,), prefill_tokens=2,
+                     method_options={"max_new_tokens": 3})
+    out = tmp_path / "run"
+    run_eval(cfg, out, limit=1, progress=False)
+    config = (out / "config.json").read_bytes()
+    first = json.loads((out / prov.PROVENANCE_FILE).read_text())["sessions"]
+    assert len(first) == 1 and "provenance" not in json.loads(config)
+    p = first[0]
+    assert p["saffron"] == saffron.__version__ and p["records_before"] == 0
+    assert p["python"].count(".") == 2 and p["packages"]["torch"] and p["packages"]["transformers"]
+    assert set(p["models"]) == {"policy", f"judge {judge}"}  # method none: no reward model, no MRM
+    policy = p["models"]["policy"]
+    assert policy["kind"] == "local" and policy["path"] == str(tiny_dir.resolve())
+    assert policy["files"]["config.json"] == _sha(tiny_dir / "config.json")
+    assert p["models"][f"judge {judge}"]["files"] == policy["files"]  # the same folder
+
+    run_eval(cfg, out, limit=2, progress=False)  # same environment: nothing new to say
+    assert json.loads((out / prov.PROVENANCE_FILE).read_text())["sessions"] == first
+
+    monkeypatch.setattr(prov, "git_revision", lambda where=None: {"revision": "f" * 40, "dirty": True})
+    run_eval(cfg, out, limit=3, progress=False)  # a resume under another commit: allowed, and recorded
+    sessions = json.loads((out / prov.PROVENANCE_FILE).read_text())["sessions"]
+    assert (out / "config.json").read_bytes() == config
+    assert len(sessions) == 2 and sessions[0] == first[0]
+    assert sessions[1]["git"] == {"revision": "f" * 40, "dirty": True} and sessions[1]["records_before"] == 2
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_embedded_asset_is_identified_by_its_files_hashes() -> None:
+    ident = prov.model_identity("smol-guard")
+    asset = prov.ASSETS / "smol_guard"
+    assert ident["kind"] == "embedded" and ident["name"] == "smol-guard"
+    assert ident["files"] == {f.name: _sha(f) for f in sorted(asset.iterdir()) if f.is_file()}
+    assert ident["files"]  # the asset is shipped with the package
+
+
+def test_hub_ids_names_and_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    (cache / "models--owner--name" / "refs").mkdir(parents=True)
+    (cache / "models--owner--name" / "refs" / "main").write_text("abc123\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert prov.model_identity("owner/name") == {"kind": "hub", "id": "owner/name", "revision": "abc123"}
+    assert prov.model_identity("owner/other") == {"kind": "hub", "id": "owner/other", "revision": None}
+    assert prov.model_identity("refusal-rules") == {"kind": "named", "spec": "refusal-rules"}
+    f = tmp_path / "probe.safetensors"
+    f.write_bytes(b"weights")
+    ident = prov.model_identity(f"smol-guard:{f}")
+    assert ident["kind"] == "local" and ident["files"] == {"probe.safetensors": _sha(f)}
+
+
+def test_a_folder_over_the_hash_limit_is_named_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "w.bin").write_bytes(b"x" * 100)
+    monkeypatch.setattr(prov, "HASH_LIMIT", 99)
+    assert prov.model_identity(str(tmp_path)) == {"kind": "local", "spec": str(tmp_path),
+                                                  "path": str(tmp_path.resolve()), "files": None}
+
+
+@embedded
+def test_embedded_policy_hash_comes_from_its_wheel_record() -> None:
+    from saffron.embedded import EMBEDDED_POLICY, gguf_path
+
+    ident: dict[str, Any] = prov.model_identity(EMBEDDED_POLICY)
+    assert ident["kind"] == "embedded" and ident["wheel_version"]
+    assert ident["sha256"] == _sha(gguf_path())  # RECORD's hash is the file's
+
+
+def test_git_revision_and_dirty_flag(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert prov.git_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    rev = prov.git_revision(tmp_path)
+    assert rev is not None and len(rev["revision"]) == 40 and rev["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert prov.git_revision(tmp_path) == {"revision": rev["revision"], "dirty": True}
+    (tmp_path / "untracked.txt").write_text("runs and caches do not make a checkout dirty")
+    git("checkout", "a.py")
+    assert prov.git_revision(tmp_path) == {"revision": rev["revision"], "dirty": False}
