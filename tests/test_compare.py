@@ -240,3 +240,34 @@ def test_tflop_lim_below_every_point_is_one_line_and_writes_no_comparison(
     assert last.count("\n") == 1
     assert not any((tmp_path / "c" / f).exists() for f in ("comparison.json", "comparison.md", "asr_vs_tflop.png",
                                                            "metrics.json"))
+
+
+def test_matching_reuses_finished_points_of_earlier_runs(tmp_path: Path, tiny_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-run whose first guess differs (e.g. ``saffron tune`` over folders an earlier compare filled) reads the
+    finished points first and evaluates nothing when one already matches; an unfinished folder is not trusted."""
+    from saffron import compare
+
+    evaluated: list[int] = []
+
+    def fake_eval(cfg: EvalConfig, folder: Path, limit: int | None = None, **_: object) -> dict[str, object]:
+        width = int(cfg.method_options["width"])
+        evaluated.append(width)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "records.jsonl").write_text("".join(json.dumps({"id": f"p{i}"}) + "\n" for i in range(2)))
+        (folder / "metrics.json").write_text("{}")
+        return {"tflops_per_prompt": 0.1 * width, "n": 2}
+
+    monkeypatch.setattr(compare, "run_eval", fake_eval)
+    base = _base(tmp_path, tiny_dir)
+    out = tmp_path / "cmp"
+    first = compare.Comparison(CompareConfig(methods=("saffron",), method_budgets={"saffron": (8,)}, base=base), out)
+    assert first.matched("saffron", 1.0, 2)["budget"] == 10 and evaluated[0] == 8  # 0.8, 1.6, then 10
+    evaluated.clear()
+    again = compare.Comparison(CompareConfig(methods=("saffron",), method_budgets={"saffron": (4,)}, base=base), out)
+    assert again.matched("saffron", 1.0, 2)["budget"] == 10 and evaluated == sorted(evaluated) and 4 not in evaluated
+    evaluated.clear()
+    (out / "points" / "saffron-width10" / "records.jsonl").write_text(json.dumps({"id": "p0"}) + "\n")  # unfinished
+    third = compare.Comparison(CompareConfig(methods=("saffron",), method_budgets={"saffron": (4,)}, base=base), out)
+    third.matched("saffron", 1.0, 2)
+    assert 4 in evaluated  # no finished point matched, so the first guess was evaluated

@@ -28,6 +28,7 @@ compared, each method's distance from the undefended answers (MiniLM cosine, sha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,15 +207,43 @@ class Comparison:
             return self.cc.target_tflops
         return float(self.point(*REFERENCE)["tflops_per_prompt"])
 
-    def matched(self, method: str, target: float) -> dict[str, Any]:
-        """The evaluated point of ``method`` closest to ``target`` in log-TFLOP, after bisecting the budget."""
+    def finished_budgets(self, method: str, n: int) -> list[int]:
+        """Budgets of ``method`` (base seed) whose folder under ``out/points`` already holds all ``n`` records: an
+        earlier run's points, which the matching reuses before evaluating anything (a folder of another
+        configuration is refused by ``run_eval`` as usual)."""
+        knob = budget_knob(method)
+        root = self.out / "points"
+        if knob is None or not root.is_dir():
+            return []
+        prefix = f"{method}-{knob}"
+        found = []
+        for d in root.iterdir():
+            tail = d.name[len(prefix):]
+            if (d.name.startswith(prefix) and tail.isdigit() and (d / METRICS_FILE).is_file()
+                    and sum(1 for _ in read_jsonl(d / RECORDS_FILE)) >= n):
+                found.append(int(tail))
+        return sorted(found)
+
+    def first_guesses(self, method: str, n: int | None, on_target: Callable[[dict[str, Any]], bool]) -> None:
+        """Finished points of earlier runs (when ``n`` is known), then the method's budgets (without a sweep, the
+        first guesses) unless one of the former is already on target."""
+        for b in self.finished_budgets(method, n) if n is not None else ():
+            self.point(method, b)
+        if not any(on_target(p) for p in self.first_seed_points(method)):
+            for b in budgets_of(self.cc, method):
+                self.point(method, b)
+
+    def matched(self, method: str, target: float, n: int | None = None) -> dict[str, Any]:
+        """The evaluated point of ``method`` closest to ``target`` in log-TFLOP, after bisecting the budget.
+        With ``n`` (the number of prompts), finished points of earlier runs are read first, and the first
+        guesses are evaluated only if none of them already matches."""
         if budget_knob(method) is None:
             return self.point(method, None)
-        for b in budgets_of(self.cc, method):  # without a sweep, the method's budgets are the first guesses
-            self.point(method, b)
 
         def gap(p: dict[str, Any]) -> float:
             return abs(math.log(max(p["tflops_per_prompt"], 1e-12) / target))
+
+        self.first_guesses(method, n, lambda p: gap(p) <= math.log(1 + self.cc.tolerance))
 
         for _ in range(self.cc.max_probes):
             mine = sorted(self.first_seed_points(method), key=lambda p: p["budget"])
@@ -318,7 +347,7 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
     if sweep:
         comp.sweep()
     target = comp.target()
-    chosen = {m: comp.matched(m, target) for m in cc.methods}
+    chosen = {m: comp.matched(m, target, len(ids)) for m in cc.methods}
     for m, p in chosen.items():  # the further seeds, at the budget the first seed matched
         for s in seeds_of(cc, m)[1:]:
             comp.point(m, p["budget"], s)
