@@ -225,13 +225,18 @@ class Comparison:
         return sorted(found)
 
     def first_guesses(self, method: str, n: int | None, on_target: Callable[[dict[str, Any]], bool]) -> None:
-        """Finished points of earlier runs (when ``n`` is known), then the method's budgets (without a sweep, the
-        first guesses) unless one of the former is already on target."""
-        for b in self.finished_budgets(method, n) if n is not None else ():
+        """The method's budgets (without a sweep, the first guesses), unless a finished point of an earlier run
+        (when ``n`` is known) is already on target: then that point alone. Finished points off target are
+        forgotten again, so the bisection takes the same steps (and reads the same folders) as the first run."""
+        seed = seeds_of(self.cc, method)[0]
+        new = [b for b in (self.finished_budgets(method, n) if n is not None else ())
+               if (method, b, seed) not in self.points]
+        if any(on_target(self.point(method, b)) for b in new):
+            return
+        for b in new:
+            del self.points[(method, b, seed)]
+        for b in budgets_of(self.cc, method):
             self.point(method, b)
-        if not any(on_target(p) for p in self.first_seed_points(method)):
-            for b in budgets_of(self.cc, method):
-                self.point(method, b)
 
     def matched(self, method: str, target: float, n: int | None = None) -> dict[str, Any]:
         """The evaluated point of ``method`` closest to ``target`` in log-TFLOP, after bisecting the budget.
