@@ -28,7 +28,8 @@ from saffron.methods.saffron import Saffron, cap_per_parent, repeat_candidates, 
 from saffron.methods.sampling import choose_distinct, nucleus_mask
 from saffron.methods.tree import one_eos
 from saffron.model import Model, load_model_copy
-from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
+from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
+from saffron.mrm.lora import LoraMrm
 from saffron.runner import Runner
 from saffron.session import Session
 from tests.conftest import make_tiny_llama
@@ -570,7 +571,7 @@ def test_saffron_needs_an_mrm_for_the_same_tokenizer(tiny: Model, mrm_base: Mode
 
 
 def test_saffron_search_runs_with_a_lora_mrm(tmp_path: Path, tiny: Model, session: Session) -> None:
-    from saffron.mrm.model import add_lora
+    from saffron.mrm.lora import add_lora
 
     base = other_llama(tmp_path / "m", tiny, seed=2)
     add_lora(base)  # fresh adapters (B = 0): the MRM's rewards equal its base model's logits

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saffron.model import Model
-from saffron.mrm.model import apply_mrm, inspect_mrm
+from saffron.mrm.lora import apply_mrm
+from saffron.mrm.registry import inspect_mrm
 from tests.conftest import make_tokenizer
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "upstream-saffron-1"

@@ -15,23 +15,19 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
+from saffron.bench.annotate import annotation_throughput
 from saffron.data import split_of
 from saffron.errors import SaffronError
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.model import Model, load_model, load_model_copy
-from saffron.mrm import rewards as rewards_mod
-from saffron.mrm.model import DEFAULT_TEMPLATE, add_lora, inspect_mrm, load_mrm, tokenizer_fingerprint
-from saffron.mrm.rewards import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    RewardRow,
-    annotation_throughput,
-    build_rewards,
-    read_rewards,
-    write_shard,
-)
-from saffron.mrm.train import CHECKPOINT_DIR, CHECKPOINT_FILE, MrmHead, predict, train_mrm
+from saffron.mrm.base import DEFAULT_TEMPLATE, tokenizer_fingerprint
+from saffron.mrm.data import corpus as corpus_mod
+from saffron.mrm.data.build import build_rewards
+from saffron.mrm.data.rows import RewardRow
+from saffron.mrm.data.store import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_rewards, write_shard
+from saffron.mrm.lora import add_lora
+from saffron.mrm.registry import inspect_mrm, load_mrm
+from saffron.mrm.train.lora import CHECKPOINT_DIR, CHECKPOINT_FILE, LmHeadBias, predict, train_mrm
 
 SHORT = GuardPrompt(head="User: {prompt}\nAgent: ", tail="\nSafe?")  # byte tokenizer: keep the guard prompt short
 
@@ -185,7 +181,7 @@ def test_eval_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monkeyp
     with pytest.raises(SaffronError, match="unknown split 'heldout'"):
         build_rewards(tmp_path / "b", corpus="pyrit-harmful:heldout", **kw)  # type: ignore[arg-type]
     # if the filter ever let one through, the write-time check still refuses it
-    monkeypatch.setattr(rewards_mod, "admit_prompt", lambda prompt, allow_eval: True)
+    monkeypatch.setattr(corpus_mod, "admit_prompt", lambda prompt, allow_eval: True)
     with pytest.raises(SaffronError, match="test-split prompt in corpus row"):
         build_rewards(tmp_path / "c", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
     assert all(split_of(r.prompt) == "train" for r in read_rewards(tmp_path / "c")[1])  # rows before it were kept
@@ -203,7 +199,7 @@ def test_unusable_corpora_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
     with pytest.raises(SaffronError, match="empty source"):
         build_rewards(tmp_path / "c", corpus="pyrit-harmful:train,", **kw)  # type: ignore[arg-type]
     with pytest.raises(SaffronError, match="hh-rlhf"):
-        rewards_mod.hh_rlhf()  # offline (and `datasets` may be absent): a clear error either way
+        corpus_mod.hh_rlhf()  # offline (and `datasets` may be absent): a clear error either way
 
 
 def test_non_finite_rewards_name_the_row(tmp_path: Path, tiny_dir: Path, corpus: Path) -> None:
@@ -277,7 +273,7 @@ def test_mean_bias_init_removes_the_frozen_heads_offset(tmp_path: Path, tiny_dir
     _, rows = read_rewards(built)
     model = load_model_copy(str(tiny_dir), "cpu")
     with torch.no_grad():
-        pred, want, _ = predict(model, MrmHead(model), rows, eos=True)
+        pred, want, _ = predict(model, LmHeadBias(model), rows, eos=True)
     resid = (want - pred).double()
     assert mean.train["loss_first"] == pytest.approx(float(((resid - resid.mean()) ** 2).mean()), rel=1e-4)
     assert zero.train["loss_first"] == pytest.approx(float((resid**2).mean()), rel=1e-4)
@@ -326,7 +322,7 @@ def test_saved_mrm_reproduces_training_predictions(tmp_path: Path, tiny_dir: Pat
     state = torch.load(trained / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)
     model = load_model_copy(str(tiny_dir), "cpu")
     peft_model = add_lora(model)
-    head = MrmHead(model)
+    head = LmHeadBias(model)
     with torch.no_grad():
         for n, prm in peft_model.named_parameters():
             if n in state["lora"]:
@@ -417,7 +413,7 @@ def head_data(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def head_trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, head_data: Path) -> Path:
-    from saffron.mrm.head import train_head_mrm
+    from saffron.mrm.train.head import train_head_mrm
 
     out = tmp_path_factory.mktemp("head") / "mrm"
     train_head_mrm(head_data, out, base_model=str(tiny_dir), layers=(1, 2), width=16, lr=1e-2, epochs=40,
@@ -471,7 +467,7 @@ def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Pat
 
 def test_head_mrm_refuses_another_policy_and_bad_layers(tmp_path: Path, tiny_dir: Path, built: Path,
                                                         head_trained: Path) -> None:
-    from saffron.mrm.head import train_head_mrm
+    from saffron.mrm.train.head import train_head_mrm
     from tests.conftest import make_tiny_llama
 
     other = load_model(str(make_tiny_llama(tmp_path / "other", seed=1)))  # same tokenizer, other weights
@@ -485,7 +481,7 @@ def test_head_mrm_refuses_another_policy_and_bad_layers(tmp_path: Path, tiny_dir
 
 def test_head_mrm_training_is_deterministic(tmp_path: Path, tiny_dir: Path, head_data: Path,
                                             head_trained: Path) -> None:
-    from saffron.mrm.head import train_head_mrm
+    from saffron.mrm.train.head import train_head_mrm
 
     train_head_mrm(head_data, tmp_path / "again", base_model=str(tiny_dir), layers=(1, 2), width=16, lr=1e-2,
                    epochs=40, batch_size=16, progress=False, device="cpu")
@@ -537,7 +533,7 @@ def test_masked_eos_is_never_supervised_even_inside_a_response(tmp_path: Path, t
 
 @pytest.mark.parametrize("eos", [True, False])
 def test_head_mrm_masks_or_supervises_eos(tmp_path: Path, tiny_dir: Path, eos: bool) -> None:
-    from saffron.mrm.head import train_head_mrm
+    from saffron.mrm.train.head import train_head_mrm
 
     model = load_model(str(tiny_dir))
     data = _hand_made(tmp_path / "d", model, _eos_rows(model))

@@ -31,7 +31,8 @@ import torch
 from saffron.methods.base import Stack
 from saffron.methods.saffron import Saffron
 from saffron.model import Model
-from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
+from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
+from saffron.mrm.lora import LoraMrm
 from saffron.presets import PAPER
 from saffron.runner import Runner
 from saffron.session import Session

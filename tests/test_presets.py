@@ -14,7 +14,8 @@ from saffron.errors import SaffronError
 from saffron.evaluate import EvalConfig, resolve, run_eval
 from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
 from saffron.model import load_model_copy
-from saffron.mrm.model import MrmManifest, add_lora, save_mrm, tokenizer_fingerprint
+from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
+from saffron.mrm.lora import add_lora, save_mrm
 from saffron.presets import PAPER, PRESETS, get_preset
 from tests.conftest import needs_plot
 

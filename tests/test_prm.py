@@ -18,9 +18,10 @@ from saffron.methods.base import Stack
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.rebase import Rebase
 from saffron.model import load_model
-from saffron.mrm.model import inspect_mrm, load_mrm
-from saffron.mrm.prm import HeadPrm, load_head_prm, prm_flops, train_head_prm
-from saffron.mrm.rewards import read_rewards
+from saffron.mrm.data.store import read_rewards
+from saffron.mrm.prm import HeadPrm, load_head_prm, prm_flops
+from saffron.mrm.registry import inspect_mrm, load_mrm
+from saffron.mrm.train.head import train_head_prm
 from saffron.runner import Runner
 from saffron.session import Session
 from tests.test_mrm_train import _hand_made, _prompts, _row
@@ -164,7 +165,7 @@ class OracleMrm:
     scored by the reward model itself."""
 
     def __init__(self, reward: object, policy: object, sign: float) -> None:
-        from saffron.mrm.rewards import Annotator
+        from saffron.mrm.data.annotate import Annotator
 
         self.ann = Annotator(reward, policy)  # type: ignore[arg-type]
         self.policy, self.sign = policy, sign
@@ -213,7 +214,7 @@ def test_sibling_ranking_scores_an_exact_mrm_perfectly_and_a_reversed_one_at_zer
 
 def test_bench_mrm_reports_sibling_ranking_for_a_head_mrm(tmp_path: Path, tiny_dir: Path, prm_data: Path) -> None:
     from saffron.bench.mrm import bench_mrm
-    from saffron.mrm.head import train_head_mrm
+    from saffron.mrm.train.head import train_head_mrm
     from tests.test_mrm_train import CountingGuard
 
     opts = {k: v for k, v in OPTS.items() if k != "epochs"}

@@ -35,7 +35,8 @@ from saffron.methods.base import Method, MethodResult
 from saffron.methods.none import NoDefence
 from saffron.methods.saffron import Saffron
 from saffron.model import Model
-from saffron.mrm.model import LoraMrm, MrmManifest, tokenizer_fingerprint
+from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
+from saffron.mrm.lora import LoraMrm
 from saffron.runner import Runner
 from saffron.serve import Engine, ModelSet, ServeSettings, background_server, create_app
 from saffron.serve.app import bind, text_pieces

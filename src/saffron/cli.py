@@ -509,7 +509,7 @@ def build_rewards_cmd(
 ) -> None:
     """Token-level safety rewards: the reward model's score of every response prefix (Safety4M recipe)."""
     require("pyarrow", "train", "saffron build-rewards")
-    from saffron.mrm.rewards import build_rewards
+    from saffron.mrm.data.build import build_rewards
 
     if allow_heldout:
         raise SaffronError("--allow-heldout is now --allow-eval: there is no 'heldout' split any more, the "
@@ -572,7 +572,8 @@ def train_mrm_cmd(
     supervise_eos = (eos or ("supervise" if kind == "head" else "mask")) == "supervise"
     _quiet_hf()
     if kind == "head":
-        from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH, train_head_mrm
+        from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
+        from saffron.mrm.train.head import train_head_mrm
 
         layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
         man = train_head_mrm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
@@ -582,7 +583,7 @@ def train_mrm_cmd(
                              command=command)
     elif kind == "prm":
         from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
-        from saffron.mrm.prm import train_head_prm
+        from saffron.mrm.train.head import train_head_prm
 
         layer_ids = _int_list("--layers", layers) if layers else DEFAULT_LAYERS
         man = train_head_prm(data, out, base_model=base_model, layers=layer_ids, width=width or DEFAULT_WIDTH,
@@ -590,7 +591,7 @@ def train_mrm_cmd(
                              weight_decay=weight_decay if weight_decay is not None else 0.1,
                              batch_size=batch_size or 256, epochs=epochs or 20, seed=seed, command=command)
     else:
-        from saffron.mrm.train import train_mrm
+        from saffron.mrm.train.lora import train_mrm
 
         man = train_mrm(data, out, base_model=base_model, r=r or 4, alpha=alpha or 4,
                         lr=lr if lr is not None else 1e-4, batch_size=batch_size or 4, epochs=epochs or 1,
@@ -649,7 +650,7 @@ def bench_annotate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Reward annotation throughput with and without the runner's prefix cache."""
-    from saffron.mrm.rewards import annotation_throughput
+    from saffron.bench.annotate import annotation_throughput
 
     _quiet_hf()
     _emit(annotation_throughput(rows=rows), as_json)
@@ -739,7 +740,7 @@ def mrm_inspect_cmd(
 ) -> None:
     """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
     from saffron.mrm import EMBEDDED, check_mrm_spec
-    from saffron.mrm.model import inspect_mrm
+    from saffron.mrm.registry import inspect_mrm
 
     check_mrm_spec(path)
     _emit(inspect_mrm(EMBEDDED[path][0] if path in EMBEDDED else Path(path)), as_json)

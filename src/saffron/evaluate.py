@@ -260,7 +260,7 @@ def mrm_teacher(spec: str) -> str | None:
     """The reward model that annotated an MRM's training corpus, from its manifest (None: the manifest does not
     say, as in the authors' release). Reads one JSON file; loads nothing."""
     from saffron.mrm import EMBEDDED
-    from saffron.mrm.model import read_manifest
+    from saffron.mrm.base import read_manifest
 
     manifest = read_manifest(EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec))
     return manifest.reward_model if manifest is not None else None

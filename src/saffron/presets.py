@@ -82,7 +82,7 @@ def preset_mrm(preset: Preset, given: str | None) -> str | None:
         return given
     spec = given or preset.mrm
     from saffron.mrm import EMBEDDED
-    from saffron.mrm.model import read_manifest
+    from saffron.mrm.base import read_manifest
 
     path = EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec)
     if not path.is_dir():

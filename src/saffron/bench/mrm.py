@@ -49,15 +49,12 @@ from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import RewardModel
 from saffron.model import Model, load_model
-from saffron.mrm.model import Mrm, load_mrm, tokenizer_fingerprint
-from saffron.mrm.rewards import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_REWARD,
-    Annotator,
-    RewardRow,
-    build_rewards,
-    read_rewards,
-)
+from saffron.mrm.base import Mrm, tokenizer_fingerprint
+from saffron.mrm.data.annotate import DEFAULT_REWARD, Annotator
+from saffron.mrm.data.build import DEFAULT_MAX_TOKENS, build_rewards
+from saffron.mrm.data.rows import RewardRow
+from saffron.mrm.data.store import read_rewards
+from saffron.mrm.registry import load_mrm
 
 HELDOUT_CORPUS = f"pyrit-harmful:{DEV_SPLIT},guard-labelled:{DEV_SPLIT}"
 DEFAULT_TOP_P = 0.8

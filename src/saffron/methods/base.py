@@ -19,7 +19,7 @@ from saffron.runner import Runner
 from saffron.session import Session
 
 if TYPE_CHECKING:
-    from saffron.mrm.model import Mrm
+    from saffron.mrm.base import Mrm
 
 
 @dataclass

@@ -23,94 +23,33 @@ response`` (the reward corpus stores no prefill), so a prefilled search shows it
 as the LoRA MRM (which never sees the prefill) is not.
 
 On disk: ``head.safetensors`` (the network and its feature statistics), ``unseen_mask.pt`` and ``saffron.json``
-(``kind: "head"``; ``head``: layers, width, policy fingerprint).
+(``kind: "head"``; ``head``: layers, width, policy fingerprint). Training: ``train/head.py``.
+
+In this package "head" means this network on the policy's states (the head MRM, and the head PRM built on its
+``ValueNet``); the trainable bias on a LoRA MRM's LM head is ``train/lora.py``'s ``LmHeadBias``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import platform
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.flops import ArchSpec
 from saffron.model import Model, load_model
-from saffron.mrm.model import (
-    MANIFEST,
-    UNSEEN_PENALTY,
-    Mrm,
-    MrmManifest,
-    _load_tensor,
-    read_manifest,
-    tokenizer_fingerprint,
-)
-from saffron.mrm.rewards import RewardRow
+from saffron.mrm.base import Mrm, MrmManifest, load_vector, read_manifest, same_policy, write_manifest
 from saffron.runner import Runner
-from saffron.store import atomic_write, atomic_write_json
+from saffron.store import atomic_write
 
 WEIGHTS = "head.safetensors"
 DEFAULT_LAYERS = (10, 14, 18, 22, 26, 30)
 DEFAULT_WIDTH = 256
-
-
-def _weight_tensors(model: Model) -> list[torch.Tensor]:
-    hf = model.hf
-    return [hf.get_input_embeddings().weight[::997], hf.model.norm.weight,
-            hf.model.layers[-1].mlp.down_proj.weight[::97]]
-
-
-FINGERPRINT_SAMPLE = 256  # weight values kept per manifest: enough to tell two checkpoints apart, small to store
-# bf16 keeps 8 mantissa bits (relative error <= 2^-8), fp16 10 bits but flushes |x| < 6e-5 to subnormals: a value
-# read in any of fp32/bf16/fp16 stays within this of its fp32 self, while another checkpoint's weights do not
-FINGERPRINT_RTOL, FINGERPRINT_ATOL = 1e-2, 1e-4
-
-
-def _tokenizer_shape_hash(model: Model) -> Any:
-    h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
-    h.update(repr((model.hf.config.num_hidden_layers, model.hf.config.hidden_size)).encode())
-    return h
-
-
-def policy_fingerprint(model: Model) -> dict[str, Any]:
-    """What identifies the policy a head reads, whatever dtype or device it was loaded in: a hash of its tokenizer
-    and shape (exact), and a fixed sample of its weights (compared with a tolerance by ``same_policy``). A hash of
-    the weights themselves would change with the dtype: a head trained in fp32 would refuse the same model in
-    bf16."""
-    flat = torch.cat([t.detach().float().cpu().flatten() for t in _weight_tensors(model)])
-    idx = torch.linspace(0, len(flat) - 1, FINGERPRINT_SAMPLE).long()
-    return {"tokenizer_shape": _tokenizer_shape_hash(model).hexdigest(), "weights": [float(x) for x in flat[idx]]}
-
-
-def _legacy_fingerprint(model: Model) -> str:
-    h = _tokenizer_shape_hash(model)
-    for t in _weight_tensors(model):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def same_policy(model: Model, stored: Any) -> bool:
-    """Whether ``model`` is the policy whose ``policy_fingerprint`` was stored (any dtype, any device)."""
-    if isinstance(stored, str):  # a manifest from before dtype-free fingerprints: exact, so fp32 only
-        return stored == _legacy_fingerprint(model)
-    if not isinstance(stored, dict) or "weights" not in stored:
-        return False
-    mine = policy_fingerprint(model)
-    if mine["tokenizer_shape"] != stored.get("tokenizer_shape") or len(stored["weights"]) != FINGERPRINT_SAMPLE:
-        return False
-    a, b = torch.tensor(stored["weights"]), torch.tensor(mine["weights"])
-    return bool(((a - b).abs() <= FINGERPRINT_RTOL * a.abs() + FINGERPRINT_ATOL).all())
 
 
 def head_flops(n_features: int, width: int, d_model: int, n_scored: int) -> int:
@@ -234,7 +173,7 @@ def load_head_mrm(path: Path, base_model: str | None = None, device: str | None 
     except Exception as e:
         raise SaffronError(f"head MRM in {path} is corrupted ({type(e).__name__}); retrain it with `saffron "
                            f"train-mrm --kind head`") from None
-    mrm = HeadMrm(policy, manifest, net, _load_tensor(path / "unseen_mask.pt").bool())
+    mrm = HeadMrm(policy, manifest, net, load_vector(path / "unseen_mask.pt").bool())
     mrm.check_policy(policy)
     return mrm
 
@@ -249,182 +188,13 @@ def feature_runner(policy: Model, layers: Sequence[int]) -> Runner:
     return Runner(policy, depth=deepest if deepest < top else None)
 
 
-def row_features(runner: Runner, rows: Sequence[RewardRow], layers: tuple[int, ...], progress: bool
-                 ) -> list[torch.Tensor]:
-    """Per row ``[n + 1, L * d]``: the policy's states after ``chat(prompt) + response[:j]``, j = 0..n, read
-    through the runner exactly as a search reads them (one forward per row; every prefix shares the cache)."""
-    model = runner.model
-    out = []
-    for r in tqdm(rows, desc="policy states", unit="row", disable=not progress, dynamic_ncols=True):
-        ctx = model.chat_prompt_ids(r.prompt)
-        resp = list(r.response_ids)
-        hidden = runner.forward([ctx + resp[:j] for j in range(len(resp) + 1)], logits=False,
-                                hidden_layers=layers).hidden
-        assert hidden is not None
-        out.append(hidden.flatten(1).cpu())
-        runner.reset()
-    return out
-
-
-@dataclass
-class Features:
-    """What a head trainer reads: the checked reward rows and the policy's states after each of their prefixes."""
-
-    policy: Model
-    data_manifest: dict[str, Any]
-    rows: list[RewardRow]
-    tokenizer_sha256: str
-    layers: tuple[int, ...]
-    states: list[torch.Tensor]  # per row [n + 1, L * d] (``row_features``)
-    seconds: float
-    flops: int
-
-
-def check_fit_options(width: int, batch_size: int, epochs: int, lr: float, weight_decay: float) -> None:
-    for name, v in (("width", width), ("batch_size", batch_size), ("epochs", epochs)):
-        if v < 1:
-            raise SaffronError(f"{name} must be >= 1, got {v}")
-    if not lr > 0 or not weight_decay >= 0:
-        raise SaffronError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
-
-
-def read_features(data_dir: Path, base_model: str, layers: Sequence[int], device: str | None, progress: bool
-                  ) -> Features:
-    """Check the reward folder (``training_data``: no held-out rows, the policy's tokenizer), load the policy
-    and read its states at ``layers`` after every prefix of every row. Shared by the head MRM and the head PRM:
-    the same rows and the same states, only the targets differ."""
-    from saffron.mrm.train import training_data
-
-    policy, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
-                                                             lambda: load_model(base_model, device))
-    layers = tuple(int(x) for x in layers)
-    runner = feature_runner(policy, layers)
-    t0 = time.perf_counter()
-    states = row_features(runner, rows, layers, progress)
-    return Features(policy, data_manifest, rows, fingerprint, layers, states, time.perf_counter() - t0,
-                    runner.flops)
-
-
-def fit(net: ValueNet, x: torch.Tensor, y: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor],
-        lr: float, weight_decay: float, batch_size: int, epochs: int, seed: int, progress: bool, what: str
-        ) -> tuple[list[float], float]:
-    """Fit ``net`` so that ``predict(idx)`` (the predictions for the supervised pairs ``idx``) meets ``y[idx]``:
-    feature statistics from ``x``, the value bias at the mean target (rewards sit around -2, not 0), AdamW on
-    seeded shuffles, mean squared error. Returns the per-epoch losses and the seconds it took."""
-    with torch.no_grad():
-        net.mean.copy_(x.mean(0))
-        net.std.copy_(x.std(0).clamp_min(1e-4))
-        net.value.bias.fill_(float(y.mean()))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for _ in tqdm(range(epochs), desc=f"train {what}", unit="epoch", disable=not progress, dynamic_ncols=True):
-        perm = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = ((predict(idx) - y[idx]) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise SaffronError(f"{what} training diverged (loss {float(loss)}); lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(y))
-    if not math.isfinite(losses[-1]):
-        raise SaffronError(f"{what} training ended with a non-finite loss")
-    return losses, time.perf_counter() - t0
-
-
-def train_record(feats: Features, losses: list[float], fit_seconds: float, t_start: float, command: str | None,
-                 **options: Any) -> dict[str, Any]:
-    """The ``train`` block of a head's manifest: its options, losses, timings and environment."""
-    return {**options, "optimizer": f"AdamW(weight_decay={options.get('weight_decay')})", "loss_first": losses[0],
-            "final_loss": losses[-1], "feature_seconds": round(feats.seconds, 3),
-            "fit_seconds": round(fit_seconds, 3), "feature_flops": feats.flops,
-            "seconds": round(time.time() - t_start, 3), "device": str(feats.policy.device),
-            "command": command or " ".join(sys.argv), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY,
-                   layers: Sequence[int] = DEFAULT_LAYERS, width: int = DEFAULT_WIDTH, lr: float = 1e-3,
-                   weight_decay: float = 0.1, batch_size: int = 256, epochs: int = 20, seed: int = 0,
-                   eos: bool = True, penalty: float = UNSEEN_PENALTY, progress: bool = True,
-                   device: str | None = None, command: str | None = None) -> MrmManifest:
-    """Train a head MRM on the reward rows in ``data_dir`` and save it to ``out``.
-
-    Supervision as for the LoRA MRM (``train.py``): the state after ``response[:j]`` predicts ``response[j]``'s
-    reward, and on a complete row the state after the whole response predicts every EOS id with the final
-    reward; ``eos=False`` (``--eos mask``) never supervises EOS, which then stays in the unseen mask (the paper's
-    rule; recorded as ``eos_in_mask``). Reading the rows' policy states takes about two minutes on 2 CPU cores
-    and fitting well under one, so a stopped run simply starts again (no checkpoint). Side effects: writes ``out``."""
-
-    t_start = time.time()
-    data_dir, out = Path(data_dir), Path(out)
-    check_fit_options(width, batch_size, epochs, lr, weight_decay)
-    feats = read_features(data_dir, base_model, layers, device, progress)
-    policy, rows = feats.policy, feats.rows
-    data_cfg = feats.data_manifest.get("config", {})
-    eos_ids = sorted(policy.eos_ids)
-    if eos and not eos_ids:
-        raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
-
-    parts: list[torch.Tensor] = []
-    toks: list[int] = []
-    want: list[float] = []
-    masked = set() if eos else set(eos_ids)  # eos=False (--eos mask): EOS never a target, wherever it occurs
-    for r, s in zip(rows, feats.states, strict=True):
-        n = len(r.response_ids)
-        keep = [j for j, t in enumerate(r.response_ids) if int(t) not in masked]
-        parts.append(s[:n][keep])
-        toks.extend(int(r.response_ids[j]) for j in keep)
-        want.extend(float(r.rewards[j]) for j in keep)
-        if eos and r.complete:
-            for e in eos_ids:
-                parts.append(s[n:])
-                toks.append(e)
-                want.append(float(r.rewards[-1]))
-    x = torch.cat(parts).float()
-    t = torch.tensor(toks, dtype=torch.long)
-    y = torch.tensor(want, dtype=torch.float32)
-
-    torch.manual_seed(seed)
-    net = HeadNet(x.shape[1], width, policy.hf.get_output_embeddings().weight.detach().float().cpu())
-    losses, fit_seconds = fit(net, x, y, lambda idx: net.at(x[idx], t[idx]), lr, weight_decay, batch_size, epochs,
-                              seed, progress, "head mrm")
-
-    seen = torch.zeros(policy.vocab_size, dtype=torch.bool)
-    seen[t] = True
-    unseen = ~seen
-    manifest = MrmManifest(
-        base_model=base_model, tokenizer_sha256=feats.tokenizer_sha256,
-        reward_model=feats.data_manifest.get("reward_model"), penalty=penalty, lora_r=0, lora_alpha=0,
-        target_modules=[], kind="head",
-        head={"layers": list(feats.layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
-              "flops_per_node": head_flops(x.shape[1], width, net.token.out_features, int(seen.sum()))},
-        corpus={"data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
-                "tokens": sum(len(r.response_ids) for r in rows), "supervised_pairs": len(y),
-                "max_tokens": data_cfg.get("max_tokens"), "seen_tokens": int(seen.sum()),
-                "unseen_tokens": int(unseen.sum()), "eos_supervised": eos,
-                "eos_in_mask": bool(unseen[eos_ids].all()) if eos_ids else None,
-                "reward_mean": float(y.mean()), "reward_std": float(y.std()),
-                "reward_model_identity": data_cfg.get("reward_model")},
-        train=train_record(feats, losses, fit_seconds, t_start, command, epochs=epochs, lr=lr,
-                           weight_decay=weight_decay, batch_size=batch_size, seed=seed),
-    )
-    save_head_mrm(out, manifest, net, unseen)
-    return manifest
-
-
 def save_head_mrm(path: Path, manifest: MrmManifest, net: HeadNet, unseen: torch.Tensor) -> None:
     """Write ``head.safetensors``, ``unseen_mask.pt`` and ``saffron.json``. Side effects: creates ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     atomic_write(path / "unseen_mask.pt", lambda tmp: torch.save(unseen.detach().cpu().clone(), tmp))
-    atomic_write_json(path / MANIFEST, asdict(manifest))
+    write_manifest(path, manifest)
 
 
 def inspect_head_files(path: Path, manifest: MrmManifest, kind: str, what: str,
@@ -451,10 +221,9 @@ def inspect_head_files(path: Path, manifest: MrmManifest, kind: str, what: str,
 def inspect_head_mrm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
     """``saffron mrm inspect`` for a head MRM: its shapes and manifest, from its files alone."""
     info = inspect_head_files(path, manifest, "head", "head MRM")
-    unseen = _load_tensor(path / "unseen_mask.pt")
+    unseen = load_vector(path / "unseen_mask.pt")
     return {**info, "vocab_size": int(unseen.shape[0]), "unseen_tokens": int(unseen.bool().sum()),
             "flops_per_node": manifest.head.get("flops_per_node"), "manifest": asdict(manifest)}
 
 
-__all__ = ["HeadMrm", "HeadNet", "inspect_head_mrm", "load_head_mrm", "policy_fingerprint", "same_policy",
-           "train_head_mrm"]
+__all__ = ["HeadMrm", "HeadNet", "ValueNet", "feature_runner", "inspect_head_mrm", "load_head_mrm", "save_head_mrm"]

@@ -9,8 +9,8 @@ Saffron: a small network on the policy's own hidden states (``head.py``'s ``Valu
 
 trained on the same reward corpus (``build-rewards``) as the head MRM: the state after ``response[:j]``
 (j = 1..n) predicts ``rewards[j-1] = R(prompt, response[:j])``. The features, the data checks and the fitting
-loop are the head MRM's (``head.read_features`` / ``head.fit``); only the target differs (the prefix's own
-reward instead of each next token's).
+loop are the head MRM's (``train/head.py``: ``read_features`` / ``fit``); only the target differs (the
+prefix's own reward instead of each next token's).
 
 What it reads. Called by a method (``score_outputs``), it reads exactly what the search's policy read:
 ``chat(prompt) + prefill + output`` as token ids, so it sees the attack prefill as the head MRM does inside
@@ -35,7 +35,6 @@ width, policy fingerprint, flops_per_call).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -44,26 +43,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import RewardModel
 from saffron.model import Model, load_model
-from saffron.mrm.head import (
-    DEFAULT_LAYERS,
-    DEFAULT_WIDTH,
-    ValueNet,
-    check_fit_options,
-    feature_runner,
-    fit,
-    inspect_head_files,
-    policy_fingerprint,
-    read_features,
-    same_policy,
-    train_record,
-)
-from saffron.mrm.model import MANIFEST, MrmManifest, read_manifest
+from saffron.mrm.base import MANIFEST, MrmManifest, read_manifest, same_policy, write_manifest
+from saffron.mrm.head import ValueNet, feature_runner, inspect_head_files
 from saffron.session import Session
-from saffron.store import atomic_write, atomic_write_json
+from saffron.store import atomic_write
 
 KIND = "prm"
 NAME = "head-prm"
@@ -157,43 +143,12 @@ def load_head_prm(path: str | Path | None = None, device: str | None = None) -> 
     return prm
 
 
-def train_head_prm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY,
-                   layers: Sequence[int] = DEFAULT_LAYERS, width: int = DEFAULT_WIDTH, lr: float = 1e-3,
-                   weight_decay: float = 0.1, batch_size: int = 256, epochs: int = 20, seed: int = 0,
-                   progress: bool = True, device: str | None = None, command: str | None = None) -> MrmManifest:
-    """Train a head PRM on the reward rows in ``data_dir`` (the head MRM's corpus and options) and save it to
-    ``out``. The state after ``response[:j]``, j = 1..n, predicts ``rewards[j-1]``; the empty response has no
-    target. Deterministic in ``seed``. Side effects: writes ``out``; prints progress bars."""
-    t_start = time.time()
-    data_dir, out = Path(data_dir), Path(out)
-    check_fit_options(width, batch_size, epochs, lr, weight_decay)
-    feats = read_features(data_dir, base_model, layers, device, progress)
-    rows, policy = feats.rows, feats.policy
-    x = torch.cat([s[1:] for s in feats.states]).float()
-    y = torch.tensor([float(v) for r in rows for v in r.rewards], dtype=torch.float32)
-    torch.manual_seed(seed)
-    net = ValueNet(x.shape[1], width)
-    losses, fit_seconds = fit(net, x, y, lambda idx: net(x[idx]), lr, weight_decay, batch_size, epochs, seed,
-                              progress, "head prm")
-    data_cfg = feats.data_manifest.get("config", {})
-    manifest = MrmManifest(
-        base_model=base_model, tokenizer_sha256=feats.tokenizer_sha256,
-        reward_model=feats.data_manifest.get("reward_model"), lora_r=0, lora_alpha=0, target_modules=[],
-        kind=KIND,
-        head={"layers": list(feats.layers), "width": width, "policy_fingerprint": policy_fingerprint(policy),
-              "flops_per_call": prm_flops(x.shape[1], width)},
-        corpus={"data_dir": str(data_dir), "corpus": data_cfg.get("corpus"), "rows": len(rows),
-                "tokens": sum(len(r.response_ids) for r in rows), "supervised_prefixes": len(y),
-                "max_tokens": data_cfg.get("max_tokens"), "reward_mean": float(y.mean()),
-                "reward_std": float(y.std()), "reward_model_identity": data_cfg.get("reward_model")},
-        train=train_record(feats, losses, fit_seconds, t_start, command, epochs=epochs, lr=lr,
-                           weight_decay=weight_decay, batch_size=batch_size, seed=seed),
-    )
-    out.mkdir(parents=True, exist_ok=True)
+def save_head_prm(path: Path, manifest: MrmManifest, net: ValueNet) -> None:
+    """Write ``prm.safetensors`` and ``saffron.json``. Side effects: creates ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
-    atomic_write_json(out / MANIFEST, asdict(manifest))
-    return manifest
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    write_manifest(path, manifest)
 
 
 def inspect_head_prm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
@@ -203,4 +158,4 @@ def inspect_head_prm(path: Path, manifest: MrmManifest) -> dict[str, Any]:
             "manifest": asdict(manifest)}
 
 
-__all__ = ["HeadPrm", "inspect_head_prm", "load_head_prm", "prm_flops", "train_head_prm"]
+__all__ = ["HeadPrm", "inspect_head_prm", "load_head_prm", "prm_flops", "save_head_prm"]

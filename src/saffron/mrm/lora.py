@@ -1,4 +1,4 @@
-"""The MRM: a causal LM over the policy's tokenizer whose logits are rewards.
+"""The paper's MRM: a causal LM over the policy's tokenizer whose logits are rewards.
 
 ``M(s)[a]`` approximates ``R(s + a)``, the reward model's score of the response ``s`` extended by token ``a``, so
 one call scores every child of a search node. As in Saffron-1: a backbone with LoRA adapters (default r=4,
@@ -14,95 +14,25 @@ On disk, the released format plus a manifest:
     saffron.json                                     base model, tokenizer fingerprint, input template, stats
 
 The MRM reads ``bos + template(prompt) + response tokens`` (the attack prefill excluded), exactly what the
-authors' code feeds it.
+authors' code feeds it. Training: ``train/lora.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from saffron.errors import SaffronError
 from saffron.model import Model, load_model_copy
+from saffron.mrm.base import Mrm, MrmManifest, load_vector, read_manifest, tokenizer_fingerprint, write_manifest
 from saffron.runner import Runner
 from saffron.store import atomic_write_json
-
-MANIFEST = "saffron.json"
-DEFAULT_TEMPLATE = "\n\nUser: {prompt}\n\nAgent:"
-UNSEEN_PENALTY = -1024.0
-LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def tokenizer_fingerprint(tok: Any) -> str:
-    """A hash of the vocabulary (token -> id) and special tokens: equal iff two tokenizers read text alike."""
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    special = sorted(str(t) for t in tok.all_special_tokens)
-    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-@dataclass
-class MrmManifest:
-    base_model: str
-    tokenizer_sha256: str
-    template: str = DEFAULT_TEMPLATE
-    reward_model: str | None = None
-    penalty: float = UNSEEN_PENALTY
-    lora_r: int = 4
-    lora_alpha: int = 4
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    corpus: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    format_version: int = 1
-    # "lora": its own backbone (this module); "head": reads the policy's states (head.py); "prm": not an MRM but
-    # the head PRM (prm.py), a value head for the baselines stored in the same format
-    kind: str = "lora"
-    head: dict[str, Any] = field(default_factory=dict)  # kinds "head", "prm": layers, width, policy fingerprint
-
-
-class Mrm(ABC):
-    """A loaded MRM: ``rewards`` returns ``[B, V]`` predicted rewards, the conservative mask applied.
-
-    ``policy_layers`` name the policy hidden states (runner indexing) the MRM reads instead of running a model
-    of its own; empty for an MRM with its own backbone. A search that runs the policy anyway passes those states
-    as ``policy_hidden``, so the MRM costs only its head (``head.py``)."""
-
-    manifest: MrmManifest
-    unseen: torch.Tensor
-    runner: Runner
-    policy_layers: tuple[int, ...] = ()
-
-    @property
-    def flops(self) -> int:
-        return self.runner.flops
-
-    @abstractmethod
-    def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
-                raw: bool = False) -> torch.Tensor:
-        """Predicted reward of every next token after each response (policy token ids, prefill excluded).
-        ``raw`` skips the conservative mask (benchmarks read unseen tokens' raw outputs too)."""
-
-    @abstractmethod
-    def share(self) -> Mrm:
-        """A new instance over the same weights with its own runner and FLOPs count (one per server worker)."""
-
-    def check_policy(self, policy: Model) -> None:
-        """Refuse to guide a policy this MRM cannot read: by default one whose tokenizer differs."""
-        self.check_tokenizer(policy)
-
-    def check_tokenizer(self, policy: Model) -> None:
-        """Refuse to guide a policy whose tokenizer differs: the MRM's outputs index the policy's vocabulary."""
-        theirs = tokenizer_fingerprint(policy.tokenizer)
-        if theirs != self.manifest.tokenizer_sha256:
-            raise SaffronError(f"the MRM was trained for the tokenizer of {self.manifest.base_model}, which differs "
-                               f"from the policy {policy.name}'s; train an MRM for this policy with "
-                               f"`saffron train-mrm --policy {policy.name}`")
 
 
 class LoraMrm(Mrm):
@@ -116,27 +46,28 @@ class LoraMrm(Mrm):
         self.manifest = manifest
         self.bias = bias.to(model.device, next(model.hf.parameters()).dtype)
         self.unseen = unseen.to(model.device, torch.bool)
-        head = model.hf.get_output_embeddings()
-        self.runner = Runner(model, head=lambda h: head(h) + self.bias)
+        lm_head = model.hf.get_output_embeddings()
+        self.runner = Runner(model, head=lambda h: lm_head(h) + self.bias)
 
     def share(self) -> LoraMrm:
         return LoraMrm(self.model, self.manifest, self.bias, self.unseen)
 
-    def head_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """What the MRM reads before the response: ``bos + template(prompt)``."""
         bos = self.model.tokenizer.bos_token or ""
         return self.model.encode(bos + self.manifest.template.format(prompt=prompt))
 
     def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
                 raw: bool = False) -> torch.Tensor:
-        head = self.head_ids(prompt)
-        out = self.runner.forward([head + list(r) for r in responses]).logits
+        ctx = self.prompt_ids(prompt)
+        out = self.runner.forward([ctx + list(r) for r in responses]).logits
         assert out is not None
         return out if raw else out.masked_fill(self.unseen, self.manifest.penalty)
 
 
 def add_lora(model: Model, r: int = 4, alpha: int = 4, targets: Sequence[str] = ("q_proj", "v_proj")) -> Any:
     """Inject fresh LoRA adapters into ``model`` in place (its modules now run base + adapter)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft is slow to import and needed only here and in apply_mrm
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM")
@@ -153,30 +84,7 @@ def save_mrm(path: Path, peft_model: Any, manifest: MrmManifest, bias: torch.Ten
     atomic_write_json(path / "adapter_config.json", {**cfg, "base_model_name_or_path": manifest.base_model})
     torch.save(bias.detach().cpu().clone(), path / "lm_head_bias.pt")
     torch.save(unseen.detach().cpu().clone(), path / "unseen_mask.pt")
-    atomic_write_json(path / MANIFEST, asdict(manifest))
-
-
-def read_manifest(path: Path) -> MrmManifest | None:
-    p = path / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        return MrmManifest(**json.loads(p.read_text()))
-    except (ValueError, TypeError) as e:
-        raise SaffronError(f"{p} is not a valid MRM manifest ({e})") from None
-
-
-def _load_tensor(path: Path) -> torch.Tensor:
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        t = t.detach() if isinstance(t, torch.Tensor) else t
-    except FileNotFoundError:
-        raise SaffronError(f"MRM file missing: {path}") from None
-    except Exception as e:
-        raise SaffronError(f"MRM file {path} is corrupted ({type(e).__name__})") from None
-    if not isinstance(t, torch.Tensor) or t.dim() != 1:
-        raise SaffronError(f"MRM file {path} does not hold a 1-D tensor")
-    return t
+    write_manifest(path, manifest)
 
 
 def adapter_config(path: Path) -> dict[str, Any]:
@@ -189,17 +97,9 @@ def adapter_config(path: Path) -> dict[str, Any]:
         raise SaffronError(f"{p} is corrupted (not JSON)") from None
 
 
-def load_mrm(path: str | Path, base_model: str | None = None, device: str | None = None) -> Mrm:
-    """Load an MRM folder; ``base_model`` overrides where the base weights come from (e.g. a local copy)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is not None and manifest.kind == "head":
-        from saffron.mrm.head import load_head_mrm
-
-        return load_head_mrm(path, base_model, device)
-    if manifest is not None and manifest.kind == "prm":
-        raise SaffronError(f"{path} is a head PRM (a reward model for the baselines), not an MRM: pass it as "
-                           f"--reward head-prm:{path}")
+def load_lora_mrm(path: Path, manifest: MrmManifest | None, base_model: str | None = None,
+                  device: str | None = None) -> LoraMrm:
+    """Load a LoRA MRM folder (``manifest`` None: the authors' release) on a private copy of its base."""
     cfg = adapter_config(path)
     base = base_model or (manifest.base_model if manifest else cfg.get("base_model_name_or_path"))
     if not base:
@@ -221,7 +121,7 @@ def apply_mrm(model: Model, path: Path) -> LoraMrm:
     elif manifest.tokenizer_sha256 != fingerprint:
         raise SaffronError(f"{path} was trained on {manifest.base_model}, whose tokenizer differs from "
                            f"{model.name}'s")
-    from peft import PeftModel
+    from peft import PeftModel  # see add_lora
 
     try:
         PeftModel.from_pretrained(model.hf, str(path), is_trainable=False)
@@ -229,24 +129,12 @@ def apply_mrm(model: Model, path: Path) -> LoraMrm:
         raise SaffronError(f"cannot apply the LoRA adapter in {path} to {model.name} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]})") from None
     model.hf.eval()
-    return LoraMrm(model, manifest, _load_tensor(path / "lm_head_bias.pt").float(),
-               _load_tensor(path / "unseen_mask.pt").bool())
+    return LoraMrm(model, manifest, load_vector(path / "lm_head_bias.pt").float(),
+                   load_vector(path / "unseen_mask.pt").bool())
 
 
-def inspect_mrm(path: str | Path) -> dict[str, Any]:
-    """What an MRM folder holds, read from its files alone (no base model needed)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is not None and manifest.kind == "head":
-        from saffron.mrm.head import inspect_head_mrm
-
-        return inspect_head_mrm(path, manifest)
-    if manifest is not None and manifest.kind == "prm":
-        from saffron.mrm.prm import inspect_head_prm
-
-        return inspect_head_prm(path, manifest)
+def inspect_lora_mrm(path: Path, manifest: MrmManifest | None) -> dict[str, Any]:
+    """``saffron mrm inspect`` for a LoRA MRM: its shapes and manifest, from its files alone (no base model)."""
     cfg = adapter_config(path)
     try:
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
@@ -256,8 +144,8 @@ def inspect_mrm(path: str | Path) -> dict[str, Any]:
         raise SaffronError(f"MRM file missing: {path / 'adapter_model.safetensors'}") from None
     except Exception as e:
         raise SaffronError(f"{path / 'adapter_model.safetensors'} is corrupted ({type(e).__name__})") from None
-    bias = _load_tensor(path / "lm_head_bias.pt")
-    unseen = _load_tensor(path / "unseen_mask.pt")
+    bias = load_vector(path / "lm_head_bias.pt")
+    unseen = load_vector(path / "unseen_mask.pt")
     return {
         "path": str(path),
         "base_model": manifest.base_model if manifest else cfg.get("base_model_name_or_path"),

@@ -3,22 +3,15 @@
 Model (Saffron-1): a private copy of the base LM, LoRA adapters (default r=4, alpha=4 on q_proj/v_proj), and a
 trainable bias ``[V]`` (zeros at init) added to the frozen LM head's output; the logits are the rewards.
 
-Partial supervision. A row is ``prompt_ids + s`` (prompt_ids = the MRM head, bos + template(prompt); s = the
+Partial supervision. A row is ``prompt_ids + s`` (prompt_ids = the MRM's prompt, bos + template(prompt); s = the
 response tokens). The output at the position just before ``s_j`` predicts every next token's reward, and only
 the token that actually followed is supervised: loss ``(M(s[:j])[s_j] - R(s[:j+1]))^2``, mean over all
 supervised (position, token) pairs of a batch. All positions of a sequence train in one forward pass; batches
 are right-padded and the padding is never supervised. Only the supervised tokens' LM-head rows are read (the
 full ``[B, T, V]`` logits are never built), so nothing touches an unobserved token: its bias stays exactly 0.
 
-EOS. The corpus responses carry no EOS token. Ending a response adds no text, so ``R(s + EOS) = R(s)`` exactly
-(the reward model reads the same decoded text). With ``eos=True`` (default) every *complete* row (the response
-ended within ``max_tokens``; a truncated one did not end there) also supervises each of the policy's EOS ids
-at its last position with the reward of the whole response; EOS is then a seen token and ``M(s)[EOS]`` predicts
-the reward of stopping now, which lets a search rank finished candidates. ``eos=False`` (``train-mrm --eos mask``,
-the CLI's default for this LoRA kind) reproduces the paper: EOS is never a target (not even where an EOS id occurs
-inside a response), so it is always in the unseen mask and gets the penalty at inference; the manifest records
-``eos_in_mask``. With EOS seen, a finished child gets a finite reward while unfinished nodes keep -inf, so
-finished nodes hold beam slots for good: another search than the paper's.
+EOS: see ``common.py``. ``eos=False`` (``train-mrm --eos mask``, the CLI's default for this LoRA kind) is the
+paper's rule; the manifest records ``eos_in_mask``.
 
 Unseen mask: True for every token never supervised in the steps actually run (``[V]`` bool); it equals "never
 a next token in the corpus" after a full epoch.
@@ -36,19 +29,20 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from saffron.data import TRAIN_SPLIT, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.model import Model, load_model_copy
-from saffron.mrm.model import DEFAULT_TEMPLATE, UNSEEN_PENALTY, MrmManifest, add_lora, save_mrm, tokenizer_fingerprint
-from saffron.mrm.rewards import RewardRow, read_rewards
+from saffron.mrm.base import DEFAULT_TEMPLATE, UNSEEN_PENALTY, MrmManifest
+from saffron.mrm.data.rows import RewardRow
+from saffron.mrm.lora import add_lora, save_mrm
+from saffron.mrm.train.common import supervised_pairs, training_data, unseen_mask
 from saffron.store import atomic_write
 
 CHECKPOINT_DIR = "checkpoint"
@@ -61,82 +55,38 @@ def _config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-def check_training_rows(data_dir: Path, manifest: dict[str, Any], rows: Sequence[RewardRow]) -> None:
-    """Refuse data a training run must never read: benchmark folders and prompts outside the train split."""
-    cfg = manifest.get("config", {})
-    if any(cfg.get(k) or manifest.get(k) for k in ("allow_eval", "allow_heldout")):  # allow_heldout: older folders
-        raise SaffronError(f"{data_dir} was built with allow_eval=True (a benchmark set of dev/test prompts); "
-                           f"an MRM must never train on it")
-    if not rows:
-        raise SaffronError(f"{data_dir} holds no reward rows; build them with `saffron build-rewards --out "
-                           f"{data_dir}`")
-    for r in rows:
-        if (split := split_of(r.prompt)) != TRAIN_SPLIT:
-            raise SaffronError(f"{data_dir}: row {r.id} has a {split}-split prompt; refusing to train on it "
-                               f"(rebuild the rewards: the corpus now admits only train prompts)")
-
-
-def training_data(data_dir: Path, base_model: str, load: Callable[[], Model]
-                  ) -> tuple[Model, dict[str, Any], list[RewardRow], str]:
-    """Check the reward rows in ``data_dir`` (before ``load`` loads the model, so bad data fails fast), then
-    that the loaded model can train on them: the same tokenizer, every token id in its vocabulary. Returns the
-    model, the folder's manifest, the rows and the tokenizer fingerprint."""
-    data_manifest, rows = read_rewards(data_dir)
-    check_training_rows(data_dir, data_manifest, rows)
-    model = load()
-    fingerprint = tokenizer_fingerprint(model.tokenizer)
-    cfg = data_manifest.get("config", {})
-    if cfg.get("policy_tokenizer_sha256") != fingerprint:
-        raise SaffronError(f"{data_dir} was tokenised for {cfg.get('policy')}, whose tokenizer differs from "
-                           f"{base_model}'s: an MRM must share the policy's tokenizer; rebuild the rewards with "
-                           f"`--policy {base_model}` or train on the matching base")
-    top = max(max(r_.prompt_ids + r_.response_ids) for r_ in rows)
-    if top >= model.vocab_size:
-        raise SaffronError(f"{data_dir} holds token id {top}, outside {base_model}'s vocabulary of "
-                           f"{model.vocab_size}")
-    return model, data_manifest, rows, fingerprint
-
-
 def supervision(rows: Sequence[RewardRow], eos_ids: Sequence[int], eos: bool
                 ) -> tuple[list[list[int]], list[tuple[int, int, int, float]]]:
     """Input sequences and the supervised (row, position, token, reward) quadruples of a batch.
 
     The output at position ``len(prompt_ids) - 1 + j`` predicts ``response_ids[j]`` with ``rewards[j]``; for a
-    complete row with ``eos``, the last position also predicts each EOS id with the final reward."""
-    seqs: list[list[int]] = []
-    targets: list[tuple[int, int, int, float]] = []
-    masked = set() if eos else {int(e) for e in eos_ids}  # masked EOS: never a target, wherever it occurs
-    for b, r in enumerate(rows):
-        p = len(r.prompt_ids)
-        seqs.append(list(r.prompt_ids) + list(r.response_ids))
-        for j, (tok, rew) in enumerate(zip(r.response_ids, r.rewards, strict=True)):
-            if int(tok) not in masked:
-                targets.append((b, p - 1 + j, int(tok), float(rew)))
-        if eos and r.complete:
-            for e in eos_ids:
-                targets.append((b, p - 1 + len(r.response_ids), int(e), float(r.rewards[-1])))
+    complete row with ``eos``, the last position also predicts each EOS id with the final reward
+    (``common.supervised_pairs``)."""
+    seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rows]
+    pairs = supervised_pairs(rows, eos_ids, eos)
+    targets = [(b, len(rows[b].prompt_ids) - 1 + j, tok, rew) for b, j, tok, rew in pairs]
     return seqs, targets
 
 
-class MrmHead(torch.nn.Module):
+class LmHeadBias(torch.nn.Module):
     """The trainable bias on the frozen LM head, evaluated only at supervised (position, token) pairs."""
 
     def __init__(self, model: Model) -> None:
         super().__init__()
         lm_head = model.hf.get_output_embeddings()
         self.weight = lm_head.weight  # frozen, shared with the model
-        self.head_bias = getattr(lm_head, "bias", None)
+        self.own_bias = getattr(lm_head, "bias", None)  # the LM head's own bias, if it has one
         self.bias = torch.nn.Parameter(torch.zeros(model.vocab_size, dtype=torch.float32, device=model.device))
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``h``: [N, d] final hidden states; ``tokens``: [N] -> predicted rewards [N] (float32)."""
         out = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
-        if self.head_bias is not None:
-            out = out + self.head_bias[tokens].float()
+        if self.own_bias is not None:
+            out = out + self.own_bias[tokens].float()
         return out
 
 
-def predict(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos: bool = False
+def predict(model: Model, lm_bias: LmHeadBias, rows: Sequence[RewardRow], eos: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, float]]]:
     """Predicted and target rewards of every supervised pair of ``rows`` (one padded forward pass)."""
     seqs, targets = supervision(rows, sorted(model.eos_ids), eos)
@@ -154,11 +104,11 @@ def predict(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos: bool = 
     t_idx = torch.tensor([t[1] for t in targets], device=dev)
     tok = torch.tensor([t[2] for t in targets], device=dev)
     want = torch.tensor([t[3] for t in targets], dtype=torch.float32, device=dev)
-    return head(h[b_idx, t_idx], tok), want, targets
+    return lm_bias(h[b_idx, t_idx], tok), want, targets
 
 
 @torch.no_grad()
-def mean_offset_bias(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos: bool, batch_size: int
+def mean_offset_bias(model: Model, lm_bias: LmHeadBias, rows: Sequence[RewardRow], eos: bool, batch_size: int
                      ) -> torch.Tensor:
     """One offset for every supervised token: the mean of (target reward - frozen LM-head logit) over all
     supervised pairs; 0 for tokens never supervised.
@@ -168,12 +118,12 @@ def mean_offset_bias(model: Model, head: MrmHead, rows: Sequence[RewardRow], eos
     moves the bias itself by about ``lr`` a step, far too slowly to do it. A per-token fit was tried and
     generalised worse on held-out prefixes (held-out Pearson 0.39 against 0.61 for zero): most tokens occur a
     handful of times, so their means are noise."""
-    if bool(head.bias.any()):
+    if bool(lm_bias.bias.any()):
         raise ValueError("mean_offset_bias reads the frozen head alone: call it while the bias is still zero")
     total, n = 0.0, 0
     seen = torch.zeros(model.vocab_size, dtype=torch.bool)
     for i in range(0, len(rows), batch_size):
-        pred, want, tg = predict(model, head, rows[i : i + batch_size], eos)
+        pred, want, tg = predict(model, lm_bias, rows[i : i + batch_size], eos)
         total += float((want - pred).double().sum())
         n += len(tg)
         seen[torch.tensor([t[2] for t in tg])] = True
@@ -265,8 +215,8 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
     torch.manual_seed(seed)
     peft_model = add_lora(model, r, alpha, targets)
     model.hf.eval()  # no dropout anywhere (LoRA dropout is 0): training is deterministic
-    head = MrmHead(model)
-    params = [*_trainable(peft_model).values(), head.bias]
+    lm_bias = LmHeadBias(model)
+    params = [*_trainable(peft_model).values(), lm_bias.bias]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
     step = 0
@@ -281,7 +231,7 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["lora"][n])
-            head.bias.copy_(state["bias"])
+            lm_bias.bias.copy_(state["bias"])
         opt.load_state_dict(state["optimizer"])
         if state["order"] != order:
             raise SaffronError(f"the checkpoint in {ckpt.parent} saw the data in another order; delete it")
@@ -294,15 +244,15 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         # uninterrupted one; tokens no row supervises keep 0
         t0 = time.perf_counter()
         visited_rows = [rows[i] for i in sorted({i for b in order for i in b})]
-        offset = mean_offset_bias(model, head, visited_rows, eos, batch_size)
+        offset = mean_offset_bias(model, lm_bias, visited_rows, eos, batch_size)
         with torch.no_grad():
-            head.bias.copy_(offset)
+            lm_bias.bias.copy_(offset)
         train_seconds += time.perf_counter() - t0
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt, {
             "config": config, "step": step, "order": order, "losses": losses, "tokens": tokens_trained,
-            "seconds": train_seconds, "optimizer": opt.state_dict(), "bias": head.bias.detach().cpu().clone(),
+            "seconds": train_seconds, "optimizer": opt.state_dict(), "bias": lm_bias.bias.detach().cpu().clone(),
             "lora": {n: p.detach().cpu().clone() for n, p in _trainable(peft_model).items()},
         })
 
@@ -312,7 +262,7 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         while step < stop:
             t0 = time.perf_counter()
             batch = [rows[i] for i in order[step]]
-            pred, want, tg = predict(model, head, batch, eos)
+            pred, want, tg = predict(model, lm_bias, batch, eos)
             loss = ((pred - want) ** 2).mean()
             if not torch.isfinite(loss):
                 raise SaffronError(f"MRM training diverged at step {step + 1} (loss {float(loss)}); lower the lr")
@@ -333,17 +283,10 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
     checkpoint()
 
     # the conservative mask: tokens never supervised in the steps that ran
-    seen = torch.zeros(model.vocab_size, dtype=torch.bool)
-    eos_rows = 0
     visited = sorted({i for b in order[:step] for i in b})
-    for i in visited:
-        seen[torch.tensor(rows[i].response_ids, dtype=torch.long)] = True
-        if eos and rows[i].complete:
-            seen[torch.tensor(eos_ids, dtype=torch.long)] = True
-            eos_rows += 1
-    if not eos:
-        seen[torch.tensor(eos_ids, dtype=torch.long)] = False  # never supervised (see ``supervision``)
-    unseen = ~seen
+    unseen = unseen_mask(model.vocab_size, supervised_pairs([rows[i] for i in visited], eos_ids, eos))
+    seen = ~unseen
+    eos_rows = sum(1 for i in visited if rows[i].complete) if eos else 0
     tail = losses[-min(len(losses), 50):]
     reward_values = torch.tensor([x for r_ in rows for x in r_.rewards])
     manifest = MrmManifest(
@@ -373,5 +316,5 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
     )
     if losses and not math.isfinite(losses[-1]):
         raise SaffronError("MRM training ended with a non-finite loss")
-    save_mrm(out, peft_model, manifest, head.bias.detach(), unseen)
+    save_mrm(out, peft_model, manifest, lm_bias.bias.detach(), unseen)
     return manifest
