@@ -41,7 +41,7 @@ from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method
 from saffron.model import load_model
 from saffron.provenance import record_provenance, run_models
-from saffron.runner import Runner
+from saffron.runner import Runner, check_architecture
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
 from saffron.stats import cohen_kappa, wilson
 from saffron.store import OrderedAppender, RecordStore, atomic_write_json
@@ -167,6 +167,8 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method:
     if cfg.prefill_tokens < 0:
         raise SaffronError(f"--prefill-tokens must be >= 0, got {cfg.prefill_tokens}")
     check_dataset_spec(cfg.dataset)
+    with placed(cfg.placement):
+        check_architecture(cfg.policy)  # --runner cached and a policy without a tree runner: refused now
     if isinstance(cfg.judges, str):  # a Python caller's judges="a" would otherwise be read letter by letter
         raise SaffronError(f"judges must be a tuple of judge names, got the string {cfg.judges!r}")
     parse_judges(",".join(cfg.judges))  # empty, duplicate or unknown names: the same one-line errors as --judge

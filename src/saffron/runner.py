@@ -37,6 +37,26 @@ DEFAULT_BUDGET_BYTES = 4 << 30
 GATHER_BELOW = 0.5  # gather the batch's key slots when they are under this share of the live pool range
 
 
+def check_architecture(spec: str) -> None:
+    """Under ``--runner cached``, refuse a model folder or hub id whose architecture has no tree runner, from its
+    config alone (before any weights load or any file is written). Other placements accept every causal LM."""
+    if placement.current().runner != "cached":
+        return
+    from pathlib import Path
+
+    try:
+        from transformers import AutoConfig
+
+        folder = Path(spec).expanduser()
+        mtype = AutoConfig.from_pretrained(str(folder) if folder.is_dir() else spec).model_type
+    except (OSError, ValueError):  # the embedded name, or not loadable: the loader reports what is wrong
+        return
+    if mtype not in SUPPORTED:
+        raise SaffronError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
+                           f"{', '.join(SUPPORTED)}); pass --runner auto or uncached to run it by full recompute "
+                           "(slower)")
+
+
 @dataclass
 class RunnerOutput:
     logits: torch.Tensor | None  # [B, V] next-token output at each sequence's last position
@@ -320,9 +340,9 @@ class Runner:
 
     # -- uncached fallback ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _uncached(self, seqs: list[list[int]], want_logits: bool, layers: tuple[int, ...]) -> RunnerOutput:
-        """Full recompute; sequences of equal length run as one batch (no padding, so results are exact)."""
+        """Full recompute; sequences of equal length run as one batch (no padding, so results are exact). The
+        outputs are stacked outside inference mode: callers (a search banning tokens) update them in place."""
         outs_l: list[torch.Tensor | None] = [None] * len(seqs)
         outs_h: list[torch.Tensor | None] = [None] * len(seqs)
         by_len: dict[int, list[int]] = {}
@@ -331,14 +351,15 @@ class Runner:
         for n, idx in by_len.items():
             t0 = time.perf_counter()
             ids = torch.tensor([seqs[i] for i in idx], device=self.model.device)
-            if self.own_head and want_logits:
-                # the model's whole forward, last position only: any family's extras after the final norm
-                # (Gemma 2's logit soft-capping, ...) are applied as the model itself applies them
-                out = self.hf(input_ids=ids, output_hidden_states=bool(layers), logits_to_keep=1, use_cache=False)
-                last = out.logits[:, -1]
-            else:
-                out = self.hf.base_model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-                last = self.head(out.last_hidden_state[:, -1]) if want_logits else None
+            with torch.inference_mode():
+                if self.own_head and want_logits:
+                    # the model's whole forward, last position only: any family's extras after the final norm
+                    # (Gemma 2's logit soft-capping, ...) are applied as the model itself applies them
+                    out = self.hf(input_ids=ids, output_hidden_states=bool(layers), logits_to_keep=1, use_cache=False)
+                    last = out.logits[:, -1]
+                else:
+                    out = self.hf.base_model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+                    last = self.head(out.last_hidden_state[:, -1]) if want_logits else None
             self.stats.forward_seconds += time.perf_counter() - t0
             self.stats.forwards += 1
             for row, i in enumerate(idx):
