@@ -40,7 +40,9 @@ GATHER_BELOW = 0.5  # gather the batch's key slots when they are under this shar
 def check_architecture(spec: str) -> None:
     """Under ``--runner cached``, refuse a model folder or hub id whose architecture has no tree runner, from its
     config alone (before any weights load or any file is written). Other placements accept every causal LM."""
-    if placement.current().runner != "cached":
+    from saffron.embedded import EMBEDDED_POLICY
+
+    if placement.current().runner != "cached" or spec == EMBEDDED_POLICY:  # the embedded policy is a Llama
         return
     from pathlib import Path
 
