@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from saffron.errors import SaffronError
+from saffron.errors import IncompatibleError, InputError, UnavailableError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 RUNNERS = ("auto", "cached", "uncached")
@@ -43,9 +43,9 @@ class Placement:
         """One line naming the first bad value; returns ``self`` so a caller can check and pass it on."""
         check_device_name(self.device, "--device")
         if self.dtype not in DTYPES:
-            raise SaffronError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.runner not in RUNNERS:
-            raise SaffronError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+            raise InputError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         return self
 
     @property
@@ -55,7 +55,7 @@ class Placement:
 
 def check_device_name(spec: str, source: str) -> None:
     if not _DEVICE_RE.match(spec):
-        raise SaffronError(f"{source} must be {DEVICE_HELP}, got {spec!r}")
+        raise InputError(f"{source} must be {DEVICE_HELP}, got {spec!r}")
 
 
 _current = Placement()
@@ -99,13 +99,13 @@ def resolve_device(spec: str | None = None) -> str:
         spec = env if env != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SaffronError(f"device {spec}: no CUDA device is available here (torch {torch.__version__}); "
+            raise UnavailableError(f"device {spec}: no CUDA device is available here (torch {torch.__version__}); "
                                "use --device cpu or auto")
         index = int(spec.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise SaffronError(f"device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UnavailableError(f"device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif spec == "mps" and not torch.backends.mps.is_available():
-        raise SaffronError("device mps: the Metal backend is not available here; use --device cpu or auto")
+        raise UnavailableError("device mps: the Metal backend is not available here; use --device cpu or auto")
     return spec
 
 
@@ -116,12 +116,12 @@ def resolve_dtype(spec: str | None, device: str) -> Any:
 
     spec = spec or _current.dtype
     if spec not in DTYPES:
-        raise SaffronError(f"--dtype must be one of {', '.join(DTYPES)}, got {spec!r}")
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {spec!r}")
     if spec == "auto":
         spec = "fp32" if device == "cpu" else "bf16"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
     if dtype != torch.float32 and not supports(device, spec):
-        raise SaffronError(f"--dtype {spec} is not supported on {device} by this torch ({torch.__version__}); "
+        raise UnavailableError(f"--dtype {spec} is not supported on {device} by this torch ({torch.__version__}); "
                            "use --dtype fp32")
     return dtype
 
@@ -174,5 +174,5 @@ def check_same_device(models: dict[str, Any]) -> None:
     where = {role: str(m.device) for role, m in models.items() if m is not None}
     if len(set(where.values())) > 1:
         listed = ", ".join(f"{role} on {d}" for role, d in where.items())
-        raise SaffronError(f"the models of one search must share a device, got {listed}; load them with one "
+        raise IncompatibleError(f"the models of one search must share a device, got {listed}; load them with one "
                            "--device")

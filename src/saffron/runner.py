@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from saffron import device as placement
-from saffron.errors import BudgetError, SaffronError
+from saffron.errors import BudgetError, IncompatibleError, SaffronError
 from saffron.flops import ArchSpec, forward_flops, straight_flops
 from saffron.model import Model
 from saffron.trie import Plan, RadixTrie, TrieStats
@@ -54,7 +54,7 @@ def check_architecture(spec: str) -> None:
     except (OSError, ValueError):  # the embedded name, or not loadable: the loader reports what is wrong
         return
     if mtype not in SUPPORTED:
-        raise SaffronError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
+        raise IncompatibleError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
                            f"{', '.join(SUPPORTED)}); pass --runner auto or uncached to run it by full recompute "
                            "(slower)")
 
@@ -141,7 +141,7 @@ class Runner:
         if not supported:
             allowed = placement.runner_allows_uncached(mtype, SUPPORTED) if allow_uncached is None else allow_uncached
             if not allowed:
-                raise SaffronError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
+                raise IncompatibleError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
                                    f"{', '.join(SUPPORTED)}); pass --runner auto or uncached to run it by full "
                                    "recompute (slower)")
         dtype = next(model.hf.parameters()).dtype
