@@ -246,8 +246,11 @@ def test_every_command_a_message_suggests_names_flags_that_verb_has() -> None:
     assert len(hints) > 10
     checked = 0
     for hint in hints:
-        for part in hint.split("&&"):
-            words = part.strip().removeprefix("saffron ").split()
+        parts = [p.strip().removeprefix("saffron ") for p in hint.split("&&")]
+        verbs = parts[0].split()[0]  # `saffron compare|eval --tuned X`: each alternative verb
+        parts += [v + parts[0][len(verbs):] for v in verbs.split("|")] if "|" in verbs else []
+        for part in parts[1:] if "|" in verbs else parts:
+            words = part.split()
             cmd = root
             while words and hasattr(cmd, "commands") and words[0] in cmd.commands:
                 cmd = cmd.commands[words.pop(0)]
