@@ -74,9 +74,9 @@ def test_every_verb_that_loads_a_model_takes_the_placement_flags() -> None:
     from saffron.cli import app
 
     root = typer.main.get_command(app)
-    verbs = [["generate"], ["eval"], ["compare"], ["serve"], ["build-rewards"], ["train-mrm"], ["train-guard"],
-             ["bench", "cache"], ["bench", "mrm"], ["bench", "guard"], ["bench", "flops"], ["bench", "serve"],
-             ["bench", "annotate"]]
+    verbs = [["generate"], ["eval"], ["compare"], ["tune"], ["serve"], ["build-rewards"], ["train-mrm"],
+             ["train-guard"], ["bench", "cache"], ["bench", "mrm"], ["bench", "guard"], ["bench", "flops"],
+             ["bench", "serve"], ["bench", "annotate"]]
     for path in verbs:
         cmd: Any = root
         for name in path:
