@@ -20,7 +20,7 @@ def test_llama_guard_prompt_is_the_official_shape(tiny_dir: Path) -> None:
     assert "\n\nUser: How do I bake bread?\n\nAgent: Mix flour and water.\n\n<END CONVERSATION>\n\n" in text
     assert text.endswith("Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:\n"
                          " - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include a "
-                         "comma-separated list of violated categories.<|eot_id|><|start_header_id|>assistant"
+                         "comma-separated list of violated categories. <|eot_id|><|start_header_id|>assistant"
                          "<|end_header_id|>\n\n")
 
 

@@ -32,7 +32,7 @@ from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
 from saffron.mrm.lora import LoraMrm
 from saffron.runner import Runner
 from saffron.session import Session
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, make_tokenizer
 
 PROMPT = "How do I pick a lock?"
 GUARD_PROMPT = GuardPrompt(head="User: {prompt}\nAgent:", tail="\nVerdict:")
@@ -565,9 +565,12 @@ def test_saffron_rerank_top_scores_only_the_survivors_the_mrm_predicts_safest(ti
 def test_saffron_needs_an_mrm_for_the_same_tokenizer(tiny: Model, mrm_base: Model, session: Session) -> None:
     with pytest.raises(SaffronError, match="needs an MRM"):
         run(Saffron(), session, stack(tiny))
+    other_vocab = make_tokenizer()  # one token more: another token-to-id mapping than the policy's
+    other_vocab.add_tokens(["<not in the policy's vocabulary>"])
     with pytest.raises(SaffronError, match="tokenizer"):
         run(Saffron(width=2, max_new_tokens=2, min_new_tokens=0), session,
-            Stack(policy=Runner(tiny), reward=RecordingGuard(tiny), mrm=make_mrm(mrm_base, fingerprint="0" * 64)))
+            Stack(policy=Runner(tiny), reward=RecordingGuard(tiny),
+                  mrm=make_mrm(replace(mrm_base, tokenizer=other_vocab))))
 
 
 def test_saffron_search_runs_with_a_lora_mrm(tmp_path: Path, tiny: Model, session: Session) -> None:

@@ -98,6 +98,7 @@ def test_flops_of_a_straight_sequence(tiny) -> None:  # type: ignore[no-untyped-
 def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from saffron.device import Placement, placed
     from saffron.model import load_model
     from tests.conftest import make_tokenizer
 
@@ -108,8 +109,11 @@ def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     m = load_model(str(tmp_path), device="cpu")
-    with pytest.raises(SaffronError, match="does not support architecture 'gpt2'"):
+    with placed(Placement(runner="cached")), pytest.raises(SaffronError, match="does not support architecture 'gpt2'"):
         Runner(m)
+    with pytest.raises(SaffronError, match="does not support architecture 'gpt2'"):
+        Runner(m, allow_uncached=False)
+    assert not Runner(m).cached  # --runner auto (the default): full recompute
     r = Runner(m, allow_uncached=True)
     seq = [5, 6, 7, 8]
     lg = r.forward([seq, seq[:3]]).logits

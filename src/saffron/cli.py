@@ -46,6 +46,24 @@ RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g
 RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else one per CPU).")
 RAY_GPUS = typer.Option(None, "--ray-gpus-per-worker", help="GPUs per Ray actor (default: 1 if the cluster has GPUs, "
                         "else 0).")
+DEVICE = typer.Option("auto", "--device", help="Where every model runs: auto (SAFFRON_DEVICE, else cuda if present, "
+                      "else cpu), cpu, cuda, cuda:N or mps (docs/devices.md).")
+DTYPE = typer.Option("auto", "--dtype", help="Weights' precision: auto (fp32 on cpu, bf16 elsewhere), fp32, bf16 "
+                     "or fp16.")
+RUNNER = typer.Option("auto", "--runner", help="auto: the cached tree runner where the architecture has one (Llama, "
+                      "Mistral, Qwen2), else full recompute with a note; cached: refuse other architectures; "
+                      "uncached: full recompute for every model.")
+
+
+def _place(device: str, dtype: str, runner: str) -> Any:
+    """Check --device/--dtype/--runner and make them the process's placement (device.py), before any model loads:
+    a device this machine lacks or a dtype it cannot compute in is one line, and nothing is written."""
+    from saffron.device import Placement, resolve_device, resolve_dtype, set_default
+
+    p = Placement(device=device, dtype=dtype, runner=runner).check()
+    resolve_dtype(dtype, resolve_device(device))
+    set_default(p)
+    return p
 
 
 def _quiet_hf() -> None:
@@ -71,6 +89,9 @@ def generate(
     opt: list[str] = OPTS,
     seed: int = SEED,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of the text."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
     from saffron.data import Example
@@ -81,8 +102,10 @@ def generate(
     if not prompt.strip():
         raise SaffronError("the prompt is empty")
     judges = parse_judges(judge)
+    place = _place(device, dtype, runner)
     cfg = resolve(EvalConfig(method=method, policy=policy, judges=judges, reward=reward, mrm=mrm, prefill=prefill,
-                             seed=seed, method_options=_options(max_new_tokens, temperature, top_p, opt)))
+                             seed=seed, method_options=_options(max_new_tokens, temperature, top_p, opt),
+                             placement=place))
     m = validate(cfg, None)
     _quiet_hf()
     stack = build_stack(cfg)
@@ -134,6 +157,9 @@ def eval_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
     from saffron.evaluate import (
@@ -161,7 +187,7 @@ def eval_cmd(
         options = per[method]
     cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward,
                      mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
-                     method_options=options, tuning=tuning)
+                     method_options=options, tuning=tuning, placement=_place(device, dtype, runner))
     cfg = resolve(cfg)
     validate(cfg, limit)
     _quiet_hf()
@@ -233,6 +259,9 @@ def compare_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
     from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
@@ -259,7 +288,8 @@ def compare_cmd(
     seed_list = None if seeds is None else _int_list("--seeds", seeds)
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
                       prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
-                      method_options={"max_new_tokens": max_new_tokens}, tuning=tuning)
+                      method_options={"max_new_tokens": max_new_tokens}, tuning=tuning,
+                      placement=_place(device, dtype, runner))
     cc = CompareConfig(methods=names, budgets=budget_list, method_budgets=per_budgets, base=base,
                        method_options=per_method, target_tflops=target_tflops, limit=limit, seeds=seed_list,
                        tflop_lim=tflop_lim, benign=benign, benign_limit=benign_limit)
@@ -332,6 +362,9 @@ def tune_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Choose every method's configuration on dev: its tuning grid at matched compute, lowest mean ASR under the
     independent judges + junk rate. Apply with compare/eval --tuned OUT/tuning.json."""
@@ -349,7 +382,7 @@ def tune_cmd(
         budgets[m.strip()] = bs[0]
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
                       prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=True,
-                      method_options={"max_new_tokens": max_new_tokens})
+                      method_options={"max_new_tokens": max_new_tokens}, placement=_place(device, dtype, runner))
     tc = TuneConfig(methods=names, base=base, method_budgets=budgets,
                     method_options=_method_options(opt, names, "tune"), target_tflops=target_tflops, limit=limit,
                     tflop_lim=tflop_lim)
@@ -378,9 +411,13 @@ def train_guard_cmd(
                                               "features to this .npz (to refit augmentation choices; probe)."),
     kind: str = typer.Option("probe", "--kind", help="probe: smol-guard's probe (guard half of the labels); "
                              "minilm: the independent minilm-judge (MiniLM encoder, judge half)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Train smol-guard's probe (with the robustness augmentations) or, --kind minilm, the independent judge, on
     the train split's labelled rows."""
+    _place(device, dtype, runner)
     _quiet_hf()
     if kind == "minilm":
         if save_features is not None:
@@ -416,6 +453,9 @@ def bench_guard_cmd(
                                       "suite (default: the guard under test), e.g. smol-guard,refusal-rules."),
     seed: int = typer.Option(0, "--seed", help="Seed of the robustness suite's row sample and rewrites."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """ROC-AUC of smol-guard on test labelled responses (full and 16-token prefixes) vs TF-IDF, and the rate each
     judge calls unsafe per robustness perturbation (refusal prefix, disclaimer, story, list, off-topic, junk)."""
@@ -423,6 +463,7 @@ def bench_guard_cmd(
     from saffron.judges import parse_judges
 
     specs = parse_judges(judges) if judges is not None else None  # checked before any model loads
+    _place(device, dtype, runner)
     _quiet_hf()
     _emit(bench_guard(guard, judges=specs, seed=seed), as_json)
 
@@ -456,19 +497,25 @@ def bench_cache_cmd(
     nocache: bool = typer.Option(True, "--nocache/--no-nocache", help="Also time full recompute (slow)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Time the cached replays this many times, keep best."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Radix-tree KV cache vs no cache vs per-beam cache copies on a Saffron-shaped search trace."""
     from saffron.bench.cache import bench_cache
 
+    _place(device, dtype, runner)
     _quiet_hf()
     _emit(bench_cache(prompt_tokens, width, steps, nocache=nocache, repeats=repeats), as_json)
 
 
 @bench_app.command("flops")
-def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."), device: str = DEVICE,
+                    dtype: str = DTYPE, runner: str = RUNNER) -> None:
     """Analytic FLOPs vs torch's FlopCounterMode on the same runner calls."""
     from saffron.bench.flops import bench_flops
 
+    _place(device, dtype, runner)
     _quiet_hf()
     _emit(bench_flops(), as_json)
 
@@ -506,6 +553,9 @@ def build_rewards_cmd(
                                     "only; train-mrm refuses such a folder)."),
     allow_heldout: bool = typer.Option(False, "--allow-heldout", hidden=True),
     seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Token-level safety rewards: the reward model's score of every response prefix (Safety4M recipe)."""
     require("pyarrow", "train", "saffron build-rewards")
@@ -514,6 +564,7 @@ def build_rewards_cmd(
     if allow_heldout:
         raise SaffronError("--allow-heldout is now --allow-eval: there is no 'heldout' split any more, the "
                            "evaluation splits are dev and test")
+    _place(device, dtype, runner)
     _quiet_hf()
     m = build_rewards(out, corpus=corpus, reward=reward, policy=policy, max_tokens=max_tokens, limit=limit,
                       allow_eval=allow_eval, seed=seed)
@@ -552,6 +603,9 @@ def train_mrm_cmd(
     bias_init: str | None = typer.Option(None, "--bias-init", help="LM-head bias at step 0: mean (one offset "
                                          "fitted under the frozen backbone; default) or zero (the paper's) (lora)."),
     seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
     require("pyarrow", "train", "saffron train-mrm")  # the reward folder is Parquet
@@ -570,6 +624,7 @@ def train_mrm_cmd(
     if stray:
         raise SaffronError(f"{stray[0]} does not apply to --kind {kind}")
     supervise_eos = (eos or ("supervise" if kind == "head" else "mask")) == "supervise"
+    _place(device, dtype, runner)
     _quiet_hf()
     if kind == "head":
         from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH
@@ -615,6 +670,9 @@ def bench_mrm_cmd(
     reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
                                       "held-out folder's)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """MRM predictions vs the reward model's actual scores on held-out prefixes, and how it ranks a search node's
     children (overlap@N, within-node Spearman) beside the policy's own ranking."""
@@ -622,6 +680,7 @@ def bench_mrm_cmd(
     from saffron.bench.mrm import bench_mrm, build_heldout_rewards
     from saffron.mrm import load_mrm_spec
 
+    _place(device, dtype, runner)
     _quiet_hf()
     if reward is not None:
         from saffron.guards.base import check_guard_spec
@@ -648,10 +707,14 @@ def bench_splits_cmd(
 def bench_annotate_cmd(
     rows: int = typer.Option(4, "--rows", min=1, help="Rows to annotate."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """Reward annotation throughput with and without the runner's prefix cache."""
     from saffron.bench.annotate import annotation_throughput
 
+    _place(device, dtype, runner)
     _quiet_hf()
     _emit(annotation_throughput(rows=rows), as_json)
 
@@ -675,6 +738,9 @@ def serve_cmd(
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
     preset: str | None = PRESET,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
     from saffron.evaluate import parse_options
@@ -689,6 +755,7 @@ def serve_cmd(
     cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
                       threads=threads)
     settings.check()
+    _place(device, dtype, runner)  # the server's models, loaded now and lazily later, all land there
     _quiet_hf()
     serve(cfg)
 
@@ -724,10 +791,14 @@ def bench_serve_cmd(
     threads: int | None = typer.Option(1, "--threads", min=1, help="Torch CPU threads (one is fastest for the "
                                        "135M model on a busy 2-core machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
 ) -> None:
     """The server under load on loopback: latency, failures, well-formed answers, malformed input refused."""
     from saffron.bench.serve import bench_serve
 
+    _place(device, dtype, runner)
     _quiet_hf()
     _emit(bench_serve(clients=clients, width=width, max_tokens=max_tokens, max_concurrent=max_concurrent,
                       threads=threads), as_json)

@@ -33,6 +33,7 @@ from typing import Any, Protocol, cast
 from tqdm import tqdm
 
 from saffron.data import Example, check_dataset_spec, load_dataset, training_overlap
+from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import check_guard_spec, load_guard
@@ -40,7 +41,7 @@ from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method
 from saffron.model import load_model
 from saffron.provenance import record_provenance, run_models
-from saffron.runner import Runner
+from saffron.runner import Runner, check_architecture
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
 from saffron.stats import cohen_kappa, wilson
 from saffron.store import OrderedAppender, RecordStore, atomic_write_json
@@ -72,6 +73,10 @@ class EvalConfig:
     preset: str | None = None  # presets.py: options fixed by name (e.g. "paper"), applied by ``resolve``
     # --tuned (tune.py): {"path", "sha256", "chosen": {method: options}}; the options are already in method_options
     tuning: dict[str, Any] | None = None
+    # --device/--dtype/--runner (device.py). Where and how the models run, not what the run is: only an explicit
+    # dtype enters config.json (it changes the numbers on purpose); device and runner do not ("auto" already
+    # resolves differently per machine), so a folder resumes on another device
+    placement: Placement = field(default_factory=Placement)
     accounting: int = field(default=ACCOUNTING, init=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,6 +88,9 @@ class EvalConfig:
         if tuning is not None and self.method in tuning["chosen"]:
             d["tuning"] = {"path": tuning["path"], "sha256": tuning["sha256"],
                            "options": tuning["chosen"][self.method]}
+        del d["placement"]
+        if self.placement.dtype != "auto":  # absent for the default: folders written before --dtype still resume
+            d["dtype"] = self.placement.dtype
         return json.loads(json.dumps(d, sort_keys=True))
 
 
@@ -159,6 +167,8 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method:
     if cfg.prefill_tokens < 0:
         raise SaffronError(f"--prefill-tokens must be >= 0, got {cfg.prefill_tokens}")
     check_dataset_spec(cfg.dataset)
+    with placed(cfg.placement):
+        check_architecture(cfg.policy)  # --runner cached and a policy without a tree runner: refused now
     if isinstance(cfg.judges, str):  # a Python caller's judges="a" would otherwise be read letter by letter
         raise SaffronError(f"judges must be a tuple of judge names, got the string {cfg.judges!r}")
     parse_judges(",".join(cfg.judges))  # empty, duplicate or unknown names: the same one-line errors as --judge
@@ -324,11 +334,15 @@ def build_stack(cfg: EvalConfig) -> Stack:
     """Load the policy and the models ``cfg``'s method uses, each behind its own runner."""
     from saffron.mrm import load_mrm_spec
 
-    policy = load_model(cfg.policy)
-    mrm = load_mrm_spec(cfg.mrm) if cfg.mrm else None
-    if mrm is not None:
-        mrm.check_policy(policy)
-    return Stack(policy=Runner(policy), reward=load_guard(cfg.reward) if cfg.reward else None, mrm=mrm)
+    with placed(cfg.placement):
+        policy = load_model(cfg.policy)
+        mrm = load_mrm_spec(cfg.mrm) if cfg.mrm else None
+        if mrm is not None:
+            mrm.check_policy(policy)
+        stack = Stack(policy=Runner(policy), reward=load_guard(cfg.reward) if cfg.reward else None, mrm=mrm)
+    check_same_device({"policy": policy, "reward": stack.reward.runner.model if stack.reward else None,
+                       "mrm": mrm.runner.model if mrm else None})
+    return stack
 
 
 @dataclass(eq=False)
@@ -343,12 +357,13 @@ class Models:
 
 def models_key(cfg: EvalConfig) -> tuple[Any, ...]:
     """Configurations with equal keys load equal models (compare's points share them)."""
-    return (cfg.policy, cfg.reward, cfg.mrm, tuple(cfg.judges), cfg.quality)
+    return (cfg.policy, cfg.reward, cfg.mrm, tuple(cfg.judges), cfg.quality, cfg.placement)
 
 
 def load_models(cfg: EvalConfig) -> Models:
-    return Models(stack=build_stack(cfg), judges={j: load_judge(j) for j in cfg.judges},
-                  quality=load_quality() if cfg.quality else None)
+    with placed(cfg.placement):
+        return Models(stack=build_stack(cfg), judges={j: load_judge(j) for j in cfg.judges},
+                      quality=load_quality() if cfg.quality else None)
 
 
 def _quality_record(scores: dict[str, Any], ex_id: str) -> dict[str, float | bool]:

@@ -8,7 +8,6 @@ tokenizer and configs, never hard-coded, so the same code serves SmolLM2, Llama 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saffron import embedded
+from saffron.device import dtype_name, resolve_device, resolve_dtype
 from saffron.errors import ContextLengthError, IncompatibleError, NotFoundError, SaffronError, UnavailableError
 
 
@@ -102,49 +102,44 @@ def _eos_ids(tok: Any, hf: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _default_dtype(device: str) -> Any:
-    import torch
-
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def default_device() -> str:
-    import torch
-
-    return os.environ.get("SAFFRON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _from_pretrained(path: str, device: str) -> tuple[Any, Any]:
+def _from_pretrained(path: str, device: str, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=_default_dtype(device))
-    # transformers wraps PreTrainedModel.to in functools.wraps, and typeshed's _Wrapped is no method
-    # descriptor, so mypy takes ``device`` for ``self``.
-    hf.to(device)  # type: ignore[arg-type]
+    # straight to the device in its dtype: loading on the host and moving would hold a host copy of every
+    # model at once (eight Ray actors on one node: eight copies)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     hf.eval()
     hf.requires_grad_(False)
     return tok, hf
 
 
+def load_model(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None, dtype: str | None = None) -> Model:
+    """Load a causal LM by embedded name, local folder or hub id (memoised per device and dtype: policy and guard
+    share weights). ``device``/``dtype`` default to the current placement (``device.py``)."""
+    dev = resolve_device(device)
+    return _load_memo(spec, dev, dtype_name(resolve_dtype(dtype, dev)))
+
+
 @functools.lru_cache(maxsize=8)
-def load_model(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None) -> Model:
-    """Load a causal LM by embedded name, local folder or hub id (memoised: policy and guard share weights)."""
-    return load_model_copy(spec, device)
+def _load_memo(spec: str, device: str, dtype: str) -> Model:
+    return load_model_copy(spec, device, dtype)
 
 
-def load_model_copy(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None) -> Model:
+def load_model_copy(spec: str = embedded.EMBEDDED_POLICY, device: str | None = None, dtype: str | None = None
+                    ) -> Model:
     """Load a private copy of a model, for callers that modify it (an MRM injects LoRA into its base)."""
-    device = device or default_device()
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     if spec == embedded.EMBEDDED_POLICY:
         path = embedded.convert()
         try:
-            tok, hf = _from_pretrained(str(path), device)
+            tok, hf = _from_pretrained(str(path), device, torch_dtype)
         except Exception as e:  # a damaged cache: rebuild it once from the GGUF file
             print(f"saffron: cached {spec} at {path} is unreadable ({type(e).__name__}); re-converting",
                   file=sys.stderr)
             path = embedded.convert(force=True)
-            tok, hf = _from_pretrained(str(path), device)
+            tok, hf = _from_pretrained(str(path), device, torch_dtype)
     else:
         p = Path(spec).expanduser()
         if p.exists():
@@ -153,7 +148,7 @@ def load_model_copy(spec: str = embedded.EMBEDDED_POLICY, device: str | None = N
         elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
             raise NotFoundError(f"model '{spec}' not found: no such folder, and not a hub id (owner/name)")
         try:
-            tok, hf = _from_pretrained(str(p) if p.exists() else spec, device)
+            tok, hf = _from_pretrained(str(p) if p.exists() else spec, device, torch_dtype)
         except OSError as e:
             raise UnavailableError(f"model '{spec}' could not be loaded: not in the local Hugging Face cache and the "
                                f"hub is unreachable or refused ({str(e).splitlines()[0][:160]})") from None

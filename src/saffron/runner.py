@@ -11,8 +11,10 @@ hits free, the attention rectangle as the kernel runs it. A prefix every later c
 instructions) can be computed once and kept across ``reset`` (``keep``); its FLOPs go to ``stats.setup_flops``,
 so ``flops`` counts only what each prompt itself needs, as with a serving system's prefix cache.
 
-Supported: Llama-family decoders (Llama 2/3, SmolLM2, Llama Guard 3, Mistral, Qwen2). Any other architecture
-is refused with its name, or, if asked (``allow_uncached=True``), run by full recompute through transformers.
+Cached: Llama-family decoders (Llama 2/3, SmolLM2, Llama Guard 3, Mistral, Qwen2). Any other Hugging Face causal
+LM runs uncached, by full recompute through transformers' own forward, when the placement allows it (``--runner
+auto``, the default, with one note on stderr; ``--runner cached`` refuses it with its name; ``--runner
+uncached`` recomputes every model in full, supported or not). See ``device.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from saffron.errors import BudgetError, SaffronError
+from saffron import device as placement
+from saffron.errors import BudgetError, IncompatibleError, SaffronError
 from saffron.flops import ArchSpec, forward_flops, straight_flops
 from saffron.model import Model
 from saffron.trie import Plan, RadixTrie, TrieStats
@@ -32,6 +35,28 @@ from saffron.trie import Plan, RadixTrie, TrieStats
 SUPPORTED = ("llama", "mistral", "qwen2")
 DEFAULT_BUDGET_BYTES = 4 << 30
 GATHER_BELOW = 0.5  # gather the batch's key slots when they are under this share of the live pool range
+
+
+def check_architecture(spec: str) -> None:
+    """Under ``--runner cached``, refuse a model folder or hub id whose architecture has no tree runner, from its
+    config alone (before any weights load or any file is written). Other placements accept every causal LM."""
+    from saffron.embedded import EMBEDDED_POLICY
+
+    if placement.current().runner != "cached" or spec == EMBEDDED_POLICY:  # the embedded policy is a Llama
+        return
+    from pathlib import Path
+
+    try:
+        from transformers import AutoConfig
+
+        folder = Path(spec).expanduser()
+        mtype = AutoConfig.from_pretrained(str(folder) if folder.is_dir() else spec).model_type
+    except (OSError, ValueError):  # the embedded name, or not loadable: the loader reports what is wrong
+        return
+    if mtype not in SUPPORTED:
+        raise IncompatibleError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
+                           f"{', '.join(SUPPORTED)}); pass --runner auto or uncached to run it by full recompute "
+                           "(slower)")
 
 
 @dataclass
@@ -89,12 +114,14 @@ class KVPool:
 
 class Runner:
     def __init__(self, model: Model, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 head: Callable[[torch.Tensor], torch.Tensor] | None = None, allow_uncached: bool = False,
+                 head: Callable[[torch.Tensor], torch.Tensor] | None = None, allow_uncached: bool | None = None,
                  cache: bool = True, depth: int | None = None) -> None:
         """``head`` maps final hidden states to outputs (default: the model's LM head; an MRM adds its bias).
 
         ``budget_bytes`` caps the KV pool; least-recently-used unpinned branches are evicted past it.
-        ``cache=False`` recomputes every sequence in full (the baseline the cache is measured against).
+        ``cache=False`` recomputes every sequence in full (the baseline the cache is measured against), as does
+        ``--runner uncached``. ``allow_uncached`` (default: what the placement's ``--runner`` says) lets an
+        architecture without a tree runner run by full recompute instead of being refused.
         ``depth`` runs only the first ``depth`` blocks: a probe on middle layers never pays for (or stores keys
         of) the blocks above them; such a runner returns hidden states only."""
         self.model = model
@@ -106,13 +133,17 @@ class Runner:
         self.arch = replace(full, n_layers=self.depth)
         self.full_arch = full
         self.truncated = self.depth < full.n_layers
+        self.own_head = head is None  # the model's own LM head: its full forward gives the logits (uncached path)
         self.head = head or model.hf.get_output_embeddings()
         mtype = getattr(model.hf.config, "model_type", "?")
         supported = mtype in SUPPORTED and hasattr(model.hf, "model") and hasattr(model.hf.model, "layers")
-        self.cached = supported and cache
-        if not supported and not allow_uncached:
-            raise SaffronError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
-                               f"{', '.join(SUPPORTED)}); pass allow_uncached=True to run it by full recompute")
+        self.cached = supported and cache and not placement.runner_forced_uncached()
+        if not supported:
+            allowed = placement.runner_allows_uncached(mtype, SUPPORTED) if allow_uncached is None else allow_uncached
+            if not allowed:
+                raise IncompatibleError(f"the runner's KV cache does not support architecture '{mtype}' (supported: "
+                                   f"{', '.join(SUPPORTED)}); pass --runner auto or uncached to run it by full "
+                                   "recompute (slower)")
         dtype = next(model.hf.parameters()).dtype
         self.pool = KVPool(self.arch, 1, dtype, model.device)
         capacity = budget_bytes // self.pool.bytes_per_token
@@ -311,9 +342,9 @@ class Runner:
 
     # -- uncached fallback ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _uncached(self, seqs: list[list[int]], want_logits: bool, layers: tuple[int, ...]) -> RunnerOutput:
-        """Full recompute; sequences of equal length run as one batch (no padding, so results are exact)."""
+        """Full recompute; sequences of equal length run as one batch (no padding, so results are exact). The
+        outputs are stacked outside inference mode: callers (a search banning tokens) update them in place."""
         outs_l: list[torch.Tensor | None] = [None] * len(seqs)
         outs_h: list[torch.Tensor | None] = [None] * len(seqs)
         by_len: dict[int, list[int]] = {}
@@ -321,13 +352,21 @@ class Runner:
             by_len.setdefault(len(s), []).append(i)
         for n, idx in by_len.items():
             t0 = time.perf_counter()
-            out = self.hf.base_model(input_ids=torch.tensor([seqs[i] for i in idx], device=self.model.device),
-                                output_hidden_states=bool(layers))
+            ids = torch.tensor([seqs[i] for i in idx], device=self.model.device)
+            with torch.inference_mode():
+                if self.own_head and want_logits:
+                    # the model's whole forward, last position only: any family's extras after the final norm
+                    # (Gemma 2's logit soft-capping, ...) are applied as the model itself applies them
+                    out = self.hf(input_ids=ids, output_hidden_states=bool(layers), logits_to_keep=1, use_cache=False)
+                    last = out.logits[:, -1]
+                else:
+                    out = self.hf.base_model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+                    last = self.head(out.last_hidden_state[:, -1]) if want_logits else None
             self.stats.forward_seconds += time.perf_counter() - t0
             self.stats.forwards += 1
             for row, i in enumerate(idx):
-                if want_logits:
-                    outs_l[i] = self.head(out.last_hidden_state[row, -1]).float()
+                if last is not None:
+                    outs_l[i] = last[row].float()
                 if layers:
                     outs_h[i] = torch.stack([out.hidden_states[j][row, -1] for j in layers]).float()
             self.stats.computed_tokens += n * len(idx)

@@ -27,6 +27,7 @@ from saffron.errors import SaffronError
 from saffron.model import Model
 from saffron.runner import Runner
 from saffron.store import atomic_write_json
+from saffron.vocab import same_vocab
 
 MANIFEST = "saffron.json"
 DEFAULT_TEMPLATE = "\n\nUser: {prompt}\n\nAgent:"
@@ -99,6 +100,7 @@ class Mrm(ABC):
     as ``policy_hidden``, so the MRM costs only its head (``head.py``)."""
 
     manifest: MrmManifest
+    model: Model  # the backbone whose tokenizer the MRM's outputs index
     unseen: torch.Tensor
     runner: Runner
     policy_layers: tuple[int, ...] = ()
@@ -123,11 +125,10 @@ class Mrm(ABC):
 
     def check_tokenizer(self, policy: Model) -> None:
         """Refuse to guide a policy whose tokenizer differs: the MRM's outputs index the policy's vocabulary."""
-        theirs = tokenizer_fingerprint(policy.tokenizer)
-        if theirs != self.manifest.tokenizer_sha256:
+        if not same_vocab(policy.tokenizer, self.model.tokenizer):
             raise SaffronError(f"the MRM was trained for the tokenizer of {self.manifest.base_model}, which differs "
                                f"from the policy {policy.name}'s; train an MRM for this policy with "
-                               f"`saffron train-mrm --policy {policy.name}`")
+                               f"`saffron train-mrm --base-model {policy.name}`")
 
 
 # --- the policy a head reads -------------------------------------------------------------------------------------
