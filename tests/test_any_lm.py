@@ -203,7 +203,7 @@ def test_tokenizers_agree_by_their_token_to_id_mapping_not_special_token_names()
 
 
 def test_an_mrm_accepts_a_policy_whose_special_tokens_are_named_differently() -> None:
-    from saffron.mrm.model import Mrm
+    from saffron.mrm.base import Mrm
 
     mrm = SimpleNamespace(model=SimpleNamespace(tokenizer=_tokenizer(SPECIALS)),
                           manifest=SimpleNamespace(base_model="guard-based"))

@@ -184,9 +184,8 @@ def test_config_json_is_unchanged_for_default_flags_and_records_an_explicit_dtyp
 
 def _head_mrm(path: Path, policy_dir: Path, layers: tuple[int, ...] = (1, 2)) -> Path:
     """A head MRM folder for the tiny policy, fingerprinted in fp32 as ``train-mrm --kind head`` does on a CPU."""
-    from saffron.mrm.model import MrmManifest, tokenizer_fingerprint
-
-    from saffron.mrm.head import HeadNet, head_flops, policy_fingerprint, save_head_mrm
+    from saffron.mrm.base import MrmManifest, policy_fingerprint, tokenizer_fingerprint
+    from saffron.mrm.head import HeadNet, head_flops, save_head_mrm
 
     policy = load_model(str(policy_dir), device="cpu", dtype="fp32")
     d = policy.hf.config.hidden_size
