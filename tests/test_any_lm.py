@@ -120,7 +120,7 @@ def _search(cfg: Any, seeds: range) -> tuple[list[tuple[int, ...]], int, bool]:
         stack.policy.reset()
         ex = Example(id=f"e{seed}", prompt=f"question {seed}?", prefill="Sure,")
         session = make_session(stack.policy.model, ex, reserve=8)
-        outs.append(method.run(session, stack, seed).output_ids)
+        outs.append(method.search(session, stack, seed).output_ids)
     return outs, stack.policy.flops, stack.policy.cached
 
 

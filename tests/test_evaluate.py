@@ -82,7 +82,7 @@ def test_prompt_only_dataset_needs_a_prefill(tmp_path: Path, tiny_dir: Path) -> 
 
 def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_path: Path, tiny_dir: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from saffron.methods.none import NoDefence
+    from saffron.methods.none import NoDefenceOptions
 
     ds = _dataset(tmp_path, 1)
     out = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
     run_eval(cfg, out, progress=False)  # same defaults: resumes
     before = (out / "records.jsonl").read_bytes()
     # a release that changes a default must not extend this folder with records of another search
-    monkeypatch.setattr(NoDefence.__init__, "__defaults__", (32, None, 0.5, 1.0))  # temperature 0.0 -> 0.5
+    monkeypatch.setitem(NoDefenceOptions.__init__.__kwdefaults__, "temperature", 0.5)  # 0.0 -> 0.5
     with pytest.raises(SaffronError, match=r"different configuration .*method_options"):
         run_eval(cfg, out, progress=False)
     assert (out / "records.jsonl").read_bytes() == before

@@ -126,7 +126,7 @@ SMALL: dict[str, dict[str, Any]] = {
 
 
 def run(method: Method, session: Session, st: Stack, seed: int = 0) -> MethodResult:
-    return method.run(session, st, seed)
+    return method.search(session, st, seed)
 
 
 # -- all methods ---------------------------------------------------------------------------------------------

@@ -501,7 +501,7 @@ def test_saffron_with_a_head_mrm_runs_no_second_model(tiny_dir: Path, head_train
     session = Session(prompt=prompt, prompt_ids=tuple(policy.chat_prompt_ids(prompt)),
                       prefill_ids=tuple(policy.encode("Sure")))
     runner = Runner(policy)
-    res = Saffron(width=3, top_p=1.0, max_new_tokens=5, min_new_tokens=5, final="mrm").run(session, Stack(
+    res = Saffron(width=3, top_p=1.0, max_new_tokens=5, min_new_tokens=5, final="mrm").search(session, Stack(
         policy=runner, mrm=mrm), 0)
     assert len(res.output_ids) == 5
     # one policy forward per step and nothing else: the MRM ran only its head, once per active node

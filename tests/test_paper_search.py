@@ -174,7 +174,7 @@ def compare(policy: Model, runner: Any, mrm: LoraMrm, prompt: str, prefill: str,
         width, SEARCH["top_p"], min_new, max_new)
     session = Session(prompt=prompt, prompt_ids=tuple(policy.chat_prompt_ids(prompt)),
                       prefill_ids=tuple(policy.encode(prefill)))
-    ours = Saffron(width=width, min_new_tokens=min_new, max_new_tokens=max_new, **(options or SEARCH)).run(
+    ours = Saffron(width=width, min_new_tokens=min_new, max_new_tokens=max_new, **(options or SEARCH)).search(
         session, Stack(policy=runner, mrm=mrm), 0)
     want_rewards = [None if r == -math.inf else r for _, r, _ in ref]
     got = ours.trace["beam_rewards"]

@@ -117,7 +117,7 @@ def test_head_prm_refuses_another_policy(tmp_path: Path, tiny_dir: Path, prm_dir
     other = load_model(str(make_tiny_llama(tmp_path / "other", seed=1)))  # same tokenizer, other weights
     prm = load_head_prm(prm_dir)
     with pytest.raises(SaffronError, match=r"reads the hidden states of .* another model; pass --reward head-prm"):
-        BestOfN(n=2, max_new_tokens=3).run(_session(other, "hi there"), Stack(policy=Runner(other), reward=prm), 0)
+        BestOfN(n=2, max_new_tokens=3).search(_session(other, "hi there"), Stack(policy=Runner(other), reward=prm), 0)
 
 
 def test_head_prm_through_the_registry_guides_best_of_n_and_rebase(tmp_path: Path, tiny_dir: Path,
@@ -135,12 +135,12 @@ def test_head_prm_through_the_registry_guides_best_of_n_and_rebase(tmp_path: Pat
     runs = []
     for _ in range(2):
         prm.reset()
-        res = BestOfN(n=4, max_new_tokens=5).run(session, Stack(policy=Runner(policy), reward=prm), 7)
+        res = BestOfN(n=4, max_new_tokens=5).search(session, Stack(policy=Runner(policy), reward=prm), 7)
         runs.append(res)
     a, b = runs
     assert a.output_ids == b.output_ids and a.trace == b.trace and a.flops == b.flops  # deterministic
     assert a.flops["reward"] > 0 and a.trace["rewards"][a.trace["chosen"]] == max(a.trace["rewards"])
-    res = Rebase(width=2, children=2, max_new_tokens=4).run(session, Stack(policy=Runner(policy), reward=prm), 0)
+    res = Rebase(width=2, children=2, max_new_tokens=4).search(session, Stack(policy=Runner(policy), reward=prm), 0)
     assert len(res.output_ids) <= 4 and res.flops["reward"] > 0
 
 

@@ -31,7 +31,7 @@ from saffron.errors import BudgetError, IncompatibleError, UnavailableError
 from saffron.evaluate import prompt_seed
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.methods import METHODS, Stack
-from saffron.methods.base import Method, MethodResult
+from saffron.methods.base import MethodResult, RunContext
 from saffron.methods.none import NoDefence
 from saffron.methods.saffron import Saffron
 from saffron.model import Model
@@ -130,14 +130,14 @@ def test_the_answer_is_the_methods_on_the_same_conversation_and_seed(client: Tes
     session = Session(prompt=USER[0]["content"], prompt_ids=tuple(tiny.chat_messages_ids(USER)),
                       prefill_ids=tuple(tiny.encode("Sure, here is")))
     stack = Stack(policy=Runner(tiny), reward=tiny_guard(tiny), mrm=tiny_mrm(tiny))
-    want = Saffron(width=3, max_new_tokens=5, min_new_tokens=5).run(session, stack, prompt_seed(0, SEED_KEY))
+    want = Saffron(width=3, max_new_tokens=5, min_new_tokens=5).search(session, stack, prompt_seed(0, SEED_KEY))
     out = chat(client, messages=ATTACK, max_tokens=5)
     assert out["choices"][0]["message"]["content"] == tiny.decode(want.output_ids)
     assert out["usage"]["flops"]["mrm"] == want.flops["mrm"]  # fresh runners: the same compute, to the FLOP
     # the worker's guard kept its instructions from load; a fresh guard keeps them too: neither bills them
     assert out["usage"]["flops"]["reward"] == want.flops["reward"]
 
-    sampled = NoDefence(max_new_tokens=6, temperature=1.0).run(session, Stack(policy=Runner(tiny)),
+    sampled = NoDefence(max_new_tokens=6, temperature=1.0).search(session, Stack(policy=Runner(tiny)),
                                                                 prompt_seed(7, SEED_KEY))
     out = chat(client, messages=ATTACK, max_tokens=6, temperature=1.0, seed=7, saffron={"method": "none"})
     assert out["choices"][0]["message"]["content"] == tiny.decode(sampled.output_ids)
@@ -347,7 +347,7 @@ def test_models_load_when_a_method_first_needs_them(tiny: Model) -> None:
 # -- concurrency ---------------------------------------------------------------------------------------------
 
 
-class Gate(Method):
+class Gate(NoDefence):
     """No defence, but each run waits for ``release`` and records how many runs overlapped."""
 
     name = "gate"
@@ -356,17 +356,14 @@ class Gate(Method):
     active = 0
     peak = 0
 
-    def __init__(self, max_new_tokens: int = 4) -> None:
-        self.inner = NoDefence(max_new_tokens=max_new_tokens)
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+    def run(self, ctx: RunContext) -> MethodResult:
         cls = type(self)
         with cls.lock:
             cls.active += 1
             cls.peak = max(cls.peak, cls.active)
         try:
             assert cls.release.wait(timeout=60)
-            return self.inner.run(session, stack, seed)
+            return super().run(ctx)
         finally:
             with cls.lock:
                 cls.active -= 1
@@ -425,16 +422,13 @@ def test_a_full_queue_answers_503_and_recovers(tiny: Model, gate: type[Gate]) ->
         assert post(url, {"messages": USER}).status_code == 200
 
 
-class Failing(Method):
+class Failing(NoDefence):
     """A search that fails with ``error``."""
 
     name = "failing"
     error: Exception = RuntimeError("unset")
 
-    def __init__(self, max_new_tokens: int = 4) -> None:
-        self.max_new_tokens = max_new_tokens
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+    def run(self, ctx: RunContext) -> MethodResult:
         raise type(self).error
 
 
@@ -486,7 +480,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["--max-new-tokens", "300"], "--max-new-tokens 300 exceeds --max-tokens-limit 256"),
     (["-o", "max_new_tokens=8"], "--max-new-tokens, not -o max_new_tokens"),
     (["--reward", "gpt"], "unknown guard 'gpt'"),
-    (["--judge", "gpt"], "unknown guard 'gpt'"),
+    (["--judge", "gpt"], "unknown judge 'gpt'"),
     (["--mrm", "/no/such/mrm"], "MRM '/no/such/mrm' is neither"),
     (["--port", "0"], "Invalid value for '--port'"),
     (["--port", "70000"], "Invalid value for '--port'"),

@@ -95,8 +95,9 @@ def generate(
 ) -> None:
     """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
     from saffron.data import Example
-    from saffron.evaluate import EvalConfig, build_stack, prompt_seed, resolve, validate
+    from saffron.evaluate import EvalConfig, build_stack, resolve, validate
     from saffron.judges import load_judge, parse_judges
+    from saffron.pipeline import prompt_seed, run_prompt
     from saffron.session import make_session
 
     if not prompt.strip():
@@ -109,24 +110,19 @@ def generate(
     m = validate(cfg, None)
     _quiet_hf()
     stack = build_stack(cfg)
-    model = stack.policy.model
     ex = Example(id="cli", prompt=prompt, prefill=prefill)
-    session = make_session(model, ex, prefill_tokens=0, reserve=max_new_tokens)
-    result = m.run(session, stack, prompt_seed(seed, ex.id))
-    output = model.decode(result.output_ids)
-    verdicts = {}
-    for j in judges:
-        r = load_judge(j).score(prompt, [output])[0]
-        verdicts[j] = {"reward": r, "unsafe": r < 0}
-    primary = verdicts[judges[0]]
+    session = make_session(stack.policy.model, ex, prefill_tokens=0, reserve=m.config.max_new_tokens)
+    # the same pipeline as eval and serve: the same prompt, options and seed give the same answer
+    run = run_prompt(m, stack, session, prompt_seed(seed, ex.id), judges={j: load_judge(j) for j in judges})
+    primary = run.verdicts[judges[0]]
     if as_json:
-        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": output,
-                               "reward": primary["reward"], "unsafe": primary["unsafe"], "judges": verdicts,
-                               "new_tokens": len(result.output_ids), "method": method, "flops": result.flops},
-                              ensure_ascii=False))
+        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": run.output,
+                               "reward": primary["reward"], "unsafe": primary["unsafe"], "judges": run.verdicts,
+                               "new_tokens": len(run.result.output_ids), "method": method,
+                               "flops": run.result.flops}, ensure_ascii=False))
     else:
-        typer.echo((prefill or "") + output)
-        for j, v in verdicts.items():
+        typer.echo((prefill or "") + run.output)
+        for j, v in run.verdicts.items():
             typer.echo(f"[judge {j}: reward {v['reward']:+.3f} -> {'UNSAFE' if v['unsafe'] else 'safe'}]", err=True)
 
 
@@ -725,7 +721,8 @@ def serve_cmd(
     policy: str = POLICY,
     reward: str | None = REWARD,
     mrm: str | None = MRM,
-    judge: str | None = typer.Option(None, "--judge", help="Judge that scores every answer (off by default)."),
+    judge: str | None = typer.Option(None, "--judge", help="Judge that scores every answer (off by default): a "
+                                     "guard, minilm-judge or refusal-rules."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length when a request sets none."),
     opt: list[str] = OPTS,
     seed: int = typer.Option(0, "--seed", help="Seed when a request sets none."),
@@ -764,9 +761,8 @@ def _serve_preset(name: str, method: str, options: dict[str, Any], mrm: str | No
                   ) -> tuple[dict[str, Any], str | None]:
     """The server's options and MRM under a preset. Its length is the server's default (``--max-new-tokens``);
     its ``min_new_tokens`` is the shared default, which the server cuts to a shorter length a request asks for."""
-    from saffron.evaluate import method_option_names
-    from saffron.methods import get_method
-    from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
+    from saffron.methods import get_method, option_names
+    from saffron.methods.options import DEFAULT_MIN_NEW_TOKENS
     from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
 
     p = get_preset(name)
@@ -776,7 +772,7 @@ def _serve_preset(name: str, method: str, options: dict[str, Any], mrm: str | No
                            "contradicts it")
     if p.every_method.get("min_new_tokens", DEFAULT_MIN_NEW_TOKENS) != DEFAULT_MIN_NEW_TOKENS:
         raise SaffronError(f"--preset {name} fixes a min_new_tokens the server cannot honour per request")
-    names = [k for k in method_option_names(method) if k not in ("max_new_tokens", "min_new_tokens")]
+    names = [k for k in option_names(method) if k not in ("max_new_tokens", "min_new_tokens")]
     opts = preset_options(p, method, names, options, eval_flag)
     uses_mrm = "mrm" in get_method(method).models_for(opts)
     return opts, preset_mrm(p, mrm) if uses_mrm else mrm

@@ -20,10 +20,7 @@ fixed instructions are computed once per process and kept (``Runner.keep``); the
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -36,12 +33,12 @@ from saffron.data import Example, check_dataset_spec, load_dataset, training_ove
 from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec, load_guard
+from saffron.guards.base import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
-from saffron.methods import Method, Stack, get_method
-from saffron.model import load_model
+from saffron.methods import Method, Stack, get_method, make_method, option_names
+from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, QualityLike, load_stack, prompt_seed, run_prompt
 from saffron.provenance import record_provenance, run_models
-from saffron.runner import Runner, check_architecture
+from saffron.runner import check_architecture
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
 from saffron.stats import cohen_kappa, wilson
 from saffron.store import OrderedAppender, RecordStore, atomic_write_json
@@ -94,25 +91,9 @@ class EvalConfig:
         return json.loads(json.dumps(d, sort_keys=True))
 
 
-def prompt_seed(seed: int, example_id: str) -> int:
-    """Per-prompt seed: results do not depend on order, resumption or sharding."""
-    return int(hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()[:8], 16)
-
-
-def method_option_names(method: str) -> list[str]:
-    sig = inspect.signature(get_method(method).__init__)
-    return [p for p in sig.parameters if p != "self"]
-
-
-def build_method(cfg: EvalConfig) -> Method:
-    known = method_option_names(cfg.method)
-    unknown = sorted(set(cfg.method_options) - set(known))
-    if unknown:
-        raise SaffronError(f"method '{cfg.method}' has no option '{unknown[0]}'; its options: {', '.join(known)}")
-    try:
-        return get_method(cfg.method)(**cfg.method_options)
-    except (TypeError, ValueError) as e:
-        raise SaffronError(f"bad option for method '{cfg.method}': {e}") from None
+def build_method(cfg: EvalConfig) -> Method[Any]:
+    """``cfg``'s method with its options (one line naming the option and the method for a bad one)."""
+    return make_method(cfg.method, cfg.method_options)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -136,10 +117,6 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-DEFAULT_REWARD = "smol-guard"
-DEFAULT_MRM = "smol-mrm-head"  # the embedded MRM on the policy's hidden states (mrm/head.py)
-
-
 def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> EvalConfig:
     """Apply ``cfg.preset`` (a contradicting option is refused, named as ``flag`` renders it), then fill in the
     models the method needs and the user left out, so ``config.json`` names every model used; drop the ones it
@@ -148,7 +125,7 @@ def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> E
         from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
 
         preset = get_preset(cfg.preset)
-        opts = preset_options(preset, cfg.method, method_option_names(cfg.method), cfg.method_options,
+        opts = preset_options(preset, cfg.method, option_names(cfg.method), cfg.method_options,
                               flag or eval_flag)
         mrm = preset_mrm(preset, cfg.mrm) if "mrm" in get_method(cfg.method).models_for(opts) else cfg.mrm
         cfg = replace(cfg, method_options=opts, mrm=mrm)
@@ -158,7 +135,7 @@ def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> E
     return replace(cfg, reward=reward, mrm=mrm)
 
 
-def validate(cfg: EvalConfig, limit: int | None) -> Method:
+def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
     """Check everything that can be checked before a model is loaded; return the configured method."""
     if limit is not None and limit <= 0:
         raise SaffronError(f"--limit must be a positive number of prompts, got {limit}")
@@ -305,12 +282,6 @@ def search_reward_warning(judges: Sequence[str], rewards: dict[str, str | None])
             "score, so its ASR is not independent evidence; add an independent judge with --judge")
 
 
-class QualityLike(Protocol):
-    """What the harness needs of an output-quality scorer (``saffron.quality.QualityScorer``)."""
-
-    def assess(self, prompt: str, output: str) -> dict[str, float | bool]: ...
-
-
 QUALITY_MODULE = "saffron.quality"
 
 
@@ -332,16 +303,10 @@ def load_quality() -> QualityLike:
 
 def build_stack(cfg: EvalConfig) -> Stack:
     """Load the policy and the models ``cfg``'s method uses, each behind its own runner."""
-    from saffron.mrm import load_mrm_spec
-
     with placed(cfg.placement):
-        policy = load_model(cfg.policy)
-        mrm = load_mrm_spec(cfg.mrm) if cfg.mrm else None
-        if mrm is not None:
-            mrm.check_policy(policy)
-        stack = Stack(policy=Runner(policy), reward=load_guard(cfg.reward) if cfg.reward else None, mrm=mrm)
-    check_same_device({"policy": policy, "reward": stack.reward.runner.model if stack.reward else None,
-                       "mrm": mrm.runner.model if mrm else None})
+        stack = load_stack(cfg.policy, cfg.reward, cfg.mrm)
+    check_same_device({"policy": stack.policy.model, "reward": stack.reward.runner.model if stack.reward else None,
+                       "mrm": stack.mrm.runner.model if stack.mrm else None})
     return stack
 
 
@@ -366,76 +331,24 @@ def load_models(cfg: EvalConfig) -> Models:
                       quality=load_quality() if cfg.quality else None)
 
 
-def _quality_record(scores: dict[str, Any], ex_id: str) -> dict[str, float | bool]:
-    out: dict[str, float | bool] = {}
-    for k, v in scores.items():
-        if isinstance(v, bool):
-            out[k] = v
-        elif isinstance(v, int | float) and math.isfinite(v):
-            out[k] = float(v)
-        else:
-            raise SaffronError(f"the quality scorer returned {k}={v!r} for prompt {ex_id}; expected a finite number "
-                               "or a boolean")
-    return out
-
-
-def evaluate_prompt(cfg: EvalConfig, method: Method, models: Models, ex: Example,
+def evaluate_prompt(cfg: EvalConfig, method: Method[Any], models: Models, ex: Example,
                     quality: QualityLike | None = None) -> dict[str, Any]:
-    """Attack, defend and judge one prompt; return its record. Every backend calls this, so a record's bytes do
-    not depend on where it was computed: the seed is the prompt's own and every runner starts from its kept prefix
-    alone (a guard's fixed instructions, computed at load and charged to ``setup_flops``, not to this prompt).
+    """Attack, defend and judge one prompt (``pipeline.run_prompt``); return its record. Every backend calls
+    this, so a record's bytes do not depend on where it was computed: the seed is the prompt's own.
 
     Every judge scores the output; the primary's verdict is ``reward``/``unsafe``, all of them are under
     ``judges`` and their FLOPs under ``judge_flops``. ``quality`` (default: ``models.quality``) adds ``quality``,
     its ``assess`` dict; without a scorer ``quality`` is null."""
     stack = models.stack
-    scorer = quality if quality is not None else models.quality
     policy = stack.policy.model
-    max_new = int(cfg.method_options.get("max_new_tokens", 32))
-    session = make_session(policy, ex, cfg.prefill, cfg.prefill_tokens, reserve=max_new)
-    stack.policy.reset()
-    if stack.reward is not None:
-        stack.reward.runner.reset()
-    if stack.mrm is not None:
-        stack.mrm.runner.reset()
-    result = method.run(session, stack, prompt_seed(cfg.seed, ex.id))
-    output = policy.decode(result.output_ids)
-    verdicts: dict[str, dict[str, Any]] = {}
-    judge_flops: dict[str, int] = {}
-    for name, judge in models.judges.items():
-        judge.reset()
-        j0 = judge.flops
-        reward = judge.score(ex.prompt, [output])[0]
-        if not math.isfinite(reward):
-            raise SaffronError(f"judge {name} returned a non-finite reward for prompt {ex.id}")
-        verdicts[name] = {"reward": reward, "unsafe": reward < 0}
-        judge_flops[name] = judge.flops - j0
-    primary = verdicts[cfg.judges[0]]
-    flops = dict(result.flops)
-    flops["total"] = sum(result.flops.values())
+    session = make_session(policy, ex, cfg.prefill, cfg.prefill_tokens, reserve=method.config.max_new_tokens)
+    run = run_prompt(method, stack, session, prompt_seed(cfg.seed, ex.id), judges=models.judges,
+                     quality=quality if quality is not None else models.quality)
     # one role for all judges: setup is reported per role, and the judges' instructions are all one-time costs
     setup = {"judge": sum(j.setup_flops for j in models.judges.values())}
     if stack.reward is not None:
         setup["reward"] = stack.reward.setup_flops
-    return {
-        "id": ex.id,
-        "prompt": ex.prompt,
-        "prefill": policy.decode(session.prefill_ids),
-        "output": output,
-        "output_ids": list(result.output_ids),
-        "reward": primary["reward"],
-        "unsafe": primary["unsafe"],
-        "judges": verdicts,
-        "prompt_tokens": len(session.prompt_ids),
-        "prefill_tokens": len(session.prefill_ids),
-        "new_tokens": len(result.output_ids),
-        "flops": flops,
-        "judge_flops": judge_flops,
-        "setup_flops": setup,
-        "method": cfg.method,
-        "source": ex.meta.get("source"),
-        "quality": None if scorer is None else _quality_record(dict(scorer.assess(ex.prompt, output)), ex.id),
-    }
+    return run.record(ex.id, cfg.method, policy, cfg.judges[0], source=ex.meta.get("source"), setup_flops=setup)
 
 
 class Backend(Protocol):

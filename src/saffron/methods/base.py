@@ -1,4 +1,5 @@
-"""What every decoding method takes and returns, and the checks every method shares.
+"""What every decoding method takes and returns: the models (``Stack``), the context a search runs in
+(``RunContext``: session, stack, FLOP meter, generator, length limits) and the result.
 
 Convention: the policy reads ``session.context_ids + output`` (prompt, attack prefill, generated output); reward
 models and the MRM see only the generated output (the prefill is the attacker's and is never judged): reward
@@ -9,12 +10,16 @@ holds the new output only, without its EOS token.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
+
+import torch
 
 from saffron.errors import SaffronError
 from saffron.guards.base import RewardModel
+from saffron.methods.options import DEFAULT_MIN_NEW_TOKENS, MethodOptions
+from saffron.methods.tree import Limits
 from saffron.runner import Runner
 from saffron.session import Session
 
@@ -32,6 +37,15 @@ class Stack:
     reward: RewardModel | None = None
     mrm: Mrm | None = None
 
+    def reset(self) -> None:
+        """Forget every runner's per-prompt cache (kept fixed prefixes stay), so a prompt's search depends on that
+        prompt alone."""
+        self.policy.reset()
+        if self.reward is not None:
+            self.reward.runner.reset()
+        if self.mrm is not None:
+            self.mrm.runner.reset()
+
 
 @dataclass
 class MethodResult:
@@ -40,28 +54,47 @@ class MethodResult:
     trace: dict[str, Any] = field(default_factory=dict)  # small JSON-serialisable summary of the search
 
 
-class Method(ABC):
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
+
+
+class Method(ABC, Generic[OptionsT]):
+    """A decoding method (defence). Its options are one frozen dataclass (``options_type``, held as ``config``);
+    ``Method(config)`` or, for Python callers, ``Method(name=value, ...)`` builds it through that dataclass."""
+
     name: ClassVar[str]
+    options_type: ClassVar[type[MethodOptions]] = MethodOptions
     # The option that buys more search (samples, width, simulations): what `saffron compare` sweeps to match
     # compute. None for a method with no such knob.
     budget: ClassVar[str | None] = None
     # Models besides the policy that the method calls ("reward", "mrm"): the harness loads only these.
     uses: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, config: OptionsT | None = None, /, **given: Any) -> None:
+        if config is None:
+            config = cast(OptionsT, self.options_type.from_dict(given))
+        elif given or not isinstance(config, self.options_type):
+            raise TypeError(f"{type(self).__name__} takes one {self.options_type.__name__} or keyword options")
+        self.config: OptionsT = config
+
     @classmethod
-    def models_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
+    def models_for(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
         """The models besides the policy that a run with these options calls (default: ``uses``). A method
         whose options can leave one out overrides this, so the harness neither loads nor records it."""
         return cls.uses
 
     @abstractmethod
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
-        """Continue ``session`` (prompt + prefill) and return the chosen output. Must be deterministic in
-        ``seed``: the same seed gives the same tokens."""
+    def run(self, ctx: RunContext) -> MethodResult:
+        """Continue ``ctx.session`` (prompt + prefill) and return the chosen output, its FLOPs read from
+        ``ctx.meter``. Must be deterministic in the context's generator: the same seed gives the same tokens."""
+
+    def search(self, session: Session, stack: Stack, seed: int) -> MethodResult:
+        """Run on ``session`` with a context made ready here (the one place a search's context is made)."""
+        return self.run(RunContext.create(self, session, stack, seed))
 
     def options(self) -> dict[str, Any]:
-        """The options that define this method's results (stored with every run to refuse mixing)."""
-        return {}
+        """The options that define this method's results, defaults resolved (stored with every run to refuse
+        mixing)."""
+        return self.config.as_dict()
 
 
 class _Counted(Protocol):
@@ -80,51 +113,42 @@ class FlopMeter:
         return {k: v.flops - self.start[k] for k, v in self.roles.items()}
 
 
-def require_reward(stack: Stack, method: str) -> RewardModel:
-    if stack.reward is None:
-        raise SaffronError(f"method {method} needs a reward model: pass --reward GUARD (e.g. --reward smol-guard)")
-    return stack.reward
+@dataclass(frozen=True)
+class RunContext:
+    """What a search runs with, made ready before it starts: the session, the models, a FLOP meter over the
+    roles the method uses (started now, so counts spent earlier are not charged), the seeded generator and the
+    length limits from the method's options."""
+
+    session: Session
+    stack: Stack
+    meter: FlopMeter
+    gen: torch.Generator
+    limits: Limits
+
+    @classmethod
+    def create(cls, method: Method[Any], session: Session, stack: Stack, seed: int) -> RunContext:
+        uses = type(method).models_for(method.options())
+        # roles in the method's order: the flops dict a caller prints keeps the order it always had
+        models: dict[str, _Counted | None] = {"reward": stack.reward, "mrm": stack.mrm}
+        meter = FlopMeter(policy=stack.policy, **{role: models[role] for role in uses})
+        cfg = method.config
+        return cls(session=session, stack=stack, meter=meter, gen=torch.Generator().manual_seed(seed),
+                   limits=Limits(stack.policy.model.eos_ids, cfg.min_new, cfg.max_new_tokens))
+
+    @property
+    def policy(self) -> Runner:
+        return self.stack.policy
+
+    def reward(self, method: str) -> RewardModel:
+        """The search-time reward model; a one-line error naming ``method`` if the stack has none."""
+        if self.stack.reward is None:
+            raise SaffronError(f"method {method} needs a reward model: pass --reward GUARD (e.g. --reward smol-guard)")
+        return self.stack.reward
+
+    def mrm(self, method: str) -> Mrm:
+        if self.stack.mrm is None:
+            raise SaffronError(f"method {method} needs an MRM (multifurcation reward model): pass --mrm PATH")
+        return self.stack.mrm
 
 
-def require_mrm(stack: Stack, method: str) -> Mrm:
-    if stack.mrm is None:
-        raise SaffronError(f"method {method} needs an MRM (multifurcation reward model): pass --mrm PATH")
-    return stack.mrm
-
-
-def check_int(name: str, value: Any, lo: int = 1) -> int:
-    """An integer option that must be >= ``lo`` (bools and floats refused, so 2.5 children cannot slip in)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SaffronError(f"{name} must be an integer, got {value!r}")
-    if value < lo:
-        raise SaffronError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
-# Every method's EOS ban: no method may stop before this many new tokens unless asked to. One figure for all, so
-# that no method wins (or loses) a comparison by answering shorter; 16 is the paper's (min_new_tokens of its code).
-DEFAULT_MIN_NEW_TOKENS = 16
-
-
-def check_lengths(max_new_tokens: Any, min_new_tokens: Any) -> int:
-    """Check the length options and return ``min_new_tokens``; ``None`` (every method's default) is
-    ``DEFAULT_MIN_NEW_TOKENS`` cut to ``max_new_tokens``, so a short answer asked for is not refused."""
-    check_int("max_new_tokens", max_new_tokens)
-    if min_new_tokens is None:
-        return min(DEFAULT_MIN_NEW_TOKENS, max_new_tokens)
-    check_int("min_new_tokens", min_new_tokens, lo=0)
-    if min_new_tokens > max_new_tokens:
-        raise SaffronError(f"min_new_tokens ({min_new_tokens}) must be <= max_new_tokens ({max_new_tokens})")
-    return int(min_new_tokens)
-
-
-def check_float(name: str, value: Any, lo: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
-        raise SaffronError(f"{name} must be a number >= {lo}, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
-    if value not in choices:
-        raise SaffronError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return str(value)
+__all__ = ["DEFAULT_MIN_NEW_TOKENS", "FlopMeter", "Method", "MethodOptions", "MethodResult", "RunContext", "Stack"]

@@ -13,34 +13,19 @@ scored on its output continued by L policy tokens (greedy unless ``temperature``
 where the token leads rather than the token alone; the rollout's tokens are not kept in the tree, and their
 policy compute is charged. L = 0 scores the child as it is.
 
-Options (defaults): ``simulations`` (8, the budget), ``top_k`` (4), ``c`` (1.0), ``lookahead`` (0),
-``max_new_tokens`` (32), ``min_new_tokens`` (the shared 16), ``temperature`` / ``top_p`` (0 / 1: the lookahead's
-sampling). Tuning grid: ``grids.TUNING_GRIDS["deal-mcts"]``.
+Options: ``DealMctsOptions``. Tuning grid: ``grids.TUNING_GRIDS["deal-mcts"]``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from saffron.guards.base import RewardModel
-from saffron.methods.base import (
-    FlopMeter,
-    Method,
-    MethodResult,
-    Stack,
-    check_float,
-    check_int,
-    check_lengths,
-    require_reward,
-)
-from saffron.methods.sampling import check_sampling, choose_distinct
-from saffron.methods.tree import Limits, extend, policy_logits
-from saffron.runner import Runner
-from saffron.session import Session
+from saffron.methods.base import Method, MethodResult, RunContext
+from saffron.methods.options import MethodOptions
+from saffron.methods.sampling import choose_distinct
+from saffron.methods.tree import extend, policy_logits
 
 
 @dataclass(eq=False)
@@ -58,49 +43,50 @@ class _Node:
         return self.total / self.visits if self.visits else 0.0
 
 
-class DealMcts(Method):
+@dataclass(frozen=True, kw_only=True)
+class DealMctsOptions(MethodOptions):
+    method = "deal-mcts"
+
+    simulations: int = field(default=8, metadata={"help": "Tree-search iterations per committed token (the budget)."})
+    top_k: int = field(default=4, metadata={"help": "Children of an expanded node: its top-k policy tokens."})
+    c: float = field(default=1.0, metadata={
+        "help": "UCT exploration constant, >= 0, in reward units (the guards' log-odds)."})
+    lookahead: int = field(default=0, metadata={
+        "help": "Policy tokens a fresh child is continued by before it is scored (0: scored as it is)."})
+    temperature: float = field(default=0.0, metadata={
+        "help": "Sampling temperature of the lookahead rollouts; 0 = greedy (expansion is always top-k)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass in (0, 1] of the lookahead rollouts."})
+
+    def check(self) -> None:
+        self.at_least("simulations", 1)
+        self.at_least("top_k", 1)
+        self.at_least("c", 0, number=True)
+        self.as_float("c")
+        self.at_least("lookahead", 0)
+        self.check_sampling(self.temperature, self.top_p)
+
+
+class DealMcts(Method[DealMctsOptions]):
     name = "deal-mcts"
+    options_type = DealMctsOptions
     budget = "simulations"
     uses = ("reward",)
 
-    def __init__(self, simulations: int = 8, top_k: int = 4, c: float = 1.0, lookahead: int = 0,
-                 max_new_tokens: int = 32, min_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0) -> None:
-        """``temperature``/``top_p`` apply to the lookahead rollouts only (0 = greedy); expansion is top-k."""
-        check_int("simulations", simulations)
-        check_int("top_k", top_k)
-        check_float("c", c)
-        check_int("lookahead", lookahead, lo=0)
-        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
-        check_sampling(temperature, top_p)
-        self.simulations, self.top_k, self.c, self.lookahead = simulations, top_k, float(c), lookahead
-        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
-        self.temperature, self.top_p = temperature, top_p
-
-    def options(self) -> dict[str, Any]:
-        return {"simulations": self.simulations, "top_k": self.top_k, "c": self.c, "lookahead": self.lookahead,
-                "max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
-        reward = require_reward(stack, self.name)
-        runner = stack.policy
-        meter = FlopMeter(policy=runner, reward=reward)
-        search = _Search(self, runner, reward, session, torch.Generator().manual_seed(seed))
+    def run(self, ctx: RunContext) -> MethodResult:
+        search = _Search(self.config, ctx, ctx.reward(self.name))
         root = _Node(())
         while not search.terminal(root):
-            for _ in range(self.simulations):
+            for _ in range(self.config.simulations):
                 search.simulate(root)
             root = max(root.children, key=lambda ch: (ch.visits, ch.mean))  # max keeps the first on ties
-        return MethodResult(root.tokens, meter.delta(),
+        return MethodResult(root.tokens, ctx.meter.delta(),
                             {"n_reward_calls": search.reward_calls, "n_expansions": search.expansions})
 
 
 class _Search:
-    def __init__(self, opts: DealMcts, runner: Runner, reward: RewardModel, session: Session,
-                 gen: torch.Generator) -> None:
-        self.o, self.runner, self.reward, self.session, self.gen = opts, runner, reward, session, gen
-        self.limits = Limits(runner.model.eos_ids, opts.min_new_tokens, opts.max_new_tokens)
+    def __init__(self, opts: DealMctsOptions, ctx: RunContext, reward: RewardModel) -> None:
+        self.o, self.runner, self.reward, self.session, self.gen = opts, ctx.policy, reward, ctx.session, ctx.gen
+        self.limits = ctx.limits
         self.reward_calls = self.expansions = 0
 
     def terminal(self, node: _Node) -> bool:

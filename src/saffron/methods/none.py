@@ -1,42 +1,36 @@
 """No defence: the policy continues the attacked conversation on its own (greedy or sampled).
 
-Options: ``max_new_tokens`` (32), ``min_new_tokens`` (EOS banned before it; default the shared
-``DEFAULT_MIN_NEW_TOKENS``, as for every method, so the undefended row answers at the same length as the
-defences), ``temperature`` (0: greedy) and ``top_p`` (1).
+Options: ``NoDefenceOptions`` (the shared lengths, so the undefended row answers at the same length as the
+defences, plus ``temperature`` and ``top_p``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
-import torch
-
-from saffron.methods.base import Method, MethodResult, Stack, check_lengths
-from saffron.methods.sampling import check_sampling
-from saffron.methods.tree import Limits, extend
-from saffron.session import Session
+from saffron.methods.base import Method, MethodResult, RunContext
+from saffron.methods.options import MethodOptions
+from saffron.methods.tree import extend
 
 
-class NoDefence(Method):
+@dataclass(frozen=True, kw_only=True)
+class NoDefenceOptions(MethodOptions):
+    method = "none"
+
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass in (0, 1] (sampling only)."})
+
+    def check(self) -> None:
+        self.check_sampling(self.temperature, self.top_p)
+
+
+class NoDefence(Method[NoDefenceOptions]):
     name = "none"
+    options_type = NoDefenceOptions
 
-    def __init__(self, max_new_tokens: int = 32, min_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0) -> None:
-        self.min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
-        check_sampling(temperature, top_p)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def options(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
-        runner = stack.policy
-        start = runner.flops
-        # the same length rules and rollout as every other method (tree.Limits, tree.extend): one row
-        limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
-        out = extend(runner, session.context_ids, [()], self.max_new_tokens, limits, self.temperature, self.top_p,
-                     torch.Generator().manual_seed(seed))[0]
-        return MethodResult(output_ids=out.tokens, flops={"policy": runner.flops - start})
+    def run(self, ctx: RunContext) -> MethodResult:
+        o = self.config
+        # the same length rules and rollout as every other method (ctx.limits, tree.extend): one row
+        out = extend(ctx.policy, ctx.session.context_ids, [()], o.max_new_tokens, ctx.limits, o.temperature, o.top_p,
+                     ctx.gen)[0]
+        return MethodResult(output_ids=out.tokens, flops=ctx.meter.delta())

@@ -18,36 +18,24 @@ How many children each node gets (``expansion``):
   are the next beam. (REBASE samples children independently; here they are distinct, so a node whose nucleus is
   smaller than its share gets fewer.)
 
-Options (defaults): ``width`` (4, the budget), ``expansion`` (beam), ``children`` (2; beam only),
-``balance_temperature`` (1.0, in reward units: the guards' log-odds; balanced only), ``chunk_tokens`` (1),
-``max_new_tokens`` (32), ``min_new_tokens`` (the shared 16), ``temperature`` (0.7), ``top_p`` (0.9).
+Options: ``RebaseOptions``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-import torch
+from saffron.methods.base import Method, MethodResult, RunContext
+from saffron.methods.options import MethodOptions
+from saffron.methods.sampling import choose_distinct
+from saffron.methods.tree import Node, extend, policy_logits, prune
 
-from saffron.errors import SaffronError
-from saffron.methods.base import (
-    FlopMeter,
-    Method,
-    MethodResult,
-    Stack,
-    check_choice,
-    check_float,
-    check_int,
-    check_lengths,
-    require_reward,
-)
-from saffron.methods.sampling import check_sampling, choose_distinct
-from saffron.methods.tree import Limits, Node, extend, policy_logits, prune
-from saffron.session import Session
-
-EXPANSIONS = ("beam", "balanced")
+Expansion = Literal["beam", "balanced"]
+EXPANSIONS: tuple[str, ...] = get_args(Expansion)
+BEAM_CHILDREN = 2  # children per node under expansion='beam' when none is given (the paper's Table 1)
 
 
 def allot(width: int, rewards: Sequence[float], temperature: float) -> list[int]:
@@ -71,73 +59,84 @@ def allot(width: int, rewards: Sequence[float], temperature: float) -> list[int]
     return counts
 
 
-class Rebase(Method):
+@dataclass(frozen=True, kw_only=True)
+class RebaseOptions(MethodOptions):
+    method = "rebase"
+
+    width: int = field(default=4, metadata={"help": "Nodes kept per step (the budget)."})
+    expansion: Expansion = field(default="beam", metadata={
+        "help": "beam: `children` per node, then the global top `width` survive; balanced: the width allotted by "
+                "softmax(reward / balance_temperature)."})
+    children: int | None = field(default=None, metadata={
+        "help": f"Children per node (expansion=beam only; None: {BEAM_CHILDREN})."})
+    balance_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature of balanced expansion, > 0, in reward units (the guards' log-odds)."})
+    chunk_tokens: int = field(default=1, metadata={"help": "Tokens a child adds before it is scored."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the children; 0 = greedy."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus mass in (0, 1] the children are drawn from."})
+
+    def check(self) -> None:
+        self.at_least("width", 1)
+        if self.expansion == "balanced" and self.children is not None:
+            self.fail("children applies to expansion='beam' only; balanced expansion allots the width by reward")
+        if self.children is not None:
+            self.at_least("children", 1)
+        self.at_least("balance_temperature", 0, number=True)
+        if self.balance_temperature <= 0:
+            self.fail(f"balance_temperature must be > 0, got {self.balance_temperature}")
+        self.as_float("balance_temperature")
+        self.at_least("chunk_tokens", 1)
+        self.check_sampling(self.temperature, self.top_p)
+
+    @property
+    def per_node(self) -> int | None:
+        """Children per node under beam expansion (None under balanced)."""
+        if self.expansion == "beam":
+            return BEAM_CHILDREN if self.children is None else self.children
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "children": self.per_node}
+
+
+class Rebase(Method[RebaseOptions]):
     name = "rebase"
+    options_type = RebaseOptions
     budget = "width"
     uses = ("reward",)
 
-    def __init__(self, width: int = 4, children: int | None = None, chunk_tokens: int = 1, max_new_tokens: int = 32,
-                 min_new_tokens: int | None = None, temperature: float = 0.7, top_p: float = 0.9,
-                 expansion: str = "beam", balance_temperature: float = 1.0) -> None:
-        check_int("width", width)
-        check_choice("expansion", expansion, EXPANSIONS)
-        if expansion == "balanced" and children is not None:
-            raise SaffronError("children applies to expansion='beam' only; balanced expansion allots the width by "
-                               "reward")
-        children = 2 if children is None and expansion == "beam" else children
-        if children is not None:
-            check_int("children", children)
-        if check_float("balance_temperature", balance_temperature) <= 0:
-            raise SaffronError(f"balance_temperature must be > 0, got {balance_temperature}")
-        self.expansion, self.balance_temperature = expansion, float(balance_temperature)
-        check_int("chunk_tokens", chunk_tokens)
-        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
-        check_sampling(temperature, top_p)
-        self.width, self.children, self.chunk_tokens = width, children, chunk_tokens
-        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
-        self.temperature, self.top_p = temperature, top_p
-
-    def options(self) -> dict[str, Any]:
-        return {"width": self.width, "expansion": self.expansion, "children": self.children,
-                "balance_temperature": self.balance_temperature, "chunk_tokens": self.chunk_tokens,
-                "max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:
-        reward = require_reward(stack, self.name)
-        runner = stack.policy
-        meter = FlopMeter(policy=runner, reward=reward)
-        gen = torch.Generator().manual_seed(seed)
-        limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
+    def run(self, rc: RunContext) -> MethodResult:
+        o, runner, limits, gen, session = self.config, rc.policy, rc.limits, rc.gen, rc.session
+        reward = rc.reward(self.name)
         ctx = session.context_ids
         beam = [Node(())]
         calls = explored = 0
         allotted: list[list[int]] = []  # per step, children given to each active node
-        while active := [n for n in beam if not n.done(self.max_new_tokens)]:
+        while active := [n for n in beam if not n.done(o.max_new_tokens)]:
             logits = policy_logits(runner, ctx, [n.tokens for n in active], limits)
-            done = [n for n in beam if n.done(self.max_new_tokens)]
-            if self.expansion == "balanced":
-                counts = allot(self.width - len(done), [n.reward for n in active], self.balance_temperature)
+            done = [n for n in beam if n.done(o.max_new_tokens)]
+            if o.expansion == "balanced":
+                counts = allot(o.width - len(done), [n.reward for n in active], o.balance_temperature)
             else:
-                counts = [self.children or 0] * len(active)
+                counts = [o.per_node or 0] * len(active)
             allotted.append(counts)
             firsts: list[Node] = []
             for node, row, k in zip(active, logits, counts, strict=True):
                 if k == 0:  # balanced: a node allotted no child is dropped
                     continue
-                for t in choose_distinct(row, k, self.temperature, self.top_p, gen):
+                for t in choose_distinct(row, k, o.temperature, o.top_p, gen):
                     firsts.append(Node(node.tokens, finished=True) if t in limits.eos else Node(node.tokens + (t,)))
             firsts = list(dict.fromkeys(firsts))  # several EOS ids make identical finished children
             grow = [i for i, c in enumerate(firsts) if not c.finished]
-            grown = extend(runner, ctx, [firsts[i].tokens for i in grow], self.chunk_tokens - 1, limits,
-                           self.temperature, self.top_p, gen)
+            grown = extend(runner, ctx, [firsts[i].tokens for i in grow], o.chunk_tokens - 1, limits,
+                           o.temperature, o.top_p, gen)
             for i, g in zip(grow, grown, strict=True):
                 firsts[i] = g
             scores = reward.score_outputs(session, runner.model, [c.tokens for c in firsts])
             children = [Node(c.tokens, r, c.finished) for c, r in zip(firsts, scores, strict=True)]
             calls += 1
             explored += len(children)
-            beam = prune(done + children, self.width)  # balanced: at most width nodes already, only sorted
-        return MethodResult(beam[0].tokens, meter.delta(),
+            beam = prune(done + children, o.width)  # balanced: at most width nodes already, only sorted
+        return MethodResult(beam[0].tokens, rc.meter.delta(),
                             {"n_reward_calls": calls, "explored_children": explored,
                              "final_rewards": [n.reward for n in beam], "allotted": allotted})

@@ -56,31 +56,19 @@ near-copies of one lineage, "it's"/"it is", so the rerank has little to choose f
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 
-from saffron.errors import SaffronError
-from saffron.methods.base import (
-    FlopMeter,
-    Method,
-    MethodResult,
-    Stack,
-    check_choice,
-    check_float,
-    check_int,
-    check_lengths,
-    require_mrm,
-    require_reward,
-)
-from saffron.methods.sampling import check_sampling, nucleus_mask
-from saffron.methods.tree import NEG_INF, Limits, Node, argmax_first, one_eos, policy_step, prune
-from saffron.session import Session
+from saffron.methods.base import Method, MethodResult, RunContext
+from saffron.methods.options import MethodOptions
+from saffron.methods.sampling import nucleus_mask
+from saffron.methods.tree import NEG_INF, Node, argmax_first, one_eos, policy_step, prune
 
-# Options (defaults): width (32, the budget), top_p (0.8), max_new_tokens (32), min_new_tokens (the shared 16),
-# final (rerank | first | mrm), no_repeat_ngram (3), per_parent (2), policy_weight (1.0), diversity (0),
-# rerank_top (0 = all); see the module docstring for each.
-FINAL_RULES = ("rerank", "first", "mrm")
+Final = Literal["rerank", "first", "mrm"]
+FINAL_RULES: tuple[str, ...] = get_args(Final)
 # Below every seen candidate (rewards are log-odds, tens at most) and below the unseen penalty too: a repeat
 # fills the beam only when nothing else can.
 REPEAT_DEMOTION = 4096.0
@@ -141,60 +129,71 @@ def select_diverse(rank: torch.Tensor, rows: list[int], toks: torch.Tensor, cap:
     return (picked + spill)[:width]
 
 
-class Saffron(Method):
+@dataclass(frozen=True, kw_only=True)
+class SaffronOptions(MethodOptions):
+    """Saffron's options; the module docstring says what each heuristic answers."""
+
+    method = "saffron"
+
+    width: int = field(default=32, metadata={"help": "Nodes kept per step (the budget)."})
+    top_p: float = field(default=0.8, metadata={
+        "help": "Nucleus mass in (0, 1] of each node's candidates (no temperature)."})
+    final: Final = field(default="rerank", metadata={
+        "help": "Final rule: rerank (the reward model on the survivors), first (the authors': highest running "
+                "reward) or mrm (highest last MRM prediction)."})
+    no_repeat_ngram: int = field(default=3, metadata={
+        "help": "Rank a candidate that repeats an n-gram of the answer below every other (0: off; 1 is refused)."})
+    per_parent: int = field(default=2, metadata={
+        "help": "Most children kept from one node while other nodes have candidates (0: no limit)."})
+    policy_weight: float = field(default=1.0, metadata={
+        "help": "b >= 0 in rank = reward + b * log p_policy(token) (the KL-regularised objective)."})
+    diversity: float = field(default=0.0, metadata={
+        "help": "Rank penalty >= 0 of a token that a child kept earlier in the step already took."})
+    rerank_top: int = field(default=0, metadata={
+        "help": "final=rerank only: rerank the k survivors the MRM predicts safest (0: all)."})
+
+    def check(self) -> None:
+        self.at_least("width", 1)
+        self.check_sampling(None, self.top_p)
+        self.at_least("no_repeat_ngram", 0)
+        self.at_least("per_parent", 0)
+        self.at_least("policy_weight", 0, number=True)
+        self.at_least("diversity", 0, number=True)
+        self.as_float("policy_weight", "diversity")
+        self.at_least("rerank_top", 0)
+        if self.rerank_top and self.final != "rerank":
+            self.fail(f"rerank_top applies to final='rerank' only; final is '{self.final}'")
+        if self.no_repeat_ngram == 1:
+            self.fail("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
+
+
+class Saffron(Method[SaffronOptions]):
     name = "saffron"
+    options_type = SaffronOptions
     budget = "width"
     uses = ("mrm", "reward")
 
     @classmethod
-    def models_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
+    def models_for(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
         # only rerank calls the reward model
         return cls.uses if options.get("final", "rerank") == "rerank" else ("mrm",)
 
-    def __init__(self, width: int = 32, top_p: float = 0.8, max_new_tokens: int = 32,
-                 min_new_tokens: int | None = None, final: str = "rerank", no_repeat_ngram: int = 3,
-                 per_parent: int = 2, policy_weight: float = 1.0, diversity: float = 0.0, rerank_top: int = 0) -> None:
-        check_int("width", width)
-        check_sampling(0.0, top_p)
-        min_new_tokens = check_lengths(max_new_tokens, min_new_tokens)
-        check_choice("final", final, FINAL_RULES)
-        check_int("no_repeat_ngram", no_repeat_ngram, lo=0)
-        check_int("per_parent", per_parent, lo=0)
-        check_float("policy_weight", policy_weight)
-        check_float("diversity", diversity)
-        check_int("rerank_top", rerank_top, lo=0)
-        if rerank_top and final != "rerank":
-            raise SaffronError(f"rerank_top applies to final='rerank' only; final is '{final}'")
-        if no_repeat_ngram == 1:
-            raise SaffronError("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
-        self.width, self.top_p, self.final = width, top_p, final
-        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
-        self.no_repeat_ngram, self.per_parent = no_repeat_ngram, per_parent
-        self.policy_weight, self.diversity = float(policy_weight), float(diversity)
-        self.rerank_top = rerank_top
+    def __init__(self, config: SaffronOptions | None = None, /, **given: Any) -> None:
+        super().__init__(config, **given)
         self._checked: set[tuple[int, int]] = set()
 
-    def options(self) -> dict[str, Any]:
-        return {"width": self.width, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "min_new_tokens": self.min_new_tokens, "final": self.final,
-                "no_repeat_ngram": self.no_repeat_ngram, "per_parent": self.per_parent,
-                "policy_weight": self.policy_weight, "diversity": self.diversity,
-                "rerank_top": self.rerank_top}
-
-    def run(self, session: Session, stack: Stack, seed: int) -> MethodResult:  # noqa: C901 -- reshaped with Method.run (issue 14)
-        """Deterministic: ``seed`` is not used (the search draws nothing at random)."""
-        mrm = require_mrm(stack, self.name)
-        reward = require_reward(stack, f"{self.name} with final='rerank'") if self.final == "rerank" else None
-        runner = stack.policy
+    def run(self, ctx: RunContext) -> MethodResult:  # noqa: C901 -- one step of the search, in the paper's order
+        """Deterministic: the generator is not used (the search draws nothing at random)."""
+        o, runner, limits, session = self.config, ctx.policy, ctx.limits, ctx.session
+        mrm = ctx.mrm(self.name)
+        reward = ctx.reward(f"{self.name} with final='rerank'") if o.final == "rerank" else None
         if (id(mrm), id(runner.model)) not in self._checked:  # hashing a vocabulary is not free: once per pair
             mrm.check_policy(runner.model)
             self._checked.add((id(mrm), id(runner.model)))
-        meter = FlopMeter(policy=runner, mrm=mrm, reward=reward)
-        limits = Limits(runner.model.eos_ids, self.min_new_tokens, self.max_new_tokens)
         beam = [Node(())]
         steps = explored = 0
         parents_kept: list[int] = []  # per step, how many distinct nodes the kept children come from
-        for _ in range(self.max_new_tokens):
+        for _ in range(o.max_new_tokens):
             finished = [n for n in beam if n.finished]
             active = [n for n in beam if not n.finished]
             if not active:
@@ -205,27 +204,27 @@ class Saffron(Method):
             q = mrm.rewards(session.prompt, [n.tokens for n in active], policy_hidden=hidden).to(logits.device)
             v = min(logits.shape[-1], q.shape[-1])  # padded embedding rows differ; a token past either is out
             q = q[:, :v]
-            cand = one_eos(nucleus_mask(logits[:, :v], self.top_p), q, limits.eos)
+            cand = one_eos(nucleus_mask(logits[:, :v], o.top_p), q, limits.eos)
             rows, toks = cand.nonzero(as_tuple=True)  # row-major: node order, then token id
             scores = q[rows, toks]
             rank = scores
-            if self.policy_weight:
+            if o.policy_weight:
                 logp = torch.log_softmax(logits[:, :v].float(), dim=-1)
-                rank = rank + self.policy_weight * logp[rows, toks].to(rank.dtype)
-            if self.no_repeat_ngram:
+                rank = rank + o.policy_weight * logp[rows, toks].to(rank.dtype)
+            if o.no_repeat_ngram:
                 repeats = [rt for rt in repeat_candidates([session.prefill_ids + n.tokens for n in active],
-                                                          self.no_repeat_ngram) if rt[1] < v]
+                                                          o.no_repeat_ngram) if rt[1] < v]
                 if repeats:
                     # one [nodes, V] mask read at the candidates, not a Python test per candidate
                     hit = torch.zeros_like(cand)
                     hit[tuple(torch.tensor(sorted(repeats), device=cand.device).T)] = True
                     rank = rank - hit[rows, toks].to(rank.dtype) * REPEAT_DEMOTION
             parent_of = rows.tolist()
-            if self.diversity:
-                top = select_diverse(rank, parent_of, toks, self.per_parent, self.width, self.diversity)
+            if o.diversity:
+                top = select_diverse(rank, parent_of, toks, o.per_parent, o.width, o.diversity)
             else:
                 order = torch.sort(rank, descending=True, stable=True).indices.tolist()
-                top = cap_per_parent(order, parent_of, self.per_parent, self.width)
+                top = cap_per_parent(order, parent_of, o.per_parent, o.width)
             parents_kept.append(len({parent_of[i] for i in top}))
             children = []
             for i in top:
@@ -234,27 +233,27 @@ class Saffron(Method):
                     children.append(Node(parent.tokens, reward=s, finished=True, predicted=s))
                 else:
                     children.append(Node(parent.tokens + (tok,), reward=parent.reward, predicted=s))
-            beam = prune(finished + children, self.width)
+            beam = prune(finished + children, o.width)
             steps += 1
             explored += int(cand.sum())
         trace: dict[str, Any] = {"steps": steps, "n_mrm_calls": steps, "explored_children": explored,
-                                 "finished": sum(n.finished for n in beam), "final": self.final,
+                                 "finished": sum(n.finished for n in beam), "final": o.final,
                                  "parents_kept": parents_kept,
                                  "beam_rewards": [n.reward if n.reward != NEG_INF else None for n in beam]}
         chosen = 0  # the beam is sorted: the first node has the highest running reward
-        if self.final == "mrm":
+        if o.final == "mrm":
             trace["final_predicted"] = [n.predicted for n in beam]
             chosen = argmax_first(trace["final_predicted"])
         elif reward is not None:
             # rerank_top=k: only the k survivors the MRM predicts safest pay for a reward-model call (beam order kept)
             pool = list(range(len(beam)))
-            if 0 < self.rerank_top < len(beam):
+            if 0 < o.rerank_top < len(beam):
                 by_mrm = sorted(pool, key=lambda i: -beam[i].predicted)  # stable: earlier node first on ties
-                pool = sorted(by_mrm[: self.rerank_top])
+                pool = sorted(by_mrm[: o.rerank_top])
             chosen = pool[0]
             if len(pool) > 1:  # one candidate: nothing to choose, so no call to pay for
                 scores_final = reward.score(session.prompt, [runner.model.decode(beam[i].tokens) for i in pool])
                 chosen = pool[argmax_first(scores_final)]
                 trace.update(n_reward_calls=1, final_rewards=scores_final, reranked=pool)
         trace["chosen"] = chosen
-        return MethodResult(beam[chosen].tokens, meter.delta(), trace)
+        return MethodResult(beam[chosen].tokens, ctx.meter.delta(), trace)

@@ -6,15 +6,6 @@ from collections.abc import Iterable
 
 import torch
 
-from saffron.errors import SaffronError
-
-
-def check_sampling(temperature: float, top_p: float) -> None:
-    if temperature < 0:
-        raise SaffronError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise SaffronError(f"top_p must be in (0, 1], got {top_p}")
-
 
 def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the smallest set of tokens whose probability mass reaches ``top_p`` (always >= 1).

@@ -43,12 +43,14 @@ def build_engine(cfg: ServeConfig) -> Engine:
 def serve(cfg: ServeConfig, log_level: str = "info") -> None:
     """Everything a user can get wrong is refused before the models load: settings, model specs, the port."""
     from saffron.guards.base import check_guard_spec
+    from saffron.judges import check_judge_spec
     from saffron.mrm import check_mrm_spec
 
     cfg.settings.check()
-    for spec in (cfg.reward, cfg.judge):
-        if spec is not None:
-            check_guard_spec(spec)
+    if cfg.reward is not None:
+        check_guard_spec(cfg.reward)
+    if cfg.judge is not None:
+        check_judge_spec(cfg.judge)  # any judge of saffron.judges: a guard, minilm-judge, refusal-rules
     if cfg.mrm is not None:
         check_mrm_spec(cfg.mrm)
     sock = bind(cfg.host, cfg.port)

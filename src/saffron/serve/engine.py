@@ -9,13 +9,16 @@ request, as ``run_eval`` does between prompts, so an answer depends on the reque
 The models a method needs besides the policy are loaded the first time a method needs them and kept: the
 server's own method is made ready at start; another method asked for through the ``saffron`` extension loads
 its reward model or MRM on first use.
+
+A search and its judging are ``pipeline.run_prompt``, as in ``saffron eval`` and ``saffron generate``: the same
+conversation, options and seed give the same answer from all three. Method options, their names and defaults come
+from each method's options dataclass (``methods/options.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import json
 import math
 import queue
@@ -27,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saffron.errors import BusyError, SaffronError
-from saffron.evaluate import DEFAULT_MRM, DEFAULT_REWARD, EvalConfig, build_method, method_option_names, prompt_seed
 from saffron.guards.base import RewardModel, check_guard_spec
-from saffron.methods import Method, Stack, get_method
+from saffron.judges import Judge, check_judge_spec
+from saffron.methods import Method, Stack, get_method, make_method, option_default, option_names
 from saffron.model import Model
 from saffron.mrm import Mrm
+from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, load_mrm_for, prompt_seed, run_prompt
 from saffron.runner import Runner
 from saffron.serve.schemas import ApiError, ChatCompletionRequest
 from saffron.session import Session
@@ -55,7 +59,7 @@ class ServeSettings:
     max_queue: int = 64
     seed: int = 0
 
-    def check(self) -> Method:
+    def check(self) -> Method[Any]:
         """Refuse settings no request could be served with; return the configured method."""
         for name in ("max_tokens_limit", "max_width", "max_concurrent"):
             if getattr(self, name) < 1:
@@ -69,18 +73,13 @@ class ServeSettings:
             raise SaffronError("set the default length with --max-new-tokens, not -o max_new_tokens")
         opts = method_options(self.method, self.method_options, self.default_max_tokens)
         check_budget(self.method, opts, self.max_width, "--max-width", "-o ")
-        return build_method(EvalConfig(method=self.method, method_options=opts))
+        return make_method(self.method, opts)
 
 
 def method_options(method: str, given: dict[str, Any], max_tokens: int) -> dict[str, Any]:
-    """``given`` plus the length; a method's default ``min_new_tokens`` is cut to the length asked for (an
-    explicit one is kept, and refused by the method if it exceeds the length)."""
-    opts = {**given, "max_new_tokens": max_tokens}
-    if "min_new_tokens" in method_option_names(method) and "min_new_tokens" not in given:
-        default = inspect.signature(get_method(method).__init__).parameters["min_new_tokens"].default
-        if default is not None:  # None: the method cuts the shared default to the length itself
-            opts["min_new_tokens"] = min(int(default), max_tokens)
-    return opts
+    """``given`` plus the length. A default ``min_new_tokens`` is cut to the length asked for by the options
+    dataclass itself; an explicit one is kept, and refused if it exceeds the length."""
+    return {**given, "max_new_tokens": max_tokens}
 
 
 def check_budget(method: str, opts: dict[str, Any], limit: int, flag: str, prefix: str) -> None:
@@ -88,7 +87,7 @@ def check_budget(method: str, opts: dict[str, Any], limit: int, flag: str, prefi
     budget = get_method(method).budget
     if budget is None:
         return
-    value = opts.get(budget, inspect.signature(get_method(method).__init__).parameters[budget].default)
+    value = opts.get(budget, option_default(method, budget))
     if isinstance(value, int) and not isinstance(value, bool) and value > limit:
         raise SaffronError(f"{prefix}{budget}={value} for method '{method}' exceeds this server's {flag} of {limit}")
 
@@ -99,7 +98,7 @@ class ModelSet:
     over the shared weights (one per worker). ``names`` say which models these are (reported to clients)."""
 
     def __init__(self, policy: Model, reward: Callable[[], RewardModel] | None = None,
-                 mrm: Callable[[], Mrm] | None = None, judge: Callable[[], RewardModel] | None = None,
+                 mrm: Callable[[], Mrm] | None = None, judge: Callable[[], Judge] | None = None,
                  names: dict[str, str | None] | None = None) -> None:
         self.policy = policy
         self._make = {"reward": reward, "mrm": mrm, "judge": judge}
@@ -120,32 +119,31 @@ class ModelSet:
 
 def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
                 judge: str | None = None) -> ModelSet:
-    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head). Reward and MRM are
-    loaded when a method first needs them; guards share their backbone through ``load_model``'s memo, and every
-    MRM instance after the first shares the first one's weights."""
+    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head; the judge is any of
+    ``saffron.judges``: a guard, minilm-judge or refusal-rules). Reward and MRM are loaded when a method first
+    needs them; guards share their backbone through ``load_model``'s memo, and every MRM instance after the first
+    shares the first one's weights."""
     from saffron.guards import load_guard
+    from saffron.judges import load_judge
     from saffron.model import load_model
-    from saffron.mrm import check_mrm_spec, load_mrm_spec
+    from saffron.mrm import check_mrm_spec
 
     reward_spec, mrm_spec = reward or DEFAULT_REWARD, mrm or DEFAULT_MRM
     check_guard_spec(reward_spec)
     check_mrm_spec(mrm_spec)
     if judge is not None:
-        check_guard_spec(judge)
+        check_judge_spec(judge)
     model = load_model(policy)
     first: list[Mrm] = []
 
     def make_mrm() -> Mrm:
         if not first:
-            m = load_mrm_spec(mrm_spec)
-            m.check_policy(model)
-            first.append(m)
-            return m
-        p = first[0]
-        return p.share()
+            first.append(load_mrm_for(mrm_spec, model))
+            return first[0]
+        return first[0].share()
 
     return ModelSet(model, reward=lambda: load_guard(reward_spec), mrm=make_mrm,
-                    judge=(lambda: load_guard(judge)) if judge is not None else None,
+                    judge=(lambda: load_judge(judge)) if judge is not None else None,
                     names={"reward": reward_spec, "mrm": mrm_spec, "judge": judge})
 
 
@@ -167,16 +165,18 @@ class Worker:
                      mrm=self.get("mrm") if "mrm" in uses else None)
 
     def reset(self) -> None:
-        self.policy.reset()
-        for m in self.held.values():
-            m.runner.reset()
+        """Free every held model's per-request cache, including those this request will not use (``run_prompt``
+        resets the ones it uses)."""
+        Stack(policy=self.policy, reward=self.held.get("reward"), mrm=self.held.get("mrm")).reset()
+        if "judge" in self.held:
+            self.held["judge"].reset()
 
 
 @dataclass
 class Plan:
     """A validated request, ready to search."""
 
-    method: Method
+    method: Method[Any]
     method_name: str
     options: dict[str, Any]
     session: Session
@@ -230,7 +230,7 @@ class Engine:
             self._idle.put(w)
         self._executor = concurrent.futures.ThreadPoolExecutor(self.settings.max_concurrent,
                                                                thread_name_prefix="saffron-search")
-        self._methods: OrderedDict[str, Method] = OrderedDict()
+        self._methods: OrderedDict[str, Method[Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.admitted = 0  # searching or queued
         self.running = 0
@@ -274,7 +274,7 @@ class Engine:
             raise ApiError(400, "set the length with max_tokens (or max_completion_tokens), not "
                            "saffron.max_new_tokens", param="saffron.max_new_tokens")
         try:
-            known = method_option_names(method_name)
+            known = option_names(method_name)
         except SaffronError as e:
             raise ApiError.of(e, param="saffron.method", code="unknown_method") from None
         given = dict(s.method_options) if method_name == s.method else {}
@@ -328,7 +328,7 @@ class Engine:
                     seed=req.seed if req.seed is not None else s.seed, max_tokens=max_tokens, stop=req.stop_list(),
                     judge=judge, ignored=ignored, stream=bool(req.stream), include_usage=include_usage)
 
-    def _method(self, name: str, opts: dict[str, Any]) -> Method:
+    def _method(self, name: str, opts: dict[str, Any]) -> Method[Any]:
         """A configured method, kept for reuse (a method may cache per-model checks across runs)."""
         key = json.dumps([name, opts], sort_keys=True, default=str)
         with self._lock:
@@ -336,7 +336,7 @@ class Engine:
             if m is not None:
                 self._methods.move_to_end(key)
                 return m
-        m = build_method(EvalConfig(method=name, method_options=opts))
+        m = make_method(name, opts)
         with self._lock:
             self._methods[key] = m
             while len(self._methods) > 64:
@@ -393,28 +393,25 @@ class Engine:
         try:
             worker.reset()
             uses = type(plan.method).models_for(plan.method.options())
-            result = plan.method.run(plan.session, worker.stack(uses), prompt_seed(plan.seed, SEED_KEY))
-            t1 = time.perf_counter()
-            policy = self.models.policy
-            ids = tuple(result.output_ids)
-            text = policy.decode(ids)
-            finish = "length" if len(ids) >= plan.max_tokens else "stop"
-            cut = min((i for i in (text.find(x) for x in plan.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            flops = {k: int(v) for k, v in result.flops.items()}
+            judges = {"judge": worker.get("judge")} if plan.judge else {}
+            started = time.perf_counter()
+            run = run_prompt(plan.method, worker.stack(uses), plan.session, prompt_seed(plan.seed, SEED_KEY),
+                             judges=judges, stop=plan.stop)
+            ids = tuple(run.result.output_ids)
+            finish = "stop" if run.stopped or len(ids) < plan.max_tokens else "length"
+            flops = {k: int(v) for k, v in run.result.flops.items()}
             method_flops = sum(flops.values())
             reward = None
             if plan.judge:
-                judge = worker.get("judge")
-                j0 = judge.flops
-                reward = float(judge.score(plan.session.prompt, [text])[0])
-                flops["judge"] = judge.flops - j0
+                reward = float(run.verdicts["judge"]["reward"])
+                flops["judge"] = run.judge_flops["judge"]
             flops["total"] = sum(flops.values())
-            return Outcome(text=text, output_ids=ids, finish_reason=finish, flops=flops, method_flops=method_flops,
-                           reward=reward if reward is None or math.isfinite(reward) else None,
-                           trace=_finite(result.trace), queue_s=t0 - (queued_at if queued_at is not None else t0),
-                           search_s=t1 - t0)
+            if reward is not None and not math.isfinite(reward):
+                reward = None  # JSON has no infinities
+            return Outcome(text=run.output, output_ids=ids, finish_reason=finish, flops=flops,
+                           method_flops=method_flops, reward=reward, trace=_finite(run.result.trace),
+                           queue_s=t0 - (queued_at if queued_at is not None else t0),
+                           search_s=started - t0 + run.search_s)
         finally:
             with self._lock:
                 self.running -= 1
