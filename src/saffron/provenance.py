@@ -14,7 +14,6 @@ a hub model's cached revision.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.metadata as md
 import json
 import platform
@@ -26,6 +25,7 @@ from typing import Any
 import saffron
 from saffron import embedded
 from saffron.store import atomic_write_json
+from saffron.wheels import sha256_file
 
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "transformers", "peft", "numpy", "safetensors", "huggingface-hub")
@@ -57,20 +57,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def folder_hashes(folder: Path) -> dict[str, str] | None:
     """sha256 of every file under ``folder`` by relative path; None when they exceed ``HASH_LIMIT`` in all."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if sum(p.stat().st_size for p in files) > HASH_LIMIT:
         return None
-    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+    return {str(p.relative_to(folder)): sha256_file(p) for p in files}
 
 
 def _embedded_policy() -> dict[str, Any]:
@@ -105,7 +97,7 @@ def model_identity(spec: str) -> dict[str, Any]:
     local = Path(arg if sep and not Path(spec).exists() else spec).expanduser()
     if local.exists():
         out: dict[str, Any] = {"kind": "local", "spec": spec, "path": str(local.resolve())}
-        out["files"] = folder_hashes(local) if local.is_dir() else {local.name: _sha256(local)}
+        out["files"] = folder_hashes(local) if local.is_dir() else {local.name: sha256_file(local)}
         return out
     asset = ASSETS / name.replace("-", "_")
     if not sep and asset.is_dir():
