@@ -19,9 +19,11 @@ uncached`` recomputes every model in full, supported or not). See ``device.py``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from saffron import device as placement
 from saffron.errors import BudgetError, IncompatibleError, SaffronError
 from saffron.flops import ArchSpec, forward_flops, straight_flops
 from saffron.model import Model
-from saffron.trie import Plan, RadixTrie, TrieStats
+from saffron.trie import Node, Plan, RadixTrie, TrieStats
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 DEFAULT_BUDGET_BYTES = 4 << 30
@@ -78,6 +80,44 @@ class RunnerStats:
     forward_seconds: float = 0.0  # model compute: embedding, blocks, KV writes, head
     total_seconds: float = 0.0  # whole ``forward`` calls, bookkeeping included
     trie: TrieStats = field(default_factory=TrieStats)
+
+
+@dataclass(eq=False)
+class ForwardPart:
+    """One runner's share of a forward: made by the runner from its plan (``Runner._prepare``: its query tokens,
+    their positions, the pool slots their keys/values go to, the keys they attend to, ``cols`` or the live range
+    ``[0, hi)``, under ``mask``), filled by ``run_parts`` (the outputs at ``out_rows``), alone or merged with
+    other runners' parts on the same model (``batching.py``)."""
+
+    runner: Runner
+    tokens: torch.Tensor  # [n] query tokens, chain after chain
+    positions: torch.Tensor  # [n]
+    slots: torch.Tensor  # [n] pool slots the queries' keys/values are written to
+    mask: torch.Tensor  # [1, 1, n, n_keys] additive
+    cols: torch.Tensor | None  # gathered key slots, or None: keys are the pool's slots [0, hi)
+    hi: int
+    out_rows: torch.Tensor  # [B] the query row answering each sequence
+    want_logits: bool
+    layers: tuple[int, ...]
+    logits: torch.Tensor | None = None  # [B, V], filled by run_parts when ``want_logits``
+    hidden: torch.Tensor | None = None  # [B, len(layers), d], filled by run_parts when ``layers``
+    seconds: float = 0.0  # this part's share (by query tokens) of the model time of the forward it ran in
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_keys(self) -> int:
+        """Keys each query was scored against (the attention rectangle's width)."""
+        return self.hi if self.cols is None else int(self.cols.shape[0])
+
+
+class ForwardSink(Protocol):
+    """Where a batched runner sends its parts (``batching.Coordinator``): ``submit`` returns once ``part`` is
+    filled, or raises what its forward raised."""
+
+    def submit(self, part: ForwardPart) -> None: ...
 
 
 class KVPool:
@@ -153,6 +193,8 @@ class Runner:
         self.pool.capacity = capacity
         self.trie = RadixTrie(capacity)
         self.stats = RunnerStats(trie=self.trie.stats)
+        # batched mode (batching.py): forwards go to this sink, which may merge them with other runners'
+        self.batcher: ForwardSink | None = None
 
     # -- public ---------------------------------------------------------------------------------------------
 
@@ -190,6 +232,25 @@ class Runner:
             self.stats.setup_tokens += self.stats.computed_tokens - before[1]
             self.stats.flops = before[0]
         return self.trie.keep(rows)
+
+    def fork(self, batcher: ForwardSink | None = None) -> Runner:
+        """A runner on the same weights, head, depth and budget, with a cache of its own that starts as this
+        one's after ``reset``: its kept prefixes (nodes, slots and keys/values copied bit for bit) and nothing
+        else, so a prompt run on the fork computes, costs and returns exactly what it would here. Its stats
+        start at zero but for ``setup_flops``/``setup_tokens`` (what its kept prefixes cost). ``batcher``: send
+        its forwards there (batching.py) instead of running them directly."""
+        twin = copy.copy(self)
+        twin.trie = _kept_copy(self.trie)
+        twin.pool = KVPool(self.arch, self.pool.capacity, self.pool.dtype, self.pool.device)
+        hw = twin.trie.alloc.high_water
+        if hw:
+            twin.pool.ensure(hw)
+            for dst, src in zip(twin.pool.k + twin.pool.v, self.pool.k + self.pool.v, strict=True):
+                dst[:, :hw] = src[:, :hw]
+        twin.stats = RunnerStats(setup_flops=self.stats.setup_flops, setup_tokens=self.stats.setup_tokens,
+                                 trie=twin.trie.stats)
+        twin.batcher = batcher
+        return twin
 
     def pin(self, seq: Sequence[int]) -> None:
         """Keep ``seq``'s cached prefix from eviction until ``unpin``."""
@@ -233,16 +294,17 @@ class Runner:
                                    f"{self.trie.alloc.capacity * self.pool.bytes_per_token} bytes")
         plan = self.trie.plan(seqs)
         self.stats.reused_tokens += sum(plan.reused)
-        h, hidden, n_keys = self._tree_forward(plan, layers)
-        rows = torch.tensor(plan.out_rows, device=h.device)
-        t0 = time.perf_counter()
-        lg = self.head(h[rows]).float() if want_logits else None
-        self.stats.forward_seconds += time.perf_counter() - t0  # the vocabulary head is model compute too
-        hd = hidden[:, rows].transpose(0, 1).float() if hidden is not None else None
+        part = self._prepare(plan, want_logits, layers)
+        if self.batcher is not None:
+            self.batcher.submit(part)  # blocks until a (possibly merged) forward has filled ``part``
+        else:
+            run_parts([part])
+        self.stats.forward_seconds += part.seconds
+        self.stats.forwards += 1
         self.stats.computed_tokens += plan.n_queries
-        self.stats.flops += forward_flops(self.arch, plan.n_queries, plan.n_queries * n_keys,
+        self.stats.flops += forward_flops(self.arch, plan.n_queries, plan.n_queries * part.n_keys,
                                           len(seqs) if want_logits else 0)
-        return RunnerOutput(lg, hd)
+        return RunnerOutput(part.logits, part.hidden)
 
     def _key_columns(self, plan: Plan) -> torch.Tensor | None:
         """The pool slots this batch attends to, or None to attend over the whole live range ``[0, hi)``.
@@ -284,61 +346,21 @@ class Runner:
             m[rows, new] = torch.full((n, n), neg, dtype=dtype, device=dev).triu(1)
         return m[None, None]
 
-    @torch.inference_mode()
-    def _tree_forward(self, plan: Plan, layers: tuple[int, ...]
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Run all query tokens of ``plan`` in one forward, writing their keys/values into their pool slots.
-        Returns final-norm hidden states [queries, d], the requested layers' [L, queries, d] if any, and the
-        number of keys each query was scored against."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    def _prepare(self, plan: Plan, want_logits: bool, layers: tuple[int, ...]) -> ForwardPart:
+        """This runner's share of a forward over ``plan``: index tensors, key columns and mask (the runner's own
+        overhead, outside model time). Grows the pool to the plan's high-water mark."""
         dev = self.model.device
         hi = self.trie.alloc.high_water
         self.pool.ensure(hi)
-        dec = self.hf.model
-        tokens = torch.tensor([t for c in plan.chains for t in c.tokens], device=dev)[None]
-        positions = torch.tensor([c.position0 + j for c in plan.chains for j in range(len(c.new))], device=dev)[None]
-        slots = torch.tensor(plan.query_slots, device=dev)
         cols = self._key_columns(plan)
-        mask = self._mask(plan, hi, cols, self.pool.dtype)
-        # Model time starts here: planning, the mask and index tensors above are the runner's own overhead.
-        t0 = time.perf_counter()
-        x = dec.embed_tokens(tokens)
-        cos, sin = dec.rotary_emb(x, positions)
-        captured = [x[0]] if 0 in layers else []
-        n = x.shape[1]
-        a = self.arch
-        gqa = a.n_heads != a.n_kv_heads
-        for li, layer in enumerate(dec.layers[: a.n_layers]):
-            attn = layer.self_attn
-            hs = layer.input_layernorm(x)
-            q = attn.q_proj(hs).view(1, n, a.n_heads, a.head_dim).transpose(1, 2)
-            k = attn.k_proj(hs).view(1, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            v = attn.v_proj(hs).view(1, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            pk, pv = self.pool.k[li], self.pool.v[li]
-            pk[:, slots] = k[0]
-            pv[:, slots] = v[0]
-            if cols is None:
-                keys, values = pk[None, :, :hi], pv[None, :, :hi]
-            else:
-                keys, values = pk[None][:, :, cols], pv[None][:, :, cols]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, a.n_heads * a.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if li + 1 in layers and (li + 1 < a.n_layers or self.truncated):
-                captured.append(x[0])
-        h = x[0] if self.truncated else dec.norm(x)[0]  # a truncated stack's top is a raw block output
-        if a.n_layers in layers and not self.truncated:
-            captured.append(h)
-        self.stats.forward_seconds += time.perf_counter() - t0
-        self.stats.forwards += 1
-        hidden = None
-        if layers:
-            order = sorted(set(layers))
-            by_layer = dict(zip(order, captured, strict=True))
-            hidden = torch.stack([by_layer[i] for i in layers])
-        return h, hidden, (hi if cols is None else len(cols))
+        return ForwardPart(
+            runner=self,
+            tokens=torch.tensor([t for c in plan.chains for t in c.tokens], device=dev),
+            positions=torch.tensor([c.position0 + j for c in plan.chains for j in range(len(c.new))], device=dev),
+            slots=torch.tensor(plan.query_slots, device=dev),
+            mask=self._mask(plan, hi, cols, self.pool.dtype),
+            cols=cols, hi=hi, out_rows=torch.tensor(plan.out_rows, device=dev), want_logits=want_logits,
+            layers=layers)
 
     # -- uncached fallback ----------------------------------------------------------------------------------
 
@@ -375,3 +397,132 @@ class Runner:
         lg = torch.stack([x for x in outs_l if x is not None]) if want_logits else None
         hd = torch.stack([x for x in outs_h if x is not None]) if layers else None
         return RunnerOutput(lg, hd)
+
+
+def _kept_copy(trie: RadixTrie) -> RadixTrie:
+    """A new trie holding ``trie``'s kept nodes alone (same tokens, slots, LRU clock), as ``clear`` leaves it.
+    Copied level by level: ``copy.deepcopy`` recurses once per node and a deep tree exceeds Python's limit."""
+    out = RadixTrie(trie.alloc.capacity)
+    out._clock = trie._clock
+    todo = [(trie.root, out.root)]
+    while todo:
+        src, dst = todo.pop()
+        for tok, c in src.children.items():
+            if c.kept:
+                twin = Node(tokens=list(c.tokens), slots=list(c.slots), parent=dst, depth=c.depth,
+                            last_used=c.last_used, kept=True)
+                dst.children[tok] = twin
+                todo.append((c, twin))
+    out.clear()  # the allocator and stored-token count from the kept slots, exactly as ``clear`` sets them
+    return out
+
+
+@torch.inference_mode()
+def run_parts(parts: Sequence[ForwardPart]) -> None:
+    """Run every part's query tokens in ONE forward of their (shared) model and fill each part's outputs.
+
+    The linear work (embedding, q/k/v/o projections, MLP, final norm, vocabulary head) runs once over all
+    parts' tokens concatenated; attention runs per part, against its own runner's pool under its own mask, and
+    each part writes its keys/values into its own pool. A part of a truncated runner (``depth``) leaves the
+    forward after its last block. With one part this is the runner's plain forward."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = parts[0].runner.model
+    if any(p.runner.model is not model for p in parts):
+        raise ValueError("run_parts merges parts of one model only")
+    # deepest first (stable): a truncated runner's rows sit at the tail, so dropping them narrows a view
+    order = sorted(parts, key=lambda p: -p.runner.depth)
+    starts = [0]
+    for p in order:
+        starts.append(starts[-1] + p.n)
+    t0 = time.perf_counter()
+    dec = model.hf.model
+    a = order[0].runner.arch
+    x = dec.embed_tokens(_cat([p.tokens for p in order])[None])
+    cos, sin = dec.rotary_emb(x, _cat([p.positions for p in order])[None])
+    captured: list[dict[int, torch.Tensor]] = [{} for _ in order]
+    top: list[torch.Tensor | None] = [None] * len(order)
+    _capture(order, starts, 0, x[0], captured, final=False)
+    live, n = len(order), starts[-1]
+    gqa = a.n_heads != a.n_kv_heads
+    for li, layer in enumerate(dec.layers[: a.n_layers]):
+        attn = layer.self_attn
+        hs = layer.input_layernorm(x)
+        q = attn.q_proj(hs).view(1, n, a.n_heads, a.head_dim).transpose(1, 2)
+        k = attn.k_proj(hs).view(1, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = attn.v_proj(hs).view(1, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = _attend(order[:live], starts, li, q, k, v, attn.scaling, gqa)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, a.n_heads * a.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        _capture(order[:live], starts, li + 1, x[0], captured, final=False)
+        was = live
+        while live and order[live - 1].runner.truncated and order[live - 1].runner.depth == li + 1:
+            live -= 1  # a truncated stack's top is a raw block output
+            top[live] = x[0, starts[live]:starts[live + 1]]
+        if live < was and live:
+            n = starts[live]
+            x, cos, sin = x[:, :n], cos[:, :n], sin[:, :n]
+    if live:
+        h = dec.norm(x)[0]
+        top[:live] = [h[starts[i]:starts[i + 1]] if live > 1 else h for i in range(live)]
+        _capture(order[:live], starts, a.n_layers, h, captured, final=True)
+    _fill_outputs(order, top, captured)
+    dt = time.perf_counter() - t0
+    for p in order:
+        p.seconds = dt * p.n / starts[-1]
+
+
+def _capture(parts: Sequence[ForwardPart], starts: Sequence[int], layer: int, x: torch.Tensor,
+             captured: Sequence[dict[int, torch.Tensor]], final: bool) -> None:
+    """Keep each part's out-row states of hidden layer ``layer`` (0: the embeddings) from ``x`` [queries, d]: a
+    raw block output below a full runner's top (and at a truncated runner's), the final-norm output at a full
+    runner's top (``final``)."""
+    for i, p in enumerate(parts):
+        normed = layer == p.runner.arch.n_layers and not p.runner.truncated
+        if layer in p.layers and normed == final:
+            captured[i][layer] = x[starts[i]:starts[i + 1]][p.out_rows]
+
+
+def _attend(parts: Sequence[ForwardPart], starts: Sequence[int], li: int, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:
+    """Layer ``li``'s attention for each part against its own pool (its keys/values written there first); the
+    parts' outputs concatenated along the query axis, ``[1, heads, queries, head_dim]``."""
+    outs = []
+    for i, p in enumerate(parts):
+        rows = slice(starts[i], starts[i + 1])
+        qp, kp, vp = (q, k, v) if len(parts) == 1 else (q[:, :, rows], k[:, :, rows], v[:, :, rows])
+        pk, pv = p.runner.pool.k[li], p.runner.pool.v[li]
+        pk[:, p.slots] = kp[0]
+        pv[:, p.slots] = vp[0]
+        if p.cols is None:
+            keys, values = pk[None, :, : p.hi], pv[None, :, : p.hi]
+        else:
+            keys, values = pk[None][:, :, p.cols], pv[None][:, :, p.cols]
+        outs.append(F.scaled_dot_product_attention(qp, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _fill_outputs(order: Sequence[ForwardPart], top: Sequence[torch.Tensor | None],
+                  captured: Sequence[dict[int, torch.Tensor]]) -> None:
+    """Each part's hidden states (``[B, L, d]``) and logits; parts sharing a head object project their rows in
+    one call."""
+    heads: dict[int, list[int]] = {}
+    for i, p in enumerate(order):
+        if p.layers:
+            p.hidden = torch.stack([captured[i][j] for j in p.layers], dim=1).float()
+        if p.want_logits:
+            heads.setdefault(id(p.runner.head), []).append(i)
+    for group in heads.values():
+        rows_h = []
+        for i in group:
+            t = top[i]
+            assert t is not None  # a part that wants logits is of a full-depth runner
+            rows_h.append(t[order[i].out_rows])
+        lg = order[group[0]].runner.head(_cat(rows_h)).float()
+        for i, chunk in zip(group, lg.split([len(r) for r in rows_h]), strict=True):
+            order[i].logits = chunk
+
+
+def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
