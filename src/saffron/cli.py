@@ -44,6 +44,8 @@ BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (thi
                        "model set each; same records; docs/ray.md).")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto); absent: start a local one.")
 RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else one per CPU).")
+PROMPT_BATCH = typer.Option(1, "--prompt-batch", help="Prompts searched at a time in lockstep, their forwards "
+                            "merged (local backend; records as at 1, up to float summation order; docs/runner.md).")
 RAY_GPUS = typer.Option(None, "--ray-gpus-per-worker", help="GPUs per Ray actor (default: 1 if the cluster has GPUs, "
                         "else 0).")
 DEVICE = typer.Option("auto", "--device", help="Where every model runs: auto (SAFFRON_DEVICE, else cuda if present, "
@@ -153,6 +155,7 @@ def eval_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    prompt_batch: int = PROMPT_BATCH,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -187,7 +190,7 @@ def eval_cmd(
     cfg = resolve(cfg)
     validate(cfg, limit)
     _quiet_hf()
-    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         # after every option is checked: a run refused for bad input prints its error alone
         warning = search_reward_warning(cfg.judges, search_rewards(cfg))
         if warning:
@@ -255,6 +258,7 @@ def compare_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    prompt_batch: int = PROMPT_BATCH,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -291,7 +295,7 @@ def compare_cmd(
                        tflop_lim=tflop_lim, benign=benign, benign_limit=benign_limit)
     validate_compare(cc)
     _quiet_hf()
-    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         warning = compare_warning(cc)  # after every option is checked, as in eval
         if warning:
             typer.echo(warning, err=True)
@@ -358,6 +362,7 @@ def tune_cmd(
     ray_address: str | None = RAY_ADDRESS,
     ray_workers: int | None = RAY_WORKERS,
     ray_gpus_per_worker: float | None = RAY_GPUS,
+    prompt_batch: int = PROMPT_BATCH,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -384,7 +389,7 @@ def tune_cmd(
                     tflop_lim=tflop_lim)
     validate_tune(tc)
     _quiet_hf()
-    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         res = run_tune(tc, out, backend=be)
     typer.echo(json.dumps(res, indent=2) if as_json else format_tuning(res))
     if not as_json:

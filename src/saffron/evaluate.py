@@ -32,7 +32,7 @@ from tqdm import tqdm
 from saffron.data import Example, check_dataset_spec, load_dataset, training_overlap
 from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
-from saffron.errors import SaffronError
+from saffron.errors import InputError, SaffronError
 from saffron.guards.base import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method, make_method, option_names
@@ -363,13 +363,31 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """This process, prompt after prompt (records arrive in dataset order)."""
+    """This process. ``prompt_batch`` = 1: prompt after prompt (records arrive in dataset order). K > 1: K
+    prompts at a time on K threads in lockstep (``batching.py``): each has its own runners (forks sharing the
+    weights), their forwards merge into one per model per step, and records arrive as prompts finish (``run_eval``
+    writes them in dataset order). A record does not depend on K, up to float summation order."""
+
+    def __init__(self, prompt_batch: int = 1) -> None:
+        self.prompt_batch = check_prompt_batch(prompt_batch)
+        self.batch_stats: dict[str, Any] | None = None  # the last batched evaluate's merged forwards
 
     def evaluate(self, cfg: EvalConfig, examples: Sequence[Example]) -> Iterator[dict[str, Any]]:
         method = build_method(cfg)
         models = load_models(cfg)
-        for ex in examples:
-            yield evaluate_prompt(cfg, method, models, ex)
+        k = min(self.prompt_batch, len(examples))
+        if k <= 1:
+            for ex in examples:
+                yield evaluate_prompt(cfg, method, models, ex)
+            return
+        from saffron.batching import Coordinator, lockstep_map
+
+        coord = Coordinator()
+        workers = fork_models(models, coord, k)
+        try:
+            yield from lockstep_map(lambda w, ex: evaluate_prompt(cfg, method, w, ex), examples, workers, coord)
+        finally:
+            self.batch_stats = coord.stats.as_dict()
 
     def __enter__(self) -> LocalBackend:
         return self
@@ -378,17 +396,42 @@ class LocalBackend:
         return None
 
 
+def check_prompt_batch(k: int) -> int:
+    """``--prompt-batch``: a positive number of prompts run in lockstep (one line otherwise)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"--prompt-batch must be a positive number of prompts, got {k}")
+    return k
+
+
+def fork_models(models: Models, coord: Any, k: int) -> list[Models]:
+    """``k`` workers' models for lockstep batching: each stack's runners forked onto ``coord`` (own caches, shared
+    weights); the judges and the quality scorer shared, their calls taking turns (``batching.SerialJudge``)."""
+    import threading
+
+    from saffron.batching import SerialJudge, SerialScorer, fork_stack
+
+    lock = threading.Lock()  # one for every judge and the scorer: they may share a model's weights and memo
+    return [Models(stack=fork_stack(models.stack, coord),
+                   judges={name: cast(Judge, SerialJudge(j, lock)) for name, j in models.judges.items()},
+                   quality=SerialScorer(models.quality, lock) if models.quality is not None else None)
+            for _ in range(k)]
+
+
 def make_backend(kind: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
-                 ray_gpus_per_worker: float | None = None) -> Backend:
+                 ray_gpus_per_worker: float | None = None, prompt_batch: int = 1) -> Backend:
     """The backend the CLI's ``--backend`` names. Checks its options and that Ray is importable, so a mistake is
-    reported before any model loads; starts nothing (Ray starts when the first prompt needs it)."""
+    reported before any model loads; starts nothing (Ray starts when the first prompt needs it).
+    ``prompt_batch``: prompts run in lockstep by the local backend (``LocalBackend``)."""
+    check_prompt_batch(prompt_batch)
     if kind == "local":
         given = [f for f, v in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
                                 ("--ray-gpus-per-worker", ray_gpus_per_worker)) if v is not None]
         if given:
             raise SaffronError(f"{given[0]} needs --backend ray")
-        return LocalBackend()
+        return LocalBackend(prompt_batch)
     if kind == "ray":
+        if prompt_batch > 1:
+            raise InputError("--prompt-batch needs --backend local (each Ray actor runs one prompt at a time)")
         from saffron.distributed import RayBackend
 
         return RayBackend(address=ray_address, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker)

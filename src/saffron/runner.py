@@ -417,16 +417,16 @@ def _kept_copy(trie: RadixTrie) -> RadixTrie:
     return out
 
 
-@torch.inference_mode()
 def run_parts(parts: Sequence[ForwardPart]) -> None:
     """Run every part's query tokens in ONE forward of their (shared) model and fill each part's outputs.
 
     The linear work (embedding, q/k/v/o projections, MLP, final norm, vocabulary head) runs once over all
     parts' tokens concatenated; attention runs per part, against its own runner's pool under its own mask, and
     each part writes its keys/values into its own pool. A part of a truncated runner (``depth``) leaves the
-    forward after its last block. With one part this is the runner's plain forward."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    forward after its last block. With one part this is the runner's plain forward.
 
+    The outputs are made outside inference mode (from the blocks' inference tensors): callers (a search banning
+    tokens) update logits in place."""
     model = parts[0].runner.model
     if any(p.runner.model is not model for p in parts):
         raise ValueError("run_parts merges parts of one model only")
@@ -436,6 +436,21 @@ def run_parts(parts: Sequence[ForwardPart]) -> None:
     for p in order:
         starts.append(starts[-1] + p.n)
     t0 = time.perf_counter()
+    top, captured = _blocks(order, starts)
+    _fill_outputs(order, top, captured)
+    dt = time.perf_counter() - t0
+    for p in order:
+        p.seconds = dt * p.n / starts[-1]
+
+
+@torch.inference_mode()
+def _blocks(order: Sequence[ForwardPart], starts: Sequence[int]
+            ) -> tuple[list[torch.Tensor | None], list[dict[int, torch.Tensor]]]:
+    """``run_parts``' layer loop over the parts (deepest first, rows ``starts[i]:starts[i + 1]``): each part's
+    top states [n, d] (None for none) and its captured out-row states per requested layer."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = order[0].runner.model
     dec = model.hf.model
     a = order[0].runner.arch
     x = dec.embed_tokens(_cat([p.tokens for p in order])[None])
@@ -467,10 +482,7 @@ def run_parts(parts: Sequence[ForwardPart]) -> None:
         h = dec.norm(x)[0]
         top[:live] = [h[starts[i]:starts[i + 1]] if live > 1 else h for i in range(live)]
         _capture(order[:live], starts, a.n_layers, h, captured, final=True)
-    _fill_outputs(order, top, captured)
-    dt = time.perf_counter() - t0
-    for p in order:
-        p.seconds = dt * p.n / starts[-1]
+    return top, captured
 
 
 def _capture(parts: Sequence[ForwardPart], starts: Sequence[int], layer: int, x: torch.Tensor,
