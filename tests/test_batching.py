@@ -284,3 +284,25 @@ def test_ray_refuses_a_prompt_batch() -> None:
 
     with pytest.raises(SaffronError, match="--prompt-batch needs --backend local"):
         make_backend("ray", prompt_batch=2)
+
+
+def test_bench_throughput_at_a_tiny_size(tmp_path: Path, tiny_dir: Path) -> None:
+    from saffron.bench.throughput import bench_throughput, format_throughput
+
+    res = finish_within(300, lambda: bench_throughput(["none"], ks=[1, 3], limit=3, max_new_tokens=3,
+                                                      dataset=_dataset(tmp_path, 3), policy=str(tiny_dir)))
+    assert res["peak_gflops"] > 0 and res["gemm"][1:] == [32, 64] and res["threads"] == torch.get_num_threads()
+    one, three = res["runs"]
+    assert (one["k"], three["k"]) == (1, 3) and one["merged"] is None
+    assert three["merged"]["max_parts"] > 1 and three["identical_share"] == 1.0
+    assert one["tflops_per_prompt"] == three["tflops_per_prompt"] > 0
+    assert "| none | - | 3 |" in format_throughput(res)
+
+
+def test_bench_throughput_refuses_a_k_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from saffron.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "throughput", "--k", "1,0", "--methods", "none"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "--k must be a positive number" in err

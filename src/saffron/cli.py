@@ -510,6 +510,31 @@ def bench_cache_cmd(
     _emit(bench_cache(prompt_tokens, width, steps, nocache=nocache, repeats=repeats), as_json)
 
 
+@bench_app.command("throughput")
+def bench_throughput_cmd(
+    methods: str = typer.Option("none,best-of-n,saffron", "--methods", help="Methods to time (comma-separated)."),
+    k: str = typer.Option("1,4,16", "--k", help="Prompt batches K to time (comma-separated; 1 = one at a time)."),
+    limit: int = typer.Option(16, "--limit", help="Prompts (the first of the dataset), the same at every K."),
+    widths: str = typer.Option("44,4", "--widths", help="Saffron widths (its matched width, and a small one)."),
+    n: int = typer.Option(32, "--n", help="Best-of-N samples."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Override every method's default."),
+    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec the prompts come from."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
+) -> None:
+    """Prompts/s and model GFLOP/s (and their share of the measured matmul peak) at each --prompt-batch K."""
+    from saffron.bench.throughput import bench_throughput, format_throughput
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    ks, ws = _int_list("--k", k), _int_list("--widths", widths)
+    _place(device, dtype, runner)
+    _quiet_hf()
+    res = bench_throughput(names, ks, limit, ws, n, max_new_tokens, dataset)
+    typer.echo(json.dumps(res, indent=2) if as_json else format_throughput(res))
+
+
 @bench_app.command("flops")
 def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."), device: str = DEVICE,
                     dtype: str = DTYPE, runner: str = RUNNER) -> None:

@@ -396,10 +396,10 @@ class LocalBackend:
         return None
 
 
-def check_prompt_batch(k: int) -> int:
-    """``--prompt-batch``: a positive number of prompts run in lockstep (one line otherwise)."""
+def check_prompt_batch(k: int, flag: str = "--prompt-batch") -> int:
+    """``--prompt-batch``: a positive number of prompts run in lockstep (one line naming ``flag`` otherwise)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"--prompt-batch must be a positive number of prompts, got {k}")
+        raise InputError(f"{flag} must be a positive number of prompts, got {k}")
     return k
 
 

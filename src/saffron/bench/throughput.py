@@ -1,0 +1,149 @@
+"""``saffron bench throughput``: prompts/s and achieved model GFLOP/s with batching across prompts off and on.
+
+Each method (``none``, Best-of-N with ``n`` samples, Saffron at each of ``widths``) searches the same ``limit``
+prompts on the embedded stack at every K of ``ks``: K = 1 runs them one after another as ``saffron eval`` does;
+K > 1 runs K at a time in lockstep (``batching.py``, ``--prompt-batch K``). Only the search is timed (no
+judges). Per run:
+
+- ``prompts_per_s``; ``gflops``: the sum of the prompts' own analytic FLOPs (what K = 1 would count) over the
+  wall time, and ``fraction_of_peak`` against ``peak_gflops``, an fp32 (the model's dtype) matrix product of
+  the model's MLP shape at the same thread count, timed here;
+- ``identical_share``: the share of prompts whose output tokens and FLOPs equal the first K's (K = 1 when it is
+  in ``ks``); any difference comes from float summation order (``batching.py``);
+- ``merged``: the coordinator's counts (merged forwards, parts and query tokens per forward).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from saffron.batching import Coordinator, fork_stack, lockstep_map
+from saffron.data import load_dataset
+from saffron.embedded import EMBEDDED_POLICY
+from saffron.errors import InputError
+from saffron.evaluate import EvalConfig, build_method, build_stack, check_prompt_batch, resolve, validate
+from saffron.flops import ArchSpec
+from saffron.methods import MethodResult, Stack, get_method
+from saffron.pipeline import prompt_seed, run_prompt
+from saffron.session import Session, make_session
+
+METHODS = ("none", "best-of-n", "saffron")
+KS = (1, 4, 16)
+WIDTHS = (44, 4)  # Saffron's matched width, and a small one
+N_SAMPLES = 32
+
+
+def matmul_peak(d_in: int, d_out: int, dtype: torch.dtype, rows: int = 512, seconds: float = 1.0) -> dict[str, Any]:
+    """GFLOP/s of ``[rows, d_in] @ [d_in, d_out]`` in ``dtype`` at torch's current thread count (the best of a
+    few timed batches after a warm-up)."""
+    x, w = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
+    for _ in range(3):
+        x @ w
+    flops, best, t_end = 2 * rows * d_in * d_out, 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            x @ w
+        best = max(best, 5 * flops / (time.perf_counter() - t0))
+    return {"peak_gflops": round(best / 1e9, 2), "gemm": [rows, d_in, d_out], "dtype": str(dtype).removeprefix(
+        "torch."), "threads": torch.get_num_threads()}
+
+
+def run_points(methods: Sequence[str], widths: Sequence[int], n: int, max_new_tokens: int | None
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """(method, options) for every run: Saffron once per width, Best-of-N with ``n`` samples."""
+    points = []
+    for m in methods:
+        get_method(m)  # an unknown name is one line
+        opts: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        if m == "saffron":
+            points += [(m, {**opts, "width": w}) for w in widths]
+        elif m == "best-of-n":
+            points.append((m, {**opts, "n": n}))
+        else:
+            points.append((m, opts))
+    return points
+
+
+def search_all(cfg: EvalConfig, stack: Stack, sessions: Sequence[tuple[str, Session]], k: int
+               ) -> tuple[list[MethodResult], float, dict[str, Any] | None]:
+    """Every session's search at prompt batch ``k``: results in session order, wall seconds, merged counts."""
+    method = build_method(cfg)
+
+    def one(st: Stack, i: int) -> tuple[int, MethodResult]:
+        pid, session = sessions[i]
+        return i, run_prompt(method, st, session, prompt_seed(cfg.seed, pid)).result
+
+    t0 = time.perf_counter()
+    if k == 1:
+        got = dict(one(stack, i) for i in range(len(sessions)))
+        return [got[i] for i in range(len(sessions))], time.perf_counter() - t0, None
+    coord = Coordinator()
+    workers = [fork_stack(stack, coord) for _ in range(min(k, len(sessions)))]
+    got = dict(lockstep_map(one, range(len(sessions)), workers, coord))
+    return [got[i] for i in range(len(sessions))], time.perf_counter() - t0, coord.stats.as_dict()
+
+
+def bench_throughput(methods: Sequence[str] = METHODS, ks: Sequence[int] = KS, limit: int = 16,
+                     widths: Sequence[int] = WIDTHS, n: int = N_SAMPLES, max_new_tokens: int | None = None,
+                     dataset: str = "pyrit-harmful", policy: str = EMBEDDED_POLICY) -> dict[str, Any]:
+    """See the module docstring. Usage: ``bench_throughput(["none"], ks=[1, 4], limit=4, max_new_tokens=8)``."""
+    if not ks or not methods:
+        raise InputError("bench throughput needs at least one method and one --k")
+    for k in ks:
+        check_prompt_batch(k, "--k")
+    if limit <= 0:
+        raise InputError(f"--limit must be a positive number of prompts, got {limit}")
+    if any(w <= 0 for w in widths) or n <= 0:
+        raise InputError("--widths and --n must be positive")
+    points = run_points(methods, widths, n, max_new_tokens)
+    runs: list[dict[str, Any]] = []
+    machine: dict[str, Any] | None = None
+    for name, opts in points:
+        cfg = resolve(EvalConfig(method=name, method_options=opts, dataset=dataset, policy=policy))
+        method = validate(cfg, limit)
+        stack = build_stack(cfg)
+        policy_model = stack.policy.model
+        if machine is None:
+            arch = ArchSpec.from_config(policy_model.hf.config)
+            machine = matmul_peak(arch.d_model, arch.d_ff, next(policy_model.hf.parameters()).dtype)
+        sessions = [(ex.id, make_session(policy_model, ex, None, cfg.prefill_tokens,
+                                         reserve=method.config.max_new_tokens))
+                    for ex in load_dataset(cfg.dataset)[:limit]]
+        ref: list[MethodResult] | None = None
+        base_rate = None
+        for k in ks:
+            results, wall, merged = search_all(cfg, stack, sessions, k)
+            ref = ref or results
+            flops = sum(sum(r.flops.values()) for r in results)
+            same = sum(a.output_ids == b.output_ids and a.flops == b.flops for a, b in zip(results, ref, strict=True))
+            rate = len(sessions) / wall
+            base_rate = base_rate or rate
+            gflops = flops / wall / 1e9
+            runs.append({"method": name, "options": {k2: v for k2, v in opts.items() if k2 != "max_new_tokens"},
+                         "k": k, "prompts": len(sessions), "seconds": round(wall, 3),
+                         "prompts_per_s": round(rate, 4), "gflops": round(gflops, 2),
+                         "fraction_of_peak": round(gflops / machine["peak_gflops"], 4),
+                         "speedup_vs_first_k": round(rate / base_rate, 3), "tflops_per_prompt": flops / len(
+                             sessions) / 1e12, "identical_share": same / len(sessions), "merged": merged})
+    assert machine is not None
+    return {**machine, "policy": policy, "dataset": dataset, "prompts": limit, "ks": list(ks),
+            "max_new_tokens": max_new_tokens, "runs": runs}
+
+
+def format_throughput(res: dict[str, Any]) -> str:
+    """A Markdown table of ``bench_throughput``'s runs."""
+    lines = [f"matmul peak: {res['peak_gflops']} GFLOP/s ({res['dtype']}, {res['threads']} threads, GEMM "
+             f"{'x'.join(map(str, res['gemm']))})", "",
+             "| method | options | K | prompts/s | GFLOP/s | of peak | speed-up | identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        opts = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        lines.append(f"| {r['method']} | {opts} | {r['k']} | {r['prompts_per_s']:.3f} | {r['gflops']:.1f} | "
+                     f"{100 * r['fraction_of_peak']:.1f} % | {r['speedup_vs_first_k']:.2f}x | "
+                     f"{100 * r['identical_share']:.0f} % |")
+    return "\n".join(lines)
