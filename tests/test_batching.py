@@ -104,6 +104,7 @@ def test_merged_forwards_equal_separate_ones_under_eviction_with_hidden_layers_a
         lambda _w, i: (i, play(*jobs[i])), range(len(jobs)), [None] * len(jobs), coord)))
     assert coord.stats.max_parts > len(KINDS)  # the forwards really were merged
     assert coord.stats.parts == sum(len(s) for s in scripts)
+    assert coord.stats.flops == sum(r.flops for r, _, _ in jobs)  # the merged work is the runners' sum
     for i, kind in enumerate(kinds):
         assert jobs[i][0].stats.trie.evicted_tokens > 0 if kind == "tight" else True
         for (la, ha, fa), (lb, hb, fb) in zip(alone[i], merged[i], strict=True):

@@ -55,18 +55,20 @@ H = TypeVar("H")
 class BatchStats:
     """What the coordinator ran: ``rounds`` (times it fired), ``forwards`` (merged forwards: one per model per
     round, plus each unmerged submission), ``parts`` (runner forwards they served), ``tokens`` (query tokens
-    run), ``seconds`` (wall time inside forwards) and ``max_parts`` (the most parts one forward merged)."""
+    run), ``flops`` (their analytic FLOPs: the sum of what the parts' runners count), ``seconds`` (wall time
+    inside forwards) and ``max_parts`` (the most parts one forward merged)."""
 
     rounds: int = 0
     forwards: int = 0
     parts: int = 0
     tokens: int = 0
+    flops: int = 0
     seconds: float = 0.0
     max_parts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "forwards": self.forwards, "parts": self.parts, "tokens": self.tokens,
-                "seconds": round(self.seconds, 3), "max_parts": self.max_parts,
+                "flops": self.flops, "seconds": round(self.seconds, 3), "max_parts": self.max_parts,
                 "parts_per_forward": round(self.parts / self.forwards, 3) if self.forwards else None,
                 "tokens_per_forward": round(self.tokens / self.forwards, 3) if self.forwards else None}
 
@@ -176,6 +178,7 @@ class Coordinator:
                     s.forwards += 1
                     s.parts += len(group)
                     s.tokens += sum(t.part.n for t in group)
+                    s.flops += sum(t.part.flops for t in group)
                     s.seconds += dt
                     s.max_parts = max(s.max_parts, len(group))
                 for t in group:

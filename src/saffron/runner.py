@@ -112,6 +112,12 @@ class ForwardPart:
         """Keys each query was scored against (the attention rectangle's width)."""
         return self.hi if self.cols is None else int(self.cols.shape[0])
 
+    @property
+    def flops(self) -> int:
+        """This part's analytic FLOPs (``flops.forward_flops``), what its runner adds to its count."""
+        return forward_flops(self.runner.arch, self.n, self.n * self.n_keys,
+                             int(self.out_rows.shape[0]) if self.want_logits else 0)
+
 
 class ForwardSink(Protocol):
     """Where a batched runner sends its parts (``batching.Coordinator``): ``submit`` returns once ``part`` is
@@ -302,8 +308,7 @@ class Runner:
         self.stats.forward_seconds += part.seconds
         self.stats.forwards += 1
         self.stats.computed_tokens += plan.n_queries
-        self.stats.flops += forward_flops(self.arch, plan.n_queries, plan.n_queries * part.n_keys,
-                                          len(seqs) if want_logits else 0)
+        self.stats.flops += part.flops
         return RunnerOutput(part.logits, part.hidden)
 
     def _key_columns(self, plan: Plan) -> torch.Tensor | None:
