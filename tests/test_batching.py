@@ -21,7 +21,7 @@ from saffron.model import Model
 from saffron.pipeline import run_prompt
 from saffron.runner import ForwardPart, Runner, run_parts
 from saffron.session import Session
-from tests.test_methods import SMALL, make_mrm, mrm_base, stack  # noqa: F401 - mrm_base is a fixture
+from tests.test_methods import SMALL, mrm_base, stack  # noqa: F401 - mrm_base is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
