@@ -212,7 +212,9 @@ def _options(max_new_tokens: int, temperature: float | None, top_p: float | None
 @app.command("compare")
 def compare_cmd(
     methods: str = typer.Option(",".join(("none", "best-of-n", "rebase", "deal-mcts", "saffron")), "--methods",
-                                help="Comma-separated methods."),
+                                help="Comma-separated methods; NAME@LABEL is a variant of NAME, a row of its own "
+                                "with its own -o NAME@LABEL:KEY=VALUE options (those of NAME do not apply to it), "
+                                "folders and --method-budgets (e.g. saffron,saffron@paper)."),
     budgets: str = typer.Option("1,2,4,8,16,32", "--budgets", help="Budget sweep (each method's knob: samples, "
                                 "width, simulations)."),
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
@@ -243,7 +245,9 @@ def compare_cmd(
     prefill_tokens: int = PREFILL_TOKENS,
     max_new_tokens: int = MAX_NEW,
     opt: list[str] = typer.Option([], "--opt", "-o",
-                                  help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
+                                  help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first); METHOD may be "
+                                  "a variant (saffron@paper); KEY reward or mrm replaces --reward/--mrm for that "
+                                  "row (e.g. -o best-of-n@prm:reward=head-prm)."),
     seed: int = SEED,
     quality: bool = QUALITY,
     preset: str | None = PRESET,
