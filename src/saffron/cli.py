@@ -186,6 +186,10 @@ def eval_cmd(
                      method_options=options, tuning=tuning, placement=_place(device, dtype, runner))
     cfg = resolve(cfg)
     validate(cfg, limit)
+    if tuning is not None:
+        from saffron.tune import check_tuning_fit
+
+        check_tuning_fit(cfg)  # a choice made for another policy, model or length is refused
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
         # after every option is checked: a run refused for bad input prints its error alone

@@ -197,9 +197,13 @@ def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check
             raise SaffronError(f"--seeds must be non-negative integers, got {list(cc.seeds)}")
         if len(set(cc.seeds)) != len(cc.seeds):
             raise SaffronError(f"--seeds names a seed twice: {list(cc.seeds)}")
+    from saffron.tune import check_tuning_fit  # here: tune builds on compare
+
     for m in cc.methods:
         for b in budgets_of(cc, m):
-            validate(point_config(cc, m, b), cc.limit)
+            cfg = point_config(cc, m, b)
+            validate(cfg, cc.limit)
+            check_tuning_fit(cfg)
     if cc.target_tflops is None:
         validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
     if cc.benign_limit is not None and cc.benign is None:
