@@ -810,15 +810,25 @@ def bench_serve_cmd(
 
 @mrm_app.command("inspect")
 def mrm_inspect_cmd(
-    path: str = typer.Argument(..., help="An MRM folder, or an embedded MRM: smol-mrm-head, smol-mrm."),
+    path: str = typer.Argument(..., help="An MRM or head PRM folder, or an embedded one by name: smol-mrm-head, "
+                               "smol-mrm, head-prm (also head-prm:PATH, as --reward takes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
     from saffron.mrm import EMBEDDED, check_mrm_spec
     from saffron.mrm.registry import inspect_mrm
 
-    check_mrm_spec(path)
-    _emit(inspect_mrm(EMBEDDED[path][0] if path in EMBEDDED else Path(path)), as_json)
+    name, _, arg = path.partition(":")
+    if name == "head-prm":  # the reward-model spec, as --reward takes it: the embedded head PRM or head-prm:PATH
+        from saffron.guards.base import check_guard_spec
+        from saffron.mrm.prm import ASSET
+
+        check_guard_spec(path)
+        folder = Path(arg) if arg else ASSET
+    else:
+        check_mrm_spec(path)
+        folder = EMBEDDED[path][0] if path in EMBEDDED else Path(path)
+    _emit(inspect_mrm(folder), as_json)
 
 
 def _fail(msg: str, code: int) -> None:
