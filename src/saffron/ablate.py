@@ -172,7 +172,7 @@ def format_ablation(result: Mapping[str, Any]) -> str:
     judges = result["judges"]
     flagged = False
     lines = [f"Ablation on n = {result['n']} dev prompts of {result['dataset']}; every row at matched compute (target "
-             f"{result['target_tflops']:.3f} TFLOP/prompt, +-{result['tolerance']:.0%}). ASR [Wilson 95% interval] "
+             f"{result['target_tflops']:.3g} TFLOP/prompt, +-{result['tolerance']:.0%}). ASR [Wilson 95% interval] "
              f"per judge; p: exact McNemar, two-sided, paired by prompt, per judge in the order {', '.join(judges)}, "
              "not corrected for the number of tests.", ""]
     head = ["row", "budget", "TFLOP/prompt", *(f"ASR {j}" for j in judges), "junk", f"p vs {result['reference']}",
