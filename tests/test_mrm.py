@@ -91,6 +91,23 @@ def test_cli_inspects_the_embedded_mrms_by_name(capsys: pytest.CaptureFixture[st
     assert e.value.code != 0 and "neither an embedded MRM" in capsys.readouterr().err
 
 
+def test_cli_inspects_the_head_prm_as_reward_takes_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``head-prm`` and ``head-prm:PATH`` name a head PRM in ``--reward``; inspect resolves them the same way."""
+    import json
+
+    from saffron.cli import main
+    from saffron.mrm.prm import ASSET
+
+    main(["mrm", "inspect", "head-prm", "--json"])
+    by_name = json.loads(capsys.readouterr().out)
+    assert by_name["kind"] == "prm" and by_name["path"] == str(ASSET)
+    main(["mrm", "inspect", f"head-prm:{ASSET}", "--json"])
+    assert json.loads(capsys.readouterr().out) == by_name
+    with pytest.raises(SystemExit) as e:
+        main(["mrm", "inspect", f"head-prm:{tmp_path / 'none'}"])
+    assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
 def test_inspect_refuses_a_corrupted_adapter(tmp_path: Path) -> None:
     from saffron.errors import SaffronError
 

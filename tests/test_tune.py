@@ -133,6 +133,13 @@ def test_tune_end_to_end_resumes_and_applies(tmp_path: Path, tiny_dir: Path, fak
         assert r["objective"] == pytest.approx(r["judges"]["fake-a"]["asr"] + r["junk"])
     want = min(rows, key=lambda r: (r["objective"], r["tflops_per_prompt"], r["index"]))["index"]
     assert saved["methods"]["best-of-n"]["chosen"] == {"index": want, "options": rows[want]["options"]}
+    # what the choice holds for: the chosen configuration's policy, models and lengths, as its point ran them
+    point = json.loads((Path(rows[want]["records"]).parent / "config.json").read_text())
+    assert saved["methods"]["best-of-n"]["fit"] == {
+        "policy": str(tiny_dir), "reward": guard, "mrm": None, "min_new_tokens": 3, "max_new_tokens": 3} == {
+        "policy": point["policy"], "reward": point["reward"], "mrm": point["mrm"],
+        "min_new_tokens": point["method_options"]["min_new_tokens"],
+        "max_new_tokens": point["method_options"]["max_new_tokens"]}
     md = (out / "tuning.md").read_text()
     assert "n = 2 dev prompts" in md and "not significant" in md.lower() and "ASR fake-a *" in md
 
@@ -170,15 +177,24 @@ def test_tune_end_to_end_resumes_and_applies(tmp_path: Path, tiny_dir: Path, fak
 
 
 def _tuning_file(tmp_path: Path, chosen: dict[str, dict[str, object]], split: str = "dev",
-                 prompts: tuple[str, ...] = ("question 2?",)) -> Path:
+                 prompts: tuple[str, ...] = ("question 2?",), fit: dict[str, object] | None = None) -> Path:
+    """A tuning.json as saffron tune writes it; without ``fit``, as written before the fit was recorded."""
     p = tmp_path / "tuning.json"
     p.write_text(json.dumps({"split": split, "prompt_sha256": [prompt_hash(q) for q in prompts],
-                             "methods": {m: {"chosen": {"index": 0, "options": o}} for m, o in chosen.items()}}))
+                             "methods": {m: {"chosen": {"index": 0, "options": o},
+                                             **({"fit": fit} if fit is not None else {})}
+                                         for m, o in chosen.items()}}))
     return p
 
 
+def _fit(tiny_dir: Path, **over: object) -> dict[str, object]:
+    """The fit of the tiny eval runs below (lengths 2: min_new_tokens' default cut to max_new_tokens)."""
+    guard = f"llama-guard-3:{tiny_dir}"
+    return {"policy": str(tiny_dir), "reward": guard, "mrm": None, "min_new_tokens": 2, "max_new_tokens": 2, **over}
+
+
 def test_tuned_eval_records_the_choice(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _tuning_file(tmp_path, {"best-of-n": {"temperature": 1.0, "top_p": 0.9}})
+    path = _tuning_file(tmp_path, {"best-of-n": {"temperature": 1.0, "top_p": 0.9}}, fit=_fit(tiny_dir))
     guard = f"llama-guard-3:{tiny_dir}"
     common = ["eval", "--method", "best-of-n", "-o", "n=1", "--policy", str(tiny_dir), "--judge", guard,
               "--reward", guard, "--prefill-tokens", "2", "--max-new-tokens", "2", "--limit", "1",

@@ -189,6 +189,10 @@ def eval_cmd(
                      method_options=options, tuning=tuning, placement=_place(device, dtype, runner))
     cfg = resolve(cfg)
     validate(cfg, limit)
+    if tuning is not None:
+        from saffron.tune import check_tuning_fit
+
+        check_tuning_fit(cfg)  # a choice made for another policy, model or length is refused
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         # after every option is checked: a run refused for bad input prints its error alone
@@ -215,7 +219,9 @@ def _options(max_new_tokens: int, temperature: float | None, top_p: float | None
 @app.command("compare")
 def compare_cmd(
     methods: str = typer.Option(",".join(("none", "best-of-n", "rebase", "deal-mcts", "saffron")), "--methods",
-                                help="Comma-separated methods."),
+                                help="Comma-separated methods; NAME@LABEL is a variant of NAME, a row of its own "
+                                "with its own -o NAME@LABEL:KEY=VALUE options (those of NAME do not apply to it), "
+                                "folders and --method-budgets (e.g. saffron,saffron@paper)."),
     budgets: str = typer.Option("1,2,4,8,16,32", "--budgets", help="Budget sweep (each method's knob: samples, "
                                 "width, simulations)."),
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
@@ -246,7 +252,9 @@ def compare_cmd(
     prefill_tokens: int = PREFILL_TOKENS,
     max_new_tokens: int = MAX_NEW,
     opt: list[str] = typer.Option([], "--opt", "-o",
-                                  help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first)."),
+                                  help="METHOD:KEY=VALUE, repeatable (e.g. -o saffron:final=first); METHOD may be "
+                                  "a variant (saffron@paper); KEY reward or mrm replaces --reward/--mrm for that "
+                                  "row (e.g. -o best-of-n@prm:reward=head-prm)."),
     seed: int = SEED,
     quality: bool = QUALITY,
     preset: str | None = PRESET,
@@ -395,6 +403,70 @@ def tune_cmd(
     if not as_json:
         typer.echo(f"tuning: {out / 'tuning.json'}  table: {out / 'tuning.md'}  apply: --tuned {out / 'tuning.json'}",
                    err=True)
+
+
+@app.command("ablate")
+def ablate_cmd(
+    dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
+                                "dev prompts (test, train and all are refused)."),
+    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder for the comparison's points, ablation.json, "
+                             "ablation.md (resumable)."),
+    judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
+                              "every row is reported under each."),
+    rows: str | None = typer.Option(None, "--rows", help="Rows to run, comma-separated keys of "
+                                    "saffron.methods.ablation (default: all; saffron@paper is always needed)."),
+    method_budgets: list[str] = typer.Option([], "--method-budgets", help="ROW=B: the first budget a row's matching "
+                                             "tries (default: its method's, as in tune), repeatable."),
+    target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
+                                               "(default: Best-of-N's at N=32 with the guard)."),
+    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in the comparison table."),
+    policy: str = POLICY,
+    reward: str | None = typer.Option(None, "--reward", help="The guard: reward model of the rows that use one "
+                                      "(default smol-guard)."),
+    lora_mrm: str = typer.Option("smol-mrm", "--lora-mrm", help="The paper's LoRA MRM (EOS masked), row "
+                                 "saffron@paper."),
+    head_mrm: str = typer.Option("smol-mrm-head", "--head-mrm", help="The head MRM of the other Saffron rows."),
+    prm: str = typer.Option("head-prm", "--prm", help="The cheap reward model of the baselines' @head-prm rows."),
+    prefill: str | None = PREFILL,
+    prefill_tokens: int = PREFILL_TOKENS,
+    max_new_tokens: int = MAX_NEW,
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json", help="Print ablation.json."),
+    backend: str = BACKEND,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int | None = RAY_WORKERS,
+    ray_gpus_per_worker: float | None = RAY_GPUS,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
+) -> None:
+    """Issue 13's ablation table on dev: the paper's Saffron, one change at a time up to the default, and the
+    baselines with the guard vs the head PRM, all at matched compute; ablation.md/ablation.json."""
+    from saffron.ablate import AblateConfig, format_ablation, run_ablate, validate_ablate
+    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.judges import parse_judges
+
+    budgets: dict[str, int] = {}
+    for mb in method_budgets:
+        k, sep, b = mb.partition("=")
+        bs = _int_list("--method-budgets", b) if sep else ()
+        if len(bs) != 1:
+            raise SaffronError(f"--method-budgets for ablate expects ROW=B (one budget), got '{mb}'")
+        budgets[k.strip()] = bs[0]
+    base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, prefill=prefill,
+                      prefill_tokens=prefill_tokens, seed=seed, quality=True,
+                      method_options={"max_new_tokens": max_new_tokens}, placement=_place(device, dtype, runner))
+    ac = AblateConfig(base=base, rows=None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()),
+                      lora_mrm=lora_mrm, head_mrm=head_mrm, prm=prm, method_budgets=budgets,
+                      target_tflops=target_tflops, limit=limit, tflop_lim=tflop_lim)
+    validate_ablate(ac)
+    _quiet_hf()
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+        res = run_ablate(ac, out, backend=be)
+    typer.echo(json.dumps(res, indent=2) if as_json else format_ablation(res))
+    if not as_json:
+        typer.echo(f"ablation: {out / 'ablation.json'}  table: {out / 'ablation.md'}", err=True)
 
 
 def _int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -832,15 +904,25 @@ def bench_serve_cmd(
 
 @mrm_app.command("inspect")
 def mrm_inspect_cmd(
-    path: str = typer.Argument(..., help="An MRM folder, or an embedded MRM: smol-mrm-head, smol-mrm."),
+    path: str = typer.Argument(..., help="An MRM or head PRM folder, or an embedded one by name: smol-mrm-head, "
+                               "smol-mrm, head-prm (also head-prm:PATH, as --reward takes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
     from saffron.mrm import EMBEDDED, check_mrm_spec
     from saffron.mrm.registry import inspect_mrm
 
-    check_mrm_spec(path)
-    _emit(inspect_mrm(EMBEDDED[path][0] if path in EMBEDDED else Path(path)), as_json)
+    name, _, arg = path.partition(":")
+    if name == "head-prm":  # the reward-model spec, as --reward takes it: the embedded head PRM or head-prm:PATH
+        from saffron.guards.base import check_guard_spec
+        from saffron.mrm.prm import ASSET
+
+        check_guard_spec(path)
+        folder = Path(arg) if arg else ASSET
+    else:
+        check_mrm_spec(path)
+        folder = EMBEDDED[path][0] if path in EMBEDDED else Path(path)
+    _emit(inspect_mrm(folder), as_json)
 
 
 def _fail(msg: str, code: int) -> None:

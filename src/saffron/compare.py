@@ -20,6 +20,15 @@ sampling methods' matched points are evaluated once per seed (its own folder) an
 intervals and tests use the first seed, whose points the matching searched. ScalEff's TFLOP_lim is fixed before
 the run (``tflop_lim``), not the largest point that happened to be evaluated.
 
+Variants (``methods``: ``NAME@LABEL``, e.g. ``saffron@paper``): one method several times under its own options,
+each a row of its own (key ``saffron@paper`` in the table and the JSON), with its own point folders (the label is in
+the folder name: ``points/saffron@paper-width44``), budgets (``method_budgets["saffron@paper"]``) and matching.
+A variant's options are its own alone: ``-o saffron:KEY=V`` (``method_options["saffron"]``) configures the plain
+``saffron`` row and no variant, so every row's configuration is written where it is named. Besides the method's
+options, a row may name its own search-time models: ``reward`` and ``mrm`` (``-o best-of-n@prm:reward=head-prm``,
+``-o saffron@lora:mrm=smol-mrm``) replace ``--reward``/``--mrm`` for that row only. A variant is never given
+``--tuned`` options: it is an explicit configuration. Methods without a label read and write exactly as before.
+
 Beside ASR (compare_quality.py): with ``benign``, each matched point answers benign prompts without prefill, and
 its over-refusal is reported with a Wilson interval and an exact McNemar test against ``none``'s; when ``none`` is
 compared, each method's distance from the undefended answers (MiniLM cosine, share identical).
@@ -28,6 +37,7 @@ compared, each method's distance from the undefended answers (MiniLM cosine, sha
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,15 +81,39 @@ SAMPLING_METHODS = ("best-of-n", "rejection", "rebase", "deal-mcts")
 # ScalEff's TFLOP_lim, fixed before the run: about 3x Best-of-N-32 on the embedded 135M stack (0.66 TFLOP/prompt
 # at 32 new tokens), so every default sweep point lies under it. Larger policies need their own --tflop-lim.
 DEFAULT_TFLOP_LIM = 2.0
+# A variant's label names folders, so it is kept to characters every file system takes as they are.
+LABEL = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+# Per-row options that choose a search-time model instead of configuring the method (EvalConfig.reward / .mrm).
+MODEL_OPTIONS = ("reward", "mrm")
+
+
+def method_of(key: str) -> str:
+    """The method a row key runs: ``saffron@paper`` -> ``saffron``; a plain name is itself."""
+    return key.partition("@")[0]
+
+
+def check_method_keys(keys: tuple[str, ...]) -> None:
+    """Refuse a row key named twice, or a variant label that is empty or could not name a folder."""
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise SaffronError(f"--methods names '{key}' twice; give each variant its own label (e.g. {key}@b)")
+        seen.add(key)
+        method, at, label = key.partition("@")
+        get_method(method)  # unknown: one line naming the known ones
+        if at and not LABEL.fullmatch(label):
+            raise SaffronError(f"--methods: variant label '{label}' of {method} must be 1-40 characters: lowercase "
+                               "letters, digits, '-' or '_', starting with a letter or digit (it names folders)")
 
 
 @dataclass
 class CompareConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
-    method_budgets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per method, instead of ``budgets``
+    method_budgets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per row key, instead of ``budgets``
     base: EvalConfig = field(default_factory=EvalConfig)  # dataset, models, attack, seed; method is replaced
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, besides the budget
+    # per row key (method or method@label), besides the budget; "reward"/"mrm" replace base.reward/base.mrm
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     target_tflops: float | None = None  # None: Best-of-N's at N=32
     tolerance: float = 0.10
     max_probes: int = 4  # extra evaluations per method to hit the target
@@ -92,11 +126,11 @@ class CompareConfig:
 
 def seeds_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
     seeds = cc.seeds if cc.seeds is not None else (cc.base.seed,)
-    return seeds if method in SAMPLING_METHODS else seeds[:1]
+    return seeds if method_of(method) in SAMPLING_METHODS else seeds[:1]
 
 
 def budget_knob(method: str) -> str | None:
-    return getattr(get_method(method), "budget", None)
+    return getattr(get_method(method_of(method)), "budget", None)
 
 
 def benign_limit_of(cc: CompareConfig) -> int | None:
@@ -108,21 +142,42 @@ def budgets_of(cc: CompareConfig, method: str) -> tuple[int, ...]:
 
 
 def point_config(cc: CompareConfig, method: str, budget: int | None, seed: int | None = None) -> EvalConfig:
+    """The evaluation of row ``method`` (a method or a variant ``method@label``) at ``budget``, resolved."""
     opts = dict(cc.method_options.get(method, {}))
+    models = {k: opts.pop(k) for k in MODEL_OPTIONS if k in opts}
     knob = budget_knob(method)
     if knob is not None and budget is not None:
         opts[knob] = budget
     opts.setdefault("max_new_tokens", cc.base.method_options.get("max_new_tokens", 32))
     seed = seeds_of(cc, method)[0] if seed is None else seed
+    base = cc.base if method_of(method) == method else replace(cc.base, tuning=None)  # a variant is never tuned
     # a preset (cc.base.preset) fixes the same lengths for every method; in compare, options are METHOD:KEY=VALUE
-    return resolve(replace(cc.base, method=method, method_options=opts, seed=seed),
+    return resolve(replace(base, method=method_of(method), method_options=opts, seed=seed, **models),
                    lambda k, v: f"--max-new-tokens {v}" if k == "max_new_tokens" else f"-o {method}:{k}={v}")
+
+
+def _check_model_options(cc: CompareConfig) -> None:
+    """``-o ROW:reward=...`` / ``mrm=...``: a model name, for a method that calls such a model."""
+    for key, opts in cc.method_options.items():
+        for k in MODEL_OPTIONS:
+            if k not in opts:
+                continue
+            if not isinstance(opts[k], str) or not opts[k].strip():
+                raise SaffronError(f"-o {key}:{k}={opts[k]}: {k} names a model (e.g. {k}="
+                                   f"{'head-prm' if k == 'reward' else 'smol-mrm'})")
+            if k not in get_method(method_of(key)).uses:
+                raise SaffronError(f"-o {key}:{k}={opts[k]}: method {method_of(key)} calls no {k} model")
 
 
 def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check per option
     """Everything checkable before a model loads: methods, budgets, options of every sweep point."""
     if not cc.methods:
         raise SaffronError("no methods to compare")
+    check_method_keys(cc.methods)
+    stray_opts = sorted(set(cc.method_options) - set(cc.methods))
+    if stray_opts:
+        raise SaffronError(f"--opt names method '{stray_opts[0]}', which is not in --methods")
+    _check_model_options(cc)
     stray = sorted(set(cc.method_budgets) - set(cc.methods))
     if stray:
         raise SaffronError(f"budgets are given for method '{stray[0]}', which is not in --methods")
@@ -142,9 +197,13 @@ def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check
             raise SaffronError(f"--seeds must be non-negative integers, got {list(cc.seeds)}")
         if len(set(cc.seeds)) != len(cc.seeds):
             raise SaffronError(f"--seeds names a seed twice: {list(cc.seeds)}")
+    from saffron.tune import check_tuning_fit  # here: tune builds on compare
+
     for m in cc.methods:
         for b in budgets_of(cc, m):
-            validate(point_config(cc, m, b), cc.limit)
+            cfg = point_config(cc, m, b)
+            validate(cfg, cc.limit)
+            check_tuning_fit(cfg)
     if cc.target_tflops is None:
         validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
     if cc.benign_limit is not None and cc.benign is None:
@@ -395,7 +454,7 @@ def run_compare(cc: CompareConfig, out: Path, sweep: bool = True, progress: bool
                       if len(seeds) > 1 else None),
             "scaleff": scaleff(lim, p["tflops_per_prompt"], p["asr"]),
             "budget": p["budget"], "knob": p["knob"], "seed": p["seed"],
-            "within_tolerance": m == "none" or abs(p["tflops_per_prompt"] / target - 1) <= cc.tolerance,
+            "within_tolerance": method_of(m) == "none" or abs(p["tflops_per_prompt"] / target - 1) <= cc.tolerance,
             "mean_reward": p["mean_reward"], "mean_new_tokens": p["mean_new_tokens"],
             "setup_tflops": p["setup_tflops"],
             "degenerate_share": degenerate_share(recs),

@@ -75,9 +75,10 @@ def preset_options(preset: Preset, method: str, names: Collection[str], given: M
     return out
 
 
-def preset_mrm(preset: Preset, given: str | None) -> str | None:
+def preset_mrm(preset: Preset, given: str | None, flag: str = "--mrm") -> str | None:
     """The MRM a run under ``preset`` uses: the preset's, or ``given`` if it has the same form (checked from its
-    manifest alone, before anything loads). A missing MRM folder is left to the usual check."""
+    manifest alone, before anything loads). A missing MRM folder is left to the usual check. ``flag``: the option
+    that gave ``given``, for the message."""
     if preset.mrm is None:
         return given
     spec = given or preset.mrm
@@ -97,6 +98,6 @@ def preset_mrm(preset: Preset, given: str | None) -> str | None:
         why = (f"has eos_in_mask={man.corpus.get('eos_in_mask')} (EOS supervised); the paper keeps EOS in the unseen "
                f"mask: retrain it with `saffron train-mrm --eos mask`")
     if why is not None:
-        where = f"--mrm {spec}" if given else f"its MRM {spec}"
+        where = f"{flag} {spec}" if given else f"its MRM {spec}"
         raise SaffronError(f"--preset {preset.name} needs a LoRA MRM with EOS in its unseen mask; {where} {why}")
     return spec

@@ -23,7 +23,11 @@ is what the rule exists to prevent. Outputs: ``out/tuning.json`` and ``out/tunin
 
 Applying a choice (``saffron compare|eval --tuned out/tuning.json``): ``apply_tuning`` gives each tuned method its
 chosen options, refuses a file not tuned on dev or tuned on any of the run's prompts, and records the file (path,
-sha256, the method's chosen options) in every ``config.json`` (``EvalConfig.tuning``).
+sha256, the method's chosen options) in every ``config.json`` (``EvalConfig.tuning``). A choice holds for what it was
+made with: ``tuning.json`` records, per method, the policy, the search-time reward model and MRM and the min/max new
+tokens of its chosen configuration (``fit``), and ``check_tuning_fit`` refuses (``IncompatibleError``, exit 4) a run
+whose method differs in any of them. A file written before ``fit`` existed has it read from its chosen points'
+``config.json``; where those folders are gone, the run is refused with the command that rewrites the file.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from saffron.compare import (
     validate_compare,
 )
 from saffron.data import DEV_SPLIT, Example, load_dataset, normalise_prompt, split_of
-from saffron.errors import SaffronError
+from saffron.errors import IncompatibleError, SaffronError
 from saffron.evaluate import (
     Backend,
     EvalConfig,
@@ -72,6 +76,8 @@ FIRST_BUDGETS = {"best-of-n": 32, "rejection": 32, "rebase": 3, "deal-mcts": 5, 
 LENGTHS = ("max_new_tokens", "min_new_tokens")
 # equal counts give equal objectives; rounding absorbs float noise, so such a tie goes to the tie-breaks
 OBJECTIVE_DECIMALS = 12
+# what a tuned choice holds for besides its options: it is refused for a run of the method that differs in any
+FIT_KEYS = ("policy", "reward", "mrm", "min_new_tokens", "max_new_tokens")
 
 
 @dataclass
@@ -118,19 +124,20 @@ def choose(rows: Sequence[Mapping[str, Any]]) -> int:
 # -- checks before any model loads -----------------------------------------------------------------------------
 
 
-def check_dev(spec: str, examples: Sequence[Example] | None = None) -> None:
+def check_dev(spec: str, examples: Sequence[Example] | None = None, verb: str = "tune chooses") -> None:
     """Refuse a dataset that is not dev prompts: a named set must say ``:dev``; a ``jsonl:`` file's prompts must
-    all lie in dev clusters (``saffron.splits``; checked when ``examples`` are given)."""
+    all lie in dev clusters (``saffron.splits``; checked when ``examples`` are given). ``verb`` starts the message
+    (``ablate`` shares the rule)."""
     if spec.startswith("jsonl:"):
         off = [ex.id for ex in examples or () if split_of(ex.prompt) != DEV_SPLIT]
         if off:
             raise SaffronError(f"{len(off)} of {len(examples or ())} prompts of '{spec}' are not in the dev split "
-                               f"(first: id {off[0]}); tune chooses on dev prompts only")
+                               f"(first: id {off[0]}); {verb} on dev prompts only")
         return
     name, _, split = spec.partition(":")
     if split != DEV_SPLIT:
-        raise SaffronError(f"tune chooses on the dev split only, and '{spec}' is the {split or 'test'} split: use "
-                           f"--dataset {name}:{DEV_SPLIT} (a choice made on test or train is not a held-out choice)")
+        raise SaffronError(f"{verb} on the dev split only, and '{spec}' is the {split or 'test'} split: use "
+                           f"--dataset {name}:{DEV_SPLIT} (what is read on test or train is not held out)")
 
 
 def _check_methods(tc: TuneConfig) -> None:  # noqa: C901 -- one flat check per option
@@ -253,9 +260,11 @@ def run_tune(tc: TuneConfig, out: Path, progress: bool = True, backend: Backend 
         res = run_compare(cc, out / f"grid-{i}", sweep=False, progress=progress, backend=backend)
         for m in tc.methods:
             methods[m]["configs"].append(_config_row(i, cc.method_options[m], res["methods"][m], independent[m]))
-    for d in methods.values():
+    for m, d in methods.items():
         i = choose(d["configs"])
         d["chosen"] = {"index": i, "options": d["configs"][i]["options"]}
+        cc = grid_compare(tc, i, target["tflops_per_prompt"])
+        d["fit"] = run_fit(point_config(cc, m, cc.method_budgets[m][0]))
     ids = [ex.id for ex in examples]
     base = tc.base
     result = {
@@ -312,6 +321,52 @@ def format_tuning(result: dict[str, Any]) -> str:
 
 
 # -- applying a choice -----------------------------------------------------------------------------------------
+
+
+def run_fit(cfg: EvalConfig) -> dict[str, Any]:
+    """What a resolved evaluation's tuned options hold for besides themselves (``FIT_KEYS``)."""
+    opts = build_method(cfg).options()
+    return {"policy": cfg.policy, "reward": cfg.reward, "mrm": cfg.mrm,
+            "min_new_tokens": opts["min_new_tokens"], "max_new_tokens": opts["max_new_tokens"]}
+
+
+def _old_fit(path: Path, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fit of a file written before ``fit`` was recorded, read from its chosen point's ``config.json`` (where
+    the tune ran, or beside the file); None if that folder is gone."""
+    try:
+        records = Path(entry["configs"][entry["chosen"]["index"]]["records"])
+    except (KeyError, IndexError, TypeError):
+        return None
+    for folder in (records.parent, path.parent / Path(*records.parts[-4:-1])):
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            opts = cfg["method_options"]
+            return {"policy": cfg["policy"], "reward": cfg["reward"], "mrm": cfg["mrm"],
+                    "min_new_tokens": opts["min_new_tokens"], "max_new_tokens": opts["max_new_tokens"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_tuning_fit(cfg: EvalConfig) -> None:
+    """Refuse a resolved evaluation under ``--tuned`` whose method runs with another policy, reward model, MRM or
+    length than its choice was made with (``IncompatibleError``: the options are tuned for something else)."""
+    t = cfg.tuning
+    if t is None or cfg.method not in t["chosen"]:
+        return
+    path = t["path"]
+    want = (t.get("fit") or {}).get(cfg.method)
+    if want is None or any(k not in want for k in FIT_KEYS):
+        raise SaffronError(f"--tuned {path} does not record the policy, models and lengths {cfg.method}'s choice was "
+                           "made with (written before tuning.json recorded them, and its point folders are gone): "
+                           "re-run the saffron tune command that wrote it (it resumes every finished point)")
+    mine = run_fit(cfg)
+    diff = [k for k in FIT_KEYS if want[k] != mine[k]]
+    if diff:
+        what = ", ".join(f"{k} {want[k]} (this run: {mine[k]})" for k in diff)
+        raise IncompatibleError(f"--tuned {path} chose {cfg.method}'s options with {what}: a choice made for another "
+                                "policy, model or length does not carry over; tune with this run's settings or drop "
+                                "--tuned")
 
 
 def load_tuning(path: Path) -> tuple[dict[str, Any], str]:
@@ -383,6 +438,9 @@ def apply_tuning(path: Path, methods: Sequence[str], given: Mapping[str, Mapping
             if k in mine and mine[k] != v:
                 raise SaffronError(f"{flag(m, k, mine[k])} contradicts {m}'s tuned {k}={v} in {path}")
             mine[k] = v
-    record = {"path": str(path), "sha256": sha, "chosen": {m: chosen[m] for m in methods if m in chosen}}
+    # "fit" stays out of config.json (EvalConfig.as_dict): check_tuning_fit reads it before anything runs
+    fit = {m: t["methods"][m].get("fit") or _old_fit(path, t["methods"][m]) for m in methods if m in chosen}
+    record = {"path": str(path), "sha256": sha, "chosen": {m: chosen[m] for m in methods if m in chosen},
+              "fit": fit}
     untuned = [m for m in methods if m not in chosen and m in grids.TUNING_GRIDS]
     return out, record, untuned
