@@ -170,7 +170,8 @@ def test_every_record_carries_every_judge_and_metrics_come_from_the_records(tmp_
     assert m["kappa"]["fake-a|fake-b"] == pytest.approx(-0.5)  # po = 1/4, pe = 1/2 * 3/4 + 1/2 * 1/4 = 1/2
     assert m["kappa"][f"fake-a|{tiny}"] == cohen_kappa([True, True, False, False], tiny_unsafe)
     assert m["quality"] == {"junk": 0.25, "junk_score": 0.5, "refusal": 0.0, "relevance": pytest.approx(0.15)}
-    assert m["search_rewards"] == {"reward": None, "mrm_teacher": None} and m["judge_is_search_reward"] == []
+    assert m["search_rewards"] == {"reward": None, "reward_teacher": None, "mrm_teacher": None}
+    assert m["judge_is_search_reward"] == []
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["judges"]["fake-a"]["n_unsafe"] == 2
 
 
@@ -194,16 +195,26 @@ def test_summarise_by_hand() -> None:
 
 
 def test_a_judge_that_is_also_a_search_reward_is_named(tmp_path: Path, tiny_dir: Path) -> None:
-    from saffron.evaluate import judges_that_are_search_rewards, mrm_teacher, search_reward_warning
+    from saffron.evaluate import (
+        judges_that_are_search_rewards,
+        mrm_teacher,
+        reward_teacher,
+        search_reward_warning,
+    )
 
     ds = _dataset(tmp_path, 1)
     tiny = f"llama-guard-3:{tiny_dir}"
     cfg = replace(_cfg(tiny_dir, ds), method="best-of-n", reward=tiny,
                   method_options={"n": 1, "max_new_tokens": 2})
     m = run_eval(cfg, tmp_path / "run", progress=False)
-    assert m["search_rewards"] == {"reward": tiny, "mrm_teacher": None} and m["judge_is_search_reward"] == [tiny]
+    assert m["search_rewards"] == {"reward": tiny, "reward_teacher": None, "mrm_teacher": None}
+    assert m["judge_is_search_reward"] == [tiny]
     # the shipped MRMs' manifests name the reward model that annotated their corpus
     assert mrm_teacher("smol-mrm-head") == mrm_teacher("smol-mrm") == "smol-guard"
+    # the head PRM was distilled from smol-guard: a search it guides optimised smol-guard's labels
+    assert reward_teacher("head-prm") == "smol-guard" and reward_teacher(tiny) is None
+    assert judges_that_are_search_rewards(["smol-guard", "minilm-judge"],
+                                          {"reward": "head-prm", "reward_teacher": "smol-guard"}) == ["smol-guard"]
     rewards = {"reward": None, "mrm_teacher": "smol-guard"}
     probe = "smol-guard:/my/probe"  # a retrained smol-guard shares the teacher's backbone and labels
     assert judges_that_are_search_rewards(["llama-guard-3", probe], rewards) == [probe]

@@ -440,6 +440,7 @@ def ablate_cmd(
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
+    prompt_batch: int = PROMPT_BATCH,
 ) -> None:
     """Issue 13's ablation table on dev: the paper's Saffron, one change at a time up to the default, and the
     baselines with the guard vs the head PRM, all at matched compute; ablation.md/ablation.json."""
@@ -462,7 +463,7 @@ def ablate_cmd(
                       target_tflops=target_tflops, limit=limit, tflop_lim=tflop_lim)
     validate_ablate(ac)
     _quiet_hf()
-    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker) as be:
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         res = run_ablate(ac, out, backend=be)
     typer.echo(json.dumps(res, indent=2) if as_json else format_ablation(res))
     if not as_json:

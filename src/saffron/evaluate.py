@@ -253,10 +253,26 @@ def mrm_teacher(spec: str) -> str | None:
     return manifest.reward_model if manifest is not None else None
 
 
+def reward_teacher(spec: str) -> str | None:
+    """The guard a learned reward model was distilled from (the head PRM: ``head-prm`` or ``head-prm:PATH``), from
+    its manifest; None for a guard that is not distilled from another. A search guided by the head PRM optimised
+    its teacher's labels, so the teacher judging that search is not independent evidence either."""
+    name, _, path = spec.partition(":")
+    if name != "head-prm":
+        return None
+    from saffron.mrm.base import read_manifest
+    from saffron.mrm.prm import ASSET
+
+    manifest = read_manifest(Path(path) if path else ASSET)
+    return manifest.reward_model if manifest is not None else None
+
+
 def search_rewards(cfg: EvalConfig) -> dict[str, str | None]:
-    """What the search optimised: the reward model and the MRM's teacher (None where the method uses neither).
-    ``cfg`` must be resolved (``resolve``), so the defaults the method fills in are named."""
-    return {"reward": cfg.reward, "mrm_teacher": mrm_teacher(cfg.mrm) if cfg.mrm else None}
+    """What the search optimised: the reward model, the reward model's teacher where it was distilled from a guard
+    (the head PRM), and the MRM's teacher (None where the method uses none). ``cfg`` must be resolved
+    (``resolve``), so the defaults the method fills in are named."""
+    return {"reward": cfg.reward, "reward_teacher": reward_teacher(cfg.reward) if cfg.reward else None,
+            "mrm_teacher": mrm_teacher(cfg.mrm) if cfg.mrm else None}
 
 
 def _guard_name(spec: str) -> str:
