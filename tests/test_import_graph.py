@@ -2,8 +2,10 @@
 
 Read with ``ast``, nothing imported: an edge A -> B for every import at the top level of module A (inside ``try``,
 ``if`` and ``with`` blocks too, which run at import time) that names module B, resolving ``from pkg import name`` to
-``pkg.name`` where that is a module and to ``pkg`` otherwise. Imports under ``if TYPE_CHECKING:`` and inside
-functions or classes' methods are not edges: they do not run when the module is imported.
+``pkg.name`` where that is a module and to ``pkg`` otherwise. Importing ``a.b.c`` runs ``a/b/__init__`` first, so
+it is an edge to the package ``a.b`` too, unless ``a.b`` holds the importing module (a package is in
+``sys.modules`` before its own submodules run). Imports under ``if TYPE_CHECKING:`` and inside functions are not
+edges: they do not run when the module is imported.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
     return out
 
 
+def _packages(module: str) -> list[str]:
+    """The packages whose ``__init__`` runs before ``module``: ``a.b.c`` -> ``a``, ``a.b``."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def import_graph(root: Path = ROOT, package: str = ROOT_NAME) -> dict[str, set[str]]:
     files = module_files(root, package)
     known = set(files)
@@ -80,6 +88,8 @@ def import_graph(root: Path = ROOT, package: str = ROOT_NAME) -> dict[str, set[s
         edges: set[str] = set()
         for node in _top_level_imports(tree.body):
             edges |= _resolve(node, module, path.name == "__init__.py", known)
+        own = set(_packages(module)) | {module}
+        edges |= {pkg for target in edges for pkg in _packages(target) if pkg in known and pkg not in own}
         graph[module] = edges - {module}
     return graph
 
@@ -131,8 +141,26 @@ def test_graph_finds_a_cycle_through_from_imports_and_relative_imports(tmp_path:
         "c.py": "import os\ntry:\n    import pkg.a\nexcept ImportError:\n    pass\nthing = 1\n",
     })
     graph = import_graph(root, "pkg")
-    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
+    assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"}
+    assert graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+
+
+def test_graph_sees_a_cycle_through_a_package_init(tmp_path: Path) -> None:
+    """guards/__init__ -> guards.registry -> mrm.prm -> guards.base runs guards/__init__ again: a cycle, although
+    no module names guards/__init__ directly."""
+    root = _write(tmp_path / "pkg", {
+        "__init__.py": "",
+        "guards/__init__.py": "from pkg.guards.registry import load\n",
+        "guards/base.py": "class Base: ...\n",
+        "guards/registry.py": "from pkg.mrm.prm import Prm\n",
+        "mrm/__init__.py": "",
+        "mrm/prm.py": "from pkg.guards.base import Base\n",
+    })
+    graph = import_graph(root, "pkg")
+    assert graph["pkg.mrm.prm"] == {"pkg.guards", "pkg.guards.base"}
+    assert graph["pkg.guards.registry"] == {"pkg.mrm", "pkg.mrm.prm"}  # its own package pkg.guards is no edge
+    assert find_cycle(graph) == ["pkg.guards", "pkg.guards.registry", "pkg.mrm.prm", "pkg.guards"]
 
 
 def test_graph_ignores_type_checking_and_function_level_imports(tmp_path: Path) -> None:

@@ -158,10 +158,10 @@ def eval_cmd(
     runner: str = RUNNER,
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
+    from saffron.backends import make_backend
     from saffron.evaluate import (
         EvalConfig,
         format_table,
-        make_backend,
         resolve,
         run_eval,
         search_reward_warning,
@@ -260,8 +260,9 @@ def compare_cmd(
     runner: str = RUNNER,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
+    from saffron.backends import make_backend
     from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
-    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.evaluate import EvalConfig
     from saffron.judges import parse_judges
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -364,7 +365,8 @@ def tune_cmd(
 ) -> None:
     """Choose every method's configuration on dev: its tuning grid at matched compute, lowest mean ASR under the
     independent judges + junk rate. Apply with compare/eval --tuned OUT/tuning.json."""
-    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.backends import make_backend
+    from saffron.evaluate import EvalConfig
     from saffron.judges import parse_judges
     from saffron.tune import TuneConfig, format_tuning, run_tune, validate_tune
 
@@ -679,7 +681,7 @@ def bench_mrm_cmd(
     _place(device, dtype, runner)
     _quiet_hf()
     if reward is not None:
-        from saffron.guards.base import check_guard_spec
+        from saffron.guards.registry import check_guard_spec
 
         check_guard_spec(reward)  # before any model loads
     model = load_mrm_spec(mrm)

@@ -33,7 +33,7 @@ from saffron.data import Example, check_dataset_spec, load_dataset, training_ove
 from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec
+from saffron.guards.registry import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method, make_method, option_names
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, QualityLike, load_stack, prompt_seed, run_prompt
@@ -376,23 +376,6 @@ class LocalBackend:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def make_backend(kind: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
-                 ray_gpus_per_worker: float | None = None) -> Backend:
-    """The backend the CLI's ``--backend`` names. Checks its options and that Ray is importable, so a mistake is
-    reported before any model loads; starts nothing (Ray starts when the first prompt needs it)."""
-    if kind == "local":
-        given = [f for f, v in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
-                                ("--ray-gpus-per-worker", ray_gpus_per_worker)) if v is not None]
-        if given:
-            raise SaffronError(f"{given[0]} needs --backend ray")
-        return LocalBackend()
-    if kind == "ray":
-        from saffron.distributed import RayBackend
-
-        return RayBackend(address=ray_address, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker)
-    raise SaffronError(f"unknown backend '{kind}'; known: local, ray")
 
 
 def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: bool = True,

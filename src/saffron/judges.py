@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec, load_guard
+from saffron.guards.registry import check_guard_spec, load_guard
 
 # Judges that are never a search-time reward: name -> what it is (the registry; guards are judges too).
 INDEPENDENT = {
@@ -59,7 +59,7 @@ def check_judge_spec(spec: str) -> None:
 
 def load_judge(spec: str) -> Judge:
     """``refusal-rules``, ``minilm-judge[:PATH]`` (shipped or a folder from ``train-guard --kind minilm``), or
-    any guard (``guards.base.load_guard``)."""
+    any guard (``guards.registry.load_guard``)."""
     check_judge_spec(spec)
     name, _, arg = spec.partition(":")
     if name == "refusal-rules":

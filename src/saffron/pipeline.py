@@ -49,7 +49,7 @@ def load_mrm_for(spec: str, policy: Model) -> Mrm:
 
 def load_stack(policy: str, reward: str | None = None, mrm: str | None = None) -> Stack:
     """Load the policy and the given search-time models, each behind its own runner."""
-    from saffron.guards.base import load_guard
+    from saffron.guards.registry import load_guard
     from saffron.model import load_model
     from saffron.runner import Runner
 

@@ -315,7 +315,7 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
         **info,
     }
     if siblings > 0:
-        from saffron.guards.base import load_guard
+        from saffron.guards.registry import load_guard
 
         spec = info.get("data_reward_model") or model.manifest.reward_model or DEFAULT_REWARD
         rm = reward if isinstance(reward, RewardModel) else load_guard(reward or spec)

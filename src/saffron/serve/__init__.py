@@ -42,7 +42,7 @@ def build_engine(cfg: ServeConfig) -> Engine:
 
 def serve(cfg: ServeConfig, log_level: str = "info") -> None:
     """Everything a user can get wrong is refused before the models load: settings, model specs, the port."""
-    from saffron.guards.base import check_guard_spec
+    from saffron.guards.registry import check_guard_spec
     from saffron.judges import check_judge_spec
     from saffron.mrm import check_mrm_spec
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saffron.errors import BusyError, SaffronError
-from saffron.guards.base import RewardModel, check_guard_spec
+from saffron.guards.base import RewardModel
+from saffron.guards.registry import check_guard_spec
 from saffron.judges import Judge, check_judge_spec
 from saffron.methods import Method, Stack, get_method, make_method, option_default, option_names
 from saffron.model import Model
@@ -123,7 +124,7 @@ def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
     ``saffron.judges``: a guard, minilm-judge or refusal-rules). Reward and MRM are loaded when a method first
     needs them; guards share their backbone through ``load_model``'s memo, and every MRM instance after the first
     shares the first one's weights."""
-    from saffron.guards import load_guard
+    from saffron.guards.registry import load_guard
     from saffron.judges import load_judge
     from saffron.model import load_model
     from saffron.mrm import check_mrm_spec
