@@ -36,7 +36,10 @@ from saffron.errors import SaffronError
 from saffron.guards.registry import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method, make_method, option_names
+from saffron.mrm import EMBEDDED, check_mrm_spec
+from saffron.mrm.base import read_manifest
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, QualityLike, load_stack, prompt_seed, run_prompt
+from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
 from saffron.provenance import record_provenance, run_models
 from saffron.runner import check_architecture
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
@@ -122,8 +125,6 @@ def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> E
     models the method needs and the user left out, so ``config.json`` names every model used; drop the ones it
     does not use, so they cannot make two equal runs look different."""
     if cfg.preset is not None:
-        from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
-
         preset = get_preset(cfg.preset)
         opts = preset_options(preset, cfg.method, option_names(cfg.method), cfg.method_options,
                               flag or eval_flag)
@@ -154,8 +155,6 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
     if cfg.reward is not None:
         check_guard_spec(cfg.reward)
     if cfg.mrm is not None:
-        from saffron.mrm import check_mrm_spec
-
         check_mrm_spec(cfg.mrm)
     return build_method(cfg)
 
@@ -246,9 +245,6 @@ def summarise(records: list[dict[str, Any]], judges: Sequence[str] | None = None
 def mrm_teacher(spec: str) -> str | None:
     """The reward model that annotated an MRM's training corpus, from its manifest (None: the manifest does not
     say, as in the authors' release). Reads one JSON file; loads nothing."""
-    from saffron.mrm import EMBEDDED
-    from saffron.mrm.base import read_manifest
-
     manifest = read_manifest(EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec))
     return manifest.reward_model if manifest is not None else None
 

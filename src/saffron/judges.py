@@ -10,10 +10,13 @@ reported under judges the search never optimised (a judge that the search optimi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from saffron.errors import SaffronError
 from saffron.guards.registry import check_guard_spec, load_guard
+from saffron.minilm_judge import MinilmJudge
+from saffron.refusal import RefusalRulesJudge
 
 # Judges that are never a search-time reward: name -> what it is (the registry; guards are judges too).
 INDEPENDENT = {
@@ -63,14 +66,8 @@ def load_judge(spec: str) -> Judge:
     check_judge_spec(spec)
     name, _, arg = spec.partition(":")
     if name == "refusal-rules":
-        from saffron.refusal import RefusalRulesJudge
-
         return RefusalRulesJudge()
     if name == "minilm-judge":
-        from pathlib import Path
-
-        from saffron.minilm_judge import MinilmJudge
-
         return MinilmJudge(Path(arg) if arg else None, name=spec)
     return load_guard(spec)
 

@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from saffron.data import TEST_SPLIT, guard_labelled
+from saffron.embedded import convert
 from saffron.encoder import get_encoder
 from saffron.minilm_judge import MinilmJudge
 from saffron.quality import QualityScorer
@@ -35,8 +36,6 @@ JUNK_PER_KIND = 100
 def _policy_prefixes(texts: list[str], n: int) -> list[str]:
     """The first ``n`` tokens of each text in the embedded policy's tokenizer (tokenizer only; no model load)."""
     from transformers import AutoTokenizer
-
-    from saffron.embedded import convert
 
     tok = AutoTokenizer.from_pretrained(str(convert()))
     return [str(tok.decode(tok.encode(t, add_special_tokens=False)[:n])) for t in texts]

@@ -31,11 +31,11 @@ from typing import Any
 
 from saffron.errors import BusyError, SaffronError
 from saffron.guards.base import RewardModel
-from saffron.guards.registry import check_guard_spec
-from saffron.judges import Judge, check_judge_spec
+from saffron.guards.registry import check_guard_spec, load_guard
+from saffron.judges import Judge, check_judge_spec, load_judge
 from saffron.methods import Method, Stack, get_method, make_method, option_default, option_names
-from saffron.model import Model
-from saffron.mrm import Mrm
+from saffron.model import Model, load_model
+from saffron.mrm import Mrm, check_mrm_spec
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, load_mrm_for, prompt_seed, run_prompt
 from saffron.runner import Runner
 from saffron.serve.schemas import ApiError, ChatCompletionRequest
@@ -124,11 +124,6 @@ def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
     ``saffron.judges``: a guard, minilm-judge or refusal-rules). Reward and MRM are loaded when a method first
     needs them; guards share their backbone through ``load_model``'s memo, and every MRM instance after the first
     shares the first one's weights."""
-    from saffron.guards.registry import load_guard
-    from saffron.judges import load_judge
-    from saffron.model import load_model
-    from saffron.mrm import check_mrm_spec
-
     reward_spec, mrm_spec = reward or DEFAULT_REWARD, mrm or DEFAULT_MRM
     check_guard_spec(reward_spec)
     check_mrm_spec(mrm_spec)
