@@ -70,8 +70,9 @@ def _quiet_hf() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # transformers leaves these two unannotated
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 @app.command()
@@ -723,8 +724,9 @@ def serve_cmd(
     policy: str = POLICY,
     reward: str | None = REWARD,
     mrm: str | None = MRM,
-    judge: str | None = typer.Option(None, "--judge", help="Judge that scores every answer (off by default): a "
-                                     "guard, minilm-judge or refusal-rules."),
+    judge: str | None = typer.Option(None, "--judge", help="Judges that score every answer (off by default), "
+                                     "comma-separated: guards, minilm-judge or refusal-rules; the first is primary "
+                                     "(the response's reward), every verdict is under saffron.judges."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length when a request sets none."),
     opt: list[str] = OPTS,
     seed: int = typer.Option(0, "--seed", help="Seed when a request sets none."),
@@ -743,6 +745,7 @@ def serve_cmd(
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
     from saffron.evaluate import parse_options
+    from saffron.judges import parse_judges
     from saffron.serve import ServeConfig, ServeSettings, serve
 
     options = parse_options(opt)
@@ -751,9 +754,9 @@ def serve_cmd(
     settings = ServeSettings(method=method, method_options=options, default_max_tokens=max_new_tokens,
                              max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
                              max_queue=max_queue, seed=seed)
-    cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
+    judges = parse_judges(judge) if judge is not None else ()
+    cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judges=judges, host=host, port=port,
                       threads=threads)
-    settings.check()
     _place(device, dtype, runner)  # the server's models, loaded now and lazily later, all land there
     _quiet_hf()
     serve(cfg)

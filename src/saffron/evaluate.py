@@ -91,7 +91,8 @@ class EvalConfig:
         del d["placement"]
         if self.placement.dtype != "auto":  # absent for the default: folders written before --dtype still resume
             d["dtype"] = self.placement.dtype
-        return json.loads(json.dumps(d, sort_keys=True))
+        out: dict[str, Any] = json.loads(json.dumps(d, sort_keys=True))
+        return out
 
 
 def build_method(cfg: EvalConfig) -> Method[Any]:

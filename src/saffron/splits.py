@@ -78,7 +78,7 @@ def similarities(texts: Sequence[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, 0))
     _, x = vectorise(texts)
-    s = np.round((x @ x.T).toarray(), SIM_DECIMALS)
+    s: np.ndarray = np.round((x @ x.T).toarray(), SIM_DECIMALS)  # scipy's sparse matrices are untyped
     np.fill_diagonal(s, 0.0)
     return s
 

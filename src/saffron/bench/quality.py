@@ -71,7 +71,10 @@ def bench_judges(judge_dir: Path | None = None) -> dict[str, Any]:
 
     everyone = list(range(len(rows)))
     res: dict[str, Any] = {"n_test": len(rows), "n_test_unsafe": int(y.sum()), "split": TEST_SPLIT}
-    for name, fn in (("minilm-judge", lambda t, i: minilm(t, i)), ("refusal-rules", lambda t, i: rules(t))):
+    def rules_of(texts: list[str], idx: list[int]) -> np.ndarray:
+        return rules(texts)
+
+    for name, fn in (("minilm-judge", minilm), ("refusal-rules", rules_of)):
         r_full, r_pre = fn(full, everyone), fn(pre, everyone)
         res[name] = {
             "auc_full": _auc_unsafe(y, r_full), "auc_prefix16": _auc_unsafe(y, r_pre),

@@ -242,7 +242,7 @@ class Saffron(Method[SaffronOptions]):
         return MethodResult(beam[chosen].tokens, ctx.meter.delta(), trace)
 
     def _rank(self, scores: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, rows: torch.Tensor,
-              toks: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
+              toks: torch.Tensor, sequences: list[tuple[int, ...]]) -> torch.Tensor:
         """The candidates' ranking key: the MRM's score, plus the policy's log-probability weighted by
         ``policy_weight``, minus ``REPEAT_DEMOTION`` for a token that repeats an n-gram of its ``sequences`` row
         (prefill included). ``logits`` and ``cand`` are cut to the shared vocabulary."""

@@ -80,7 +80,7 @@ class LmHeadBias(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``h``: [N, d] final hidden states; ``tokens``: [N] -> predicted rewards [N] (float32)."""
-        out = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
+        out: torch.Tensor = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
         if self.own_bias is not None:
             out = out + self.own_bias[tokens].float()
         return out
@@ -330,7 +330,7 @@ def _train_steps(model: Model, rows: list[RewardRow], state: _TrainState, stop: 
             if not torch.isfinite(loss):
                 raise SaffronError(f"MRM training diverged at step {state.step + 1} (loss {float(loss)}); lower the lr")
             state.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             state.opt.step()
             state.step += 1
             state.losses.append(float(loss.detach()))
