@@ -25,6 +25,8 @@ JUDGE = typer.Option("smol-guard", "--judge", help="Judges, comma-separated (e.g
                      "first is the primary judge (the record's reward and the headline ASR), every one is reported.")
 QUALITY = typer.Option(False, "--quality/--no-quality", help="Score every output's quality (junk, relevance, "
                        "refusal; needs saffron.quality) and report the means.")
+LIMIT = typer.Option(None, "--limit", help="Evaluate the first N prompts (default: all).")
+AS_JSON = typer.Option(False, "--json", help="Print JSON.")
 SEED = typer.Option(0, "--seed", help="Seed; the same seed gives the same records.")
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens to generate after the prefill.")
 TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (methods that sample).")
@@ -133,7 +135,7 @@ def eval_cmd(
                                "rebase, deal-mcts, saffron."),
     dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
                                 "jsonl:PATH."),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for records.jsonl and metrics.json."),
     policy: str = POLICY,
     judge: str = JUDGE,
@@ -219,7 +221,7 @@ def compare_cmd(
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
                                              "for one method, repeatable (e.g. --method-budgets saffron=2,4)."),
     dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec."),
-    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32)."),
@@ -334,7 +336,7 @@ def tune_cmd(
                                 "to tune (each has a grid in saffron.methods.grids; none is never tuned)."),
     dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
                                 "dev prompts (test, train and all are refused)."),
-    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder for grid-i comparisons, tuning.json, "
                              "tuning.md (resumable)."),
     judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
@@ -451,7 +453,7 @@ def bench_guard_cmd(
     judges: str | None = typer.Option(None, "--judges", help="Comma-separated guards/judges for the robustness "
                                       "suite (default: the guard under test), e.g. smol-guard,refusal-rules."),
     seed: int = typer.Option(0, "--seed", help="Seed of the robustness suite's row sample and rewrites."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -471,7 +473,7 @@ def bench_guard_cmd(
 def bench_quality_cmd(
     judge: Path | None = typer.Option(None, "--judge", help="minilm-judge folder (default: the shipped one)."),
     junk: Path | None = typer.Option(None, "--junk", help="Junk detector folder (default: the shipped one)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Test-split figures of the independent judges and the junk detector (AUC per junk kind, false positives)."""
     from saffron.bench.quality import bench_quality
@@ -495,7 +497,7 @@ def bench_cache_cmd(
     steps: int = typer.Option(32, "--steps", min=1, help="New tokens per sequence."),
     nocache: bool = typer.Option(True, "--nocache/--no-nocache", help="Also time full recompute (slow)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Time the cached replays this many times, keep best."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -509,7 +511,7 @@ def bench_cache_cmd(
 
 
 @bench_app.command("flops")
-def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."), device: str = DEVICE,
+def bench_flops_cmd(as_json: bool = AS_JSON, device: str = DEVICE,
                     dtype: str = DTYPE, runner: str = RUNNER) -> None:
     """Analytic FLOPs vs torch's FlopCounterMode on the same runner calls."""
     from saffron.bench.flops import bench_flops
@@ -527,7 +529,7 @@ def bench_ray_cmd(
     max_new_tokens: int = MAX_NEW,
     local_threads: int | None = typer.Option(None, "--local-threads", min=1, help="Torch threads for the local "
                                              "run (default: one per core)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """The same eval on the local backend and on a local Ray instance: byte-identical files, Ray's overhead."""
     from saffron.bench.ray import bench_ray
@@ -668,7 +670,7 @@ def bench_mrm_cmd(
                                      "top-p 0.8 nucleus, most probable first, capped here."),
     reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
                                       "held-out folder's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -694,7 +696,7 @@ def bench_mrm_cmd(
 
 @bench_app.command("splits")
 def bench_splits_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Audit the train/dev/test splits: rows and clusters per split, cross-split near-duplicates (must be 0)."""
     from saffron.bench.splits import bench_splits
@@ -705,7 +707,7 @@ def bench_splits_cmd(
 @bench_app.command("annotate")
 def bench_annotate_cmd(
     rows: int = typer.Option(4, "--rows", min=1, help="Rows to annotate."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -791,7 +793,7 @@ def bench_serve_cmd(
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Server's searches at once."),
     threads: int | None = typer.Option(1, "--threads", min=1, help="Torch CPU threads (one is fastest for the "
                                        "135M model on a busy 2-core machine)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -808,7 +810,7 @@ def bench_serve_cmd(
 @mrm_app.command("inspect")
 def mrm_inspect_cmd(
     path: str = typer.Argument(..., help="An MRM folder, or an embedded MRM: smol-mrm-head, smol-mrm."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
     from saffron.mrm import EMBEDDED, check_mrm_spec
