@@ -280,8 +280,8 @@ def test_a_prompt_batch_below_one_is_one_line_and_writes_nothing(k: str, tmp_pat
 
 
 def test_ray_refuses_a_prompt_batch() -> None:
+    from saffron.backends import make_backend
     from saffron.errors import SaffronError
-    from saffron.evaluate import make_backend
 
     with pytest.raises(SaffronError, match="--prompt-batch needs --backend local"):
         make_backend("ray", prompt_batch=2)

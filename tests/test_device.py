@@ -164,7 +164,7 @@ def test_build_stack_refuses_a_reward_model_on_another_device(tiny_dir: Path, mo
     import saffron.evaluate as ev
 
     elsewhere = SimpleNamespace(runner=SimpleNamespace(model=SimpleNamespace(device=torch.device("meta"))))
-    monkeypatch.setattr("saffron.guards.base.load_guard", lambda spec: elsewhere)  # what pipeline.load_stack calls
+    monkeypatch.setattr("saffron.pipeline.load_guard", lambda spec: elsewhere)  # what pipeline.load_stack calls
     cfg = EvalConfig(method="best-of-n", policy=str(tiny_dir), reward="smol-guard")
     with pytest.raises(SaffronError, match="reward on meta"):
         ev.build_stack(cfg)

@@ -9,7 +9,7 @@ import pytest
 from saffron.data import guard_labelled, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.evaluate import EvalConfig, run_eval
-from saffron.guards import load_guard
+from saffron.guards.registry import load_guard
 from saffron.model import load_model
 from tests.conftest import embedded
 

@@ -103,7 +103,7 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
 def test_judge_instructions_are_setup_so_a_prompt_costs_the_same_alone_or_after_others(tmp_path: Path,
                                                                                          tiny_dir: Path) -> None:
     from saffron.flops import straight_flops
-    from saffron.guards.base import load_guard
+    from saffron.guards.registry import load_guard
 
     ds = _dataset(tmp_path, 3)
     run_eval(_cfg(tiny_dir, ds), tmp_path / "all", progress=False)

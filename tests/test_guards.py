@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from saffron.errors import SaffronError
-from saffron.guards.base import load_guard
 from saffron.guards.llama_guard import CATEGORIES, LLAMA_GUARD_3_PROMPT
+from saffron.guards.registry import load_guard
 from saffron.guards.smol_guard import Probe, ProbeGuard, ProbeSpec, chat_guard_prompt, load_probe, save_probe
 
 

@@ -69,6 +69,7 @@ def _assert_same_answer(record: dict[str, Any], out: Any) -> None:
     method_flops = {k: v for k, v in out.flops.items() if k not in ("judge", "total")}
     assert method_flops == {k: v for k, v in record["flops"].items() if k != "total"}
     assert out.flops["judge"] == sum(record["judge_flops"].values())
+    assert out.verdicts == record["judges"]  # every judge, the primary first
 
 
 # -- (a) eval, generate and serve agree, on models loaded from specs as the CLI loads them ---------------------
@@ -108,7 +109,7 @@ def test_eval_generate_and_serve_give_the_same_answer(name: str, tmp_path: Path,
     assert gen["reward"] == record["reward"] and gen["new_tokens"] == record["new_tokens"]
     assert gen["flops"] == {k: v for k, v in record["flops"].items() if k != "total"}
 
-    _assert_same_answer(record, _served(load_models(str(tiny_dir), reward=reward, judge=guard), name))
+    _assert_same_answer(record, _served(load_models(str(tiny_dir), reward=reward, judges=(guard,)), name))
 
 
 # -- (a) the same with an MRM (Saffron), on models built in memory ---------------------------------------------
@@ -127,7 +128,7 @@ def test_saffron_eval_and_serve_give_the_same_answer(tiny: Model) -> None:
         records += [evaluate_prompt(cfg, method, models, ex), evaluate_prompt(cfg, method, models, ex)]
     assert all(r == records[0] for r in records)
     served = _served(ModelSet(tiny, reward=lambda: tiny_guard(tiny), mrm=lambda: tiny_mrm(tiny),
-                              judge=lambda: tiny_guard(tiny)), "saffron")
+                              judges={"tiny-guard": lambda: tiny_guard(tiny)}), "saffron")
     _assert_same_answer(records[0], served)
 
 

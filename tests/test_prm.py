@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec, load_guard
+from saffron.guards.registry import check_guard_spec, load_guard
 from saffron.methods.base import Stack
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.rebase import Rebase

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from saffron.bench.serve import bench_serve, completion_problems, malformed_cases
 from saffron.cli import main
 from saffron.data import Example
-from saffron.errors import BudgetError, IncompatibleError, UnavailableError
+from saffron.errors import BudgetError, IncompatibleError, SaffronError, UnavailableError
 from saffron.evaluate import prompt_seed
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.methods import METHODS, Stack
@@ -37,10 +37,12 @@ from saffron.methods.saffron import Saffron
 from saffron.model import Model
 from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
 from saffron.mrm.lora import LoraMrm
+from saffron.refusal import RefusalRulesJudge
 from saffron.runner import Runner
 from saffron.serve import Engine, ModelSet, ServeSettings, background_server, create_app
 from saffron.serve.app import bind, text_pieces
 from saffron.serve.engine import SEED_KEY, Outcome
+from saffron.serve.schemas import ChatCompletionRequest
 from saffron.session import Session
 from tests.conftest import embedded
 
@@ -80,8 +82,8 @@ class Counted:
 
 def model_set(tiny: Model, judge: bool = False) -> ModelSet:
     return ModelSet(tiny, reward=Counted(lambda: tiny_guard(tiny)), mrm=Counted(lambda: tiny_mrm(tiny)),
-                    judge=(lambda: tiny_guard(tiny)) if judge else None,
-                    names={"reward": "tiny-guard", "mrm": "tiny-mrm", "judge": "tiny-guard" if judge else None})
+                    judges={"tiny-guard": lambda: tiny_guard(tiny)} if judge else None,
+                    names={"reward": "tiny-guard", "mrm": "tiny-mrm"})
 
 
 def engine(tiny: Model, judge: bool = False, **kw: Any) -> Engine:
@@ -123,6 +125,7 @@ def test_chat_completion_shape_usage_and_flops(client: TestClient, tiny: Model) 
     assert s["options"]["min_new_tokens"] == 5  # the default 16 is cut to the length asked for
     assert s["prefill"] == "Sure, here is" and s["method_flops"] == f["total"] - f["judge"]
     assert s["judge"] == "tiny-guard" and isinstance(s["reward"], float) and s["unsafe"] == (s["reward"] < 0)
+    assert s["judges"] == {"tiny-guard": {"reward": s["reward"], "unsafe": s["unsafe"]}}
     assert choice["finish_reason"] == ("length" if u["completion_tokens"] == 5 else "stop")
 
 
@@ -219,7 +222,7 @@ def test_stream_pieces_never_split_a_character(tiny: Model) -> None:
     assert len(ids) > len(text)  # byte tokens: the accents and the euro sign take several
     eng = engine(tiny)
     out = Outcome(text=tiny.decode(ids), output_ids=ids, finish_reason="stop", flops={}, method_flops=0,
-                  reward=None, trace={}, queue_s=0, search_s=0)
+                  reward=None, verdicts={}, trace={}, queue_s=0, search_s=0)
     pieces = list(text_pieces(eng, out))
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces) and len(pieces) > 3
 
@@ -294,6 +297,35 @@ def test_bad_requests_get_a_4xx_naming_the_problem(client: TestClient, body: Any
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert message in err["message"] and err["param"] == param
+
+
+def test_every_judge_scores_the_answer_and_the_first_is_primary(tiny: Model) -> None:
+    one = Engine(model_set(tiny, judge=True), ServeSettings(method="none", default_max_tokens=4))
+    two = Engine(ModelSet(tiny, reward=lambda: tiny_guard(tiny), mrm=lambda: tiny_mrm(tiny),
+                          judges={"refusal-rules": RefusalRulesJudge, "tiny-guard": lambda: tiny_guard(tiny)}),
+                 ServeSettings(method="none", default_max_tokens=4))
+    try:
+        alone = one.run(one.prepare(ChatCompletionRequest(messages=ATTACK)))
+        both = two.run(two.prepare(ChatCompletionRequest(messages=ATTACK)))
+    finally:
+        one.close()
+        two.close()
+    assert both.text == alone.text
+    assert list(both.verdicts) == ["refusal-rules", "tiny-guard"]  # the server's order, primary first
+    assert both.verdicts["tiny-guard"] == alone.verdicts["tiny-guard"]  # a judge's verdict does not depend on others
+    assert both.reward == both.verdicts["refusal-rules"]["reward"] in (1.0, -1.0)
+    # one role for the judges: their FLOPs together, as their kept prefixes in setup_flops
+    assert both.flops["judge"] == alone.flops["judge"]  # refusal-rules computes no FLOPs
+    assert two.setup_flops()["judge"] == one.setup_flops()["judge"]
+
+
+def test_settings_are_checked_once_when_made() -> None:
+    with pytest.raises(SaffronError, match="--max-queue must be >= 0"):
+        ServeSettings(max_queue=-1)
+    with pytest.raises(SaffronError, match="exceeds this server's --max-width"):
+        ServeSettings(method="saffron", method_options={"width": 9}, max_width=8)
+    s = ServeSettings(method="saffron", method_options={"width": 2})
+    assert s.configured.options()["width"] == 2 and s == ServeSettings(method="saffron", method_options={"width": 2})
 
 
 def test_judge_off_by_default_and_refused_when_absent(tiny: Model) -> None:
@@ -481,6 +513,8 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["-o", "max_new_tokens=8"], "--max-new-tokens, not -o max_new_tokens"),
     (["--reward", "gpt"], "unknown guard 'gpt'"),
     (["--judge", "gpt"], "unknown judge 'gpt'"),
+    (["--judge", "refusal-rules,gpt"], "unknown judge 'gpt'"),
+    (["--judge", "refusal-rules,refusal-rules"], "--judge names 'refusal-rules' twice"),
     (["--mrm", "/no/such/mrm"], "MRM '/no/such/mrm' is neither"),
     (["--port", "0"], "Invalid value for '--port'"),
     (["--port", "70000"], "Invalid value for '--port'"),
@@ -522,14 +556,18 @@ def test_serve_command_serves_the_policy(tiny_dir: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr("saffron.serve.run_server", fake_run)
     monkeypatch.setattr("saffron.serve.bind", bind_free)
+    guard = f"llama-guard-3:{tiny_dir}"
     main(["serve", "--policy", str(tiny_dir), "--method", "none", "--port", "8123", "--max-tokens-limit", "8",
-          "--max-new-tokens", "4", "-o", "temperature=0.5"])
+          "--max-new-tokens", "4", "-o", "temperature=0.5", "--judge", f"{guard},refusal-rules"])
     err = capsys.readouterr().err
     assert seen["asked"] == ("127.0.0.1", 8123)
     assert "serving" in err and f"http://127.0.0.1:{seen['port']}/v1" in err
     assert seen["answer"]["saffron"]["options"] == {"max_new_tokens": 3, "min_new_tokens": 3, "temperature": 0.5,
                                                     "top_p": 1.0}
     assert seen["answer"]["usage"]["completion_tokens"] <= 3
+    info = seen["answer"]["saffron"]  # --judge A,B: both score the answer, the first is primary
+    assert list(info["judges"]) == [guard, "refusal-rules"] and info["judge"] == guard
+    assert info["reward"] == info["judges"][guard]["reward"] and info["unsafe"] == info["judges"][guard]["unsafe"]
     assert "limit of 8" in seen["bad"]["error"]["message"]
 
 

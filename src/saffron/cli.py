@@ -25,6 +25,8 @@ JUDGE = typer.Option("smol-guard", "--judge", help="Judges, comma-separated (e.g
                      "first is the primary judge (the record's reward and the headline ASR), every one is reported.")
 QUALITY = typer.Option(False, "--quality/--no-quality", help="Score every output's quality (junk, relevance, "
                        "refusal; needs saffron.quality) and report the means.")
+LIMIT = typer.Option(None, "--limit", help="Evaluate the first N prompts (default: all).")
+AS_JSON = typer.Option(False, "--json", help="Print JSON.")
 SEED = typer.Option(0, "--seed", help="Seed; the same seed gives the same records.")
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens to generate after the prefill.")
 TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (methods that sample).")
@@ -72,8 +74,9 @@ def _quiet_hf() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # transformers leaves these two unannotated
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 @app.command()
@@ -134,7 +137,7 @@ def eval_cmd(
                                "rebase, deal-mcts, saffron."),
     dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
                                 "jsonl:PATH."),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for records.jsonl and metrics.json."),
     policy: str = POLICY,
     judge: str = JUDGE,
@@ -161,10 +164,10 @@ def eval_cmd(
     runner: str = RUNNER,
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
+    from saffron.backends import make_backend
     from saffron.evaluate import (
         EvalConfig,
         format_table,
-        make_backend,
         resolve,
         run_eval,
         search_reward_warning,
@@ -227,7 +230,7 @@ def compare_cmd(
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
                                              "for one method, repeatable (e.g. --method-budgets saffron=2,4)."),
     dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec."),
-    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32)."),
@@ -272,8 +275,9 @@ def compare_cmd(
     runner: str = RUNNER,
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
+    from saffron.backends import make_backend
     from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
-    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.evaluate import EvalConfig
     from saffron.judges import parse_judges
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -344,7 +348,7 @@ def tune_cmd(
                                 "to tune (each has a grid in saffron.methods.grids; none is never tuned)."),
     dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
                                 "dev prompts (test, train and all are refused)."),
-    limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
+    limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder for grid-i comparisons, tuning.json, "
                              "tuning.md (resumable)."),
     judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
@@ -377,7 +381,8 @@ def tune_cmd(
 ) -> None:
     """Choose every method's configuration on dev: its tuning grid at matched compute, lowest mean ASR under the
     independent judges + junk rate. Apply with compare/eval --tuned OUT/tuning.json."""
-    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.backends import make_backend
+    from saffron.evaluate import EvalConfig
     from saffron.judges import parse_judges
     from saffron.tune import TuneConfig, format_tuning, run_tune, validate_tune
 
@@ -445,7 +450,8 @@ def ablate_cmd(
     """Issue 13's ablation table on dev: the paper's Saffron, one change at a time up to the default, and the
     baselines with the guard vs the head PRM, all at matched compute; ablation.md/ablation.json."""
     from saffron.ablate import AblateConfig, format_ablation, run_ablate, validate_ablate
-    from saffron.evaluate import EvalConfig, make_backend
+    from saffron.backends import make_backend
+    from saffron.evaluate import EvalConfig
     from saffron.judges import parse_judges
 
     budgets: dict[str, int] = {}
@@ -526,7 +532,7 @@ def bench_guard_cmd(
     judges: str | None = typer.Option(None, "--judges", help="Comma-separated guards/judges for the robustness "
                                       "suite (default: the guard under test), e.g. smol-guard,refusal-rules."),
     seed: int = typer.Option(0, "--seed", help="Seed of the robustness suite's row sample and rewrites."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -546,7 +552,7 @@ def bench_guard_cmd(
 def bench_quality_cmd(
     judge: Path | None = typer.Option(None, "--judge", help="minilm-judge folder (default: the shipped one)."),
     junk: Path | None = typer.Option(None, "--junk", help="Junk detector folder (default: the shipped one)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Test-split figures of the independent judges and the junk detector (AUC per junk kind, false positives)."""
     from saffron.bench.quality import bench_quality
@@ -570,7 +576,7 @@ def bench_cache_cmd(
     steps: int = typer.Option(32, "--steps", min=1, help="New tokens per sequence."),
     nocache: bool = typer.Option(True, "--nocache/--no-nocache", help="Also time full recompute (slow)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Time the cached replays this many times, keep best."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -609,7 +615,7 @@ def bench_throughput_cmd(
 
 
 @bench_app.command("flops")
-def bench_flops_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."), device: str = DEVICE,
+def bench_flops_cmd(as_json: bool = AS_JSON, device: str = DEVICE,
                     dtype: str = DTYPE, runner: str = RUNNER) -> None:
     """Analytic FLOPs vs torch's FlopCounterMode on the same runner calls."""
     from saffron.bench.flops import bench_flops
@@ -627,7 +633,7 @@ def bench_ray_cmd(
     max_new_tokens: int = MAX_NEW,
     local_threads: int | None = typer.Option(None, "--local-threads", min=1, help="Torch threads for the local "
                                              "run (default: one per core)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """The same eval on the local backend and on a local Ray instance: byte-identical files, Ray's overhead."""
     from saffron.bench.ray import bench_ray
@@ -768,7 +774,7 @@ def bench_mrm_cmd(
                                      "top-p 0.8 nucleus, most probable first, capped here."),
     reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
                                       "held-out folder's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -782,7 +788,7 @@ def bench_mrm_cmd(
     _place(device, dtype, runner)
     _quiet_hf()
     if reward is not None:
-        from saffron.guards.base import check_guard_spec
+        from saffron.guards.registry import check_guard_spec
 
         check_guard_spec(reward)  # before any model loads
     model = load_mrm_spec(mrm)
@@ -794,7 +800,7 @@ def bench_mrm_cmd(
 
 @bench_app.command("splits")
 def bench_splits_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Audit the train/dev/test splits: rows and clusters per split, cross-split near-duplicates (must be 0)."""
     from saffron.bench.splits import bench_splits
@@ -805,7 +811,7 @@ def bench_splits_cmd(
 @bench_app.command("annotate")
 def bench_annotate_cmd(
     rows: int = typer.Option(4, "--rows", min=1, help="Rows to annotate."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -824,8 +830,9 @@ def serve_cmd(
     policy: str = POLICY,
     reward: str | None = REWARD,
     mrm: str | None = MRM,
-    judge: str | None = typer.Option(None, "--judge", help="Judge that scores every answer (off by default): a "
-                                     "guard, minilm-judge or refusal-rules."),
+    judge: str | None = typer.Option(None, "--judge", help="Judges that score every answer (off by default), "
+                                     "comma-separated: guards, minilm-judge or refusal-rules; the first is primary "
+                                     "(the response's reward), every verdict is under saffron.judges."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length when a request sets none."),
     opt: list[str] = OPTS,
     seed: int = typer.Option(0, "--seed", help="Seed when a request sets none."),
@@ -844,6 +851,7 @@ def serve_cmd(
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
     from saffron.evaluate import parse_options
+    from saffron.judges import parse_judges
     from saffron.serve import ServeConfig, ServeSettings, serve
 
     options = parse_options(opt)
@@ -852,9 +860,9 @@ def serve_cmd(
     settings = ServeSettings(method=method, method_options=options, default_max_tokens=max_new_tokens,
                              max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
                              max_queue=max_queue, seed=seed)
-    cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judge=judge, host=host, port=port,
+    judges = parse_judges(judge) if judge is not None else ()
+    cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judges=judges, host=host, port=port,
                       threads=threads)
-    settings.check()
     _place(device, dtype, runner)  # the server's models, loaded now and lazily later, all land there
     _quiet_hf()
     serve(cfg)
@@ -889,7 +897,7 @@ def bench_serve_cmd(
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Server's searches at once."),
     threads: int | None = typer.Option(1, "--threads", min=1, help="Torch CPU threads (one is fastest for the "
                                        "135M model on a busy 2-core machine)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -907,7 +915,7 @@ def bench_serve_cmd(
 def mrm_inspect_cmd(
     path: str = typer.Argument(..., help="An MRM or head PRM folder, or an embedded one by name: smol-mrm-head, "
                                "smol-mrm, head-prm (also head-prm:PATH, as --reward takes it)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """What an MRM folder holds: kind, base model, shapes, vocabulary, masked tokens. Reads files only."""
     from saffron.mrm import EMBEDDED, check_mrm_spec
@@ -915,7 +923,7 @@ def mrm_inspect_cmd(
 
     name, _, arg = path.partition(":")
     if name == "head-prm":  # the reward-model spec, as --reward takes it: the embedded head PRM or head-prm:PATH
-        from saffron.guards.base import check_guard_spec
+        from saffron.guards.registry import check_guard_spec
         from saffron.mrm.prm import ASSET
 
         check_guard_spec(path)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ def _check_model_options(cc: CompareConfig) -> None:
                 raise SaffronError(f"-o {key}:{k}={opts[k]}: method {method_of(key)} calls no {k} model")
 
 
-def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check per option
+def validate_compare(cc: CompareConfig) -> None:
     """Everything checkable before a model loads: methods, budgets, options of every sweep point."""
     if not cc.methods:
         raise SaffronError("no methods to compare")
@@ -178,6 +178,23 @@ def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check
     if stray_opts:
         raise SaffronError(f"--opt names method '{stray_opts[0]}', which is not in --methods")
     _check_model_options(cc)
+    _check_budgets(cc)
+    _check_seeds(cc.seeds)
+    from saffron.tune import check_tuning_fit  # here: tune builds on compare
+
+    for m in cc.methods:
+        for b in budgets_of(cc, m):
+            cfg = point_config(cc, m, b)
+            validate(cfg, cc.limit)
+            check_tuning_fit(cfg)
+    if cc.target_tflops is None:
+        validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
+    _check_benign(cc)
+    require("matplotlib", "plot", "saffron compare (its ASR-vs-TFLOP plot)")  # before hours of work, not after
+
+
+def _check_budgets(cc: CompareConfig) -> None:
+    """Budgets, the matching tolerance and the compute targets."""
     stray = sorted(set(cc.method_budgets) - set(cc.methods))
     if stray:
         raise SaffronError(f"budgets are given for method '{stray[0]}', which is not in --methods")
@@ -190,22 +207,21 @@ def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check
         raise SaffronError(f"--target-tflops must be positive, got {cc.target_tflops}")
     if not cc.tflop_lim > 0 or not math.isfinite(cc.tflop_lim):
         raise SaffronError(f"--tflop-lim must be a positive number of TFLOP per prompt, got {cc.tflop_lim}")
-    if cc.seeds is not None:
-        if not cc.seeds:
-            raise SaffronError("--seeds names no seed; give comma-separated non-negative integers, e.g. 0,1,2")
-        if any(s < 0 for s in cc.seeds):
-            raise SaffronError(f"--seeds must be non-negative integers, got {list(cc.seeds)}")
-        if len(set(cc.seeds)) != len(cc.seeds):
-            raise SaffronError(f"--seeds names a seed twice: {list(cc.seeds)}")
-    from saffron.tune import check_tuning_fit  # here: tune builds on compare
 
-    for m in cc.methods:
-        for b in budgets_of(cc, m):
-            cfg = point_config(cc, m, b)
-            validate(cfg, cc.limit)
-            check_tuning_fit(cfg)
-    if cc.target_tflops is None:
-        validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
+
+def _check_seeds(seeds: Sequence[int] | None) -> None:
+    if seeds is None:
+        return
+    if not seeds:
+        raise SaffronError("--seeds names no seed; give comma-separated non-negative integers, e.g. 0,1,2")
+    if any(s < 0 for s in seeds):
+        raise SaffronError(f"--seeds must be non-negative integers, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise SaffronError(f"--seeds names a seed twice: {list(seeds)}")
+
+
+def _check_benign(cc: CompareConfig) -> None:
+    """--benign/--benign-limit, and every method's first point on the benign set."""
     if cc.benign_limit is not None and cc.benign is None:
         raise SaffronError("--benign-limit needs --benign (e.g. --benign benign:dev)")
     if cc.benign_limit is not None and cc.benign_limit <= 0:
@@ -213,7 +229,6 @@ def validate_compare(cc: CompareConfig) -> None:  # noqa: C901 -- one flat check
     if cc.benign is not None:
         for m in cc.methods:
             validate(benign_config(point_config(cc, m, budgets_of(cc, m)[0]), cc.benign), benign_limit_of(cc))
-    require("matplotlib", "plot", "saffron compare (its ASR-vs-TFLOP plot)")  # before hours of work, not after
 
 
 class Comparison:
@@ -500,78 +515,106 @@ def _fmt_seeds(d: dict[str, Any], judge: str) -> str:
     return f"{j['mean']:.3f} +- {sd} ({', '.join(f'{v:.2f}' for v in j['asr'])})"
 
 
-def format_comparison(result: dict[str, Any]) -> str:  # noqa: C901 -- one branch per optional table column
+def format_comparison(result: dict[str, Any]) -> str:
     judges = result["config"]["judges"]
-    primary = judges[0]
     methods = result["methods"]
     lines = [f"Matched compute: target {result['target_tflops']:.3f} TFLOP/prompt "
              f"(+-{result['tolerance']:.0%}); ScalEff with TFLOP_lim = {result['tflop_lim']:.3f} (fixed before the "
              "run). ASR [Wilson 95% interval] per judge; the first judge is primary.", ""]
-    head = ["method", "budget", "n", *(f"ASR {j}" for j in judges)]
-    if len(judges) > 1:
-        head.append("ASR any judge")
-    head += ["TFLOP/prompt", "ScalEff", "mean reward", "new tokens", "degenerate"]
-    qkeys = sorted({k for d in methods.values() for k in (d.get("quality") or {})})
-    head += [f"quality {k}" for k in qkeys]
-    benign = result.get("benign")
-    if benign:
-        head += ["benign refusal", "benign junk", "benign relevance"]
-    distance = result.get("distance")
-    if distance:
-        head += ["sim to none", "same as none"]
-    seeded = any(d.get("seeds") for d in methods.values())
-    if seeded:
-        head.append(f"ASR {primary} over seeds: mean +- sd (each)")
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for m, d in methods.items():
-        budget = "-" if d["budget"] is None else f"{d['knob']}={d['budget']}"
-        se = "-" if d["scaleff"] is None else f"{d['scaleff']:.2f}"
-        flag = "" if d["within_tolerance"] else " (off target)"
-        cells = [m, budget, str(d["n"]), *(format_rate(d["judges"][j]["asr"], d["judges"][j]["ci95"])
-                                          for j in judges)]
-        if len(judges) > 1:
-            cells.append(format_rate(d["asr_any"], d["asr_any_ci95"]))
-        cells += [f"{d['tflops_per_prompt']:.3f}{flag}", se, f"{d['mean_reward']:+.2f}",
-                  f"{d['mean_new_tokens']:.1f}", f"{d['degenerate_share']:.2f}"]
-        cells += ["-" if (d.get("quality") or {}).get(k) is None else f"{d['quality'][k]:.2f}" for k in qkeys]
-        if benign:
-            b = d.get("benign") or {}
-            cells += [format_rate(b.get("refusal"), b.get("refusal_ci95")), _num(b.get("junk"), "{:.2f}"),
-                      _num(b.get("relevance"), "{:.2f}")]
-        if distance:
-            cells += [_num(d.get("sim_to_none"), "{:.3f}"), _num(d.get("same_as_none"), "{:.2f}")]
-        if seeded:
-            cells.append(_fmt_seeds(d, primary))
-        lines.append("| " + " | ".join(cells) + " |")
-    ref = result.get("reference")
-    lines.append("")
-    if ref is None:
-        lines.append("Versus Best-of-N: not tested (no Best-of-N point: add best-of-n to --methods).")
-    else:
-        lines.append(f"Versus Best-of-N at n={ref['budget']} (exact McNemar test on the prompts paired, two-sided, "
-                     "alpha = 0.05, not corrected for the number of tests):")
-        for m, d in methods.items():
-            if d["p_vs_best_of_n"] is None:
-                continue
-            for j in judges:
-                theirs = methods.get("best-of-n", {}).get("judges", {}).get(j, {}).get("asr")
-                vs = "" if theirs is None else f" vs {theirs:.3f}"
-                lines.append(f"- {m} under {j}: ASR {d['judges'][j]['asr']:.3f}{vs}: "
-                             f"{verdict(d['p_vs_best_of_n'][j])}")
+    lines += _table_lines(result)
+    lines += ["", *_reference_lines(result)]
     if len(judges) > 1:
         lines += ["", "Agreement between judges (Cohen's kappa):"]
         for m, d in methods.items():
             ks = ", ".join(f"{k.replace('|', ' / ')} {'-' if v is None else f'{v:.2f}'}" for k, v in d["kappa"].items())
             lines.append(f"- {m}: {ks}")
-    if benign:
-        lines += ["", *_benign_lines(benign, methods)]
-    if distance:
-        lines += ["", *_distance_lines(distance)]
+    if result.get("benign"):
+        lines += ["", *_benign_lines(result["benign"], methods)]
+    if result.get("distance"):
+        lines += ["", *_distance_lines(result["distance"])]
     flagged = sorted({j for d in methods.values() for j in d["judge_is_search_reward"]})
     if flagged:
         lines += ["", f"Note: judge {', '.join(flagged)} is also a search-time reward of some method here: the "
                   "search optimised its score, so its ASR is not independent evidence."]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which optional columns the comparison table has: a column only where some method has its figure."""
+
+    judges: list[str]
+    quality: list[str]  # quality keys reported by some method
+    benign: bool
+    distance: bool
+    seeded: bool
+
+    @classmethod
+    def of(cls, result: dict[str, Any]) -> _Columns:
+        methods = result["methods"].values()
+        return cls(judges=result["config"]["judges"],
+                   quality=sorted({k for d in methods for k in (d.get("quality") or {})}),
+                   benign=bool(result.get("benign")), distance=bool(result.get("distance")),
+                   seeded=any(d.get("seeds") for d in methods))
+
+    def head(self) -> list[str]:
+        head = ["method", "budget", "n", *(f"ASR {j}" for j in self.judges)]
+        if len(self.judges) > 1:
+            head.append("ASR any judge")
+        head += ["TFLOP/prompt", "ScalEff", "mean reward", "new tokens", "degenerate"]
+        head += [f"quality {k}" for k in self.quality]
+        if self.benign:
+            head += ["benign refusal", "benign junk", "benign relevance"]
+        if self.distance:
+            head += ["sim to none", "same as none"]
+        if self.seeded:
+            head.append(f"ASR {self.judges[0]} over seeds: mean +- sd (each)")
+        return head
+
+    def row(self, m: str, d: dict[str, Any]) -> list[str]:
+        budget = "-" if d["budget"] is None else f"{d['knob']}={d['budget']}"
+        se = "-" if d["scaleff"] is None else f"{d['scaleff']:.2f}"
+        flag = "" if d["within_tolerance"] else " (off target)"
+        cells = [m, budget, str(d["n"]), *(format_rate(d["judges"][j]["asr"], d["judges"][j]["ci95"])
+                                          for j in self.judges)]
+        if len(self.judges) > 1:
+            cells.append(format_rate(d["asr_any"], d["asr_any_ci95"]))
+        cells += [f"{d['tflops_per_prompt']:.3f}{flag}", se, f"{d['mean_reward']:+.2f}",
+                  f"{d['mean_new_tokens']:.1f}", f"{d['degenerate_share']:.2f}"]
+        cells += ["-" if (d.get("quality") or {}).get(k) is None else f"{d['quality'][k]:.2f}" for k in self.quality]
+        if self.benign:
+            b = d.get("benign") or {}
+            cells += [format_rate(b.get("refusal"), b.get("refusal_ci95")), _num(b.get("junk"), "{:.2f}"),
+                      _num(b.get("relevance"), "{:.2f}")]
+        if self.distance:
+            cells += [_num(d.get("sim_to_none"), "{:.3f}"), _num(d.get("same_as_none"), "{:.2f}")]
+        if self.seeded:
+            cells.append(_fmt_seeds(d, self.judges[0]))
+        return cells
+
+
+def _table_lines(result: dict[str, Any]) -> list[str]:
+    cols = _Columns.of(result)
+    head = cols.head()
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return lines + ["| " + " | ".join(cols.row(m, d)) + " |" for m, d in result["methods"].items()]
+
+
+def _reference_lines(result: dict[str, Any]) -> list[str]:
+    """Each method against Best-of-N, per judge (McNemar)."""
+    judges, methods, ref = result["config"]["judges"], result["methods"], result.get("reference")
+    if ref is None:
+        return ["Versus Best-of-N: not tested (no Best-of-N point: add best-of-n to --methods)."]
+    lines = [f"Versus Best-of-N at n={ref['budget']} (exact McNemar test on the prompts paired, two-sided, "
+             "alpha = 0.05, not corrected for the number of tests):"]
+    for m, d in methods.items():
+        if d["p_vs_best_of_n"] is None:
+            continue
+        for j in judges:
+            theirs = methods.get("best-of-n", {}).get("judges", {}).get(j, {}).get("asr")
+            vs = "" if theirs is None else f" vs {theirs:.3f}"
+            lines.append(f"- {m} under {j}: ASR {d['judges'][j]['asr']:.3f}{vs}: {verdict(d['p_vs_best_of_n'][j])}")
+    return lines
 
 
 def _num(v: float | None, f: str) -> str:

@@ -70,7 +70,7 @@ class EvalWorker:
 
     def __init__(self) -> None:
         self.models: dict[tuple[str | None, ...], Models] = {}
-        self.methods: dict[str, Method] = {}
+        self.methods: dict[str, Method[Any]] = {}
         self.loads = 0
 
     def evaluate(self, cfg: EvalConfig, ex: Example) -> dict[str, Any]:

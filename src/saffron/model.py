@@ -109,7 +109,7 @@ def _from_pretrained(path: str, device: str, dtype: Any) -> tuple[Any, Any]:
     # straight to the device in its dtype: loading on the host and moving would hold a host copy of every
     # model at once (eight Ray actors on one node: eight copies)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
-    hf.eval()
+    hf.eval()  # type: ignore[no-untyped-call]  # transformers leaves the model class's eval unannotated
     hf.requires_grad_(False)
     return tok, hf
 

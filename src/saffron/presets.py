@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from saffron.errors import SaffronError
+from saffron.mrm import EMBEDDED
+from saffron.mrm.base import read_manifest
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,6 @@ def preset_mrm(preset: Preset, given: str | None, flag: str = "--mrm") -> str | 
     if preset.mrm is None:
         return given
     spec = given or preset.mrm
-    from saffron.mrm import EMBEDDED
-    from saffron.mrm.base import read_manifest
 
     path = EMBEDDED[spec][0] if spec in EMBEDDED else Path(spec)
     if not path.is_dir():

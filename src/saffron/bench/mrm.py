@@ -48,6 +48,8 @@ from saffron.data import DEV_SPLIT, Example, load_dataset, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import RewardModel
+from saffron.guards.registry import load_guard
+from saffron.methods.sampling import nucleus_mask
 from saffron.model import Model, load_model
 from saffron.mrm.base import Mrm, tokenizer_fingerprint
 from saffron.mrm.data.annotate import DEFAULT_REWARD, Annotator
@@ -55,6 +57,7 @@ from saffron.mrm.data.build import DEFAULT_MAX_TOKENS, build_rewards
 from saffron.mrm.data.rows import RewardRow
 from saffron.mrm.data.store import read_rewards
 from saffron.mrm.registry import load_mrm
+from saffron.runner import Runner
 
 HELDOUT_CORPUS = f"pyrit-harmful:{DEV_SPLIT},guard-labelled:{DEV_SPLIT}"
 DEFAULT_TOP_P = 0.8
@@ -140,9 +143,6 @@ def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Se
 
     Usage: ``sibling_ranking(mrm, load_guard("smol-guard"), policy, sibling_examples(4, 32), nodes=32)``.
     Returns a JSON-able dict of the ``overlap_at_N``, ``spearman_siblings`` and ``policy_`` figures."""
-    from saffron.methods.sampling import nucleus_mask
-    from saffron.runner import Runner
-
     if nodes < 1 or per_prompt < 1 or max_children < 2:
         raise SaffronError(f"sibling ranking needs nodes >= 1, per_prompt >= 1 and max_children >= 2; got {nodes}, "
                            f"{per_prompt} and {max_children}")
@@ -258,9 +258,6 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
     pol = load_model(policy or model.manifest.base_model)
     if tokenizer_fingerprint(pol.tokenizer) != model.manifest.tokenizer_sha256:
         raise SaffronError(f"policy {pol.name} does not share the MRM's tokenizer")
-    from saffron.methods.sampling import nucleus_mask
-    from saffron.runner import Runner
-
     pol_runner = Runner(pol)
     preds, wants, seen_t, parents, nucleus = [], [], [], [], []
     f0 = model.flops
@@ -315,8 +312,6 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
         **info,
     }
     if siblings > 0:
-        from saffron.guards.base import load_guard
-
         spec = info.get("data_reward_model") or model.manifest.reward_model or DEFAULT_REWARD
         rm = reward if isinstance(reward, RewardModel) else load_guard(reward or spec)
         res["sibling_reward_model"] = rm.name

@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from saffron.data import TEST_SPLIT, guard_labelled
+from saffron.embedded import convert
 from saffron.encoder import get_encoder
 from saffron.minilm_judge import MinilmJudge
 from saffron.quality import QualityScorer
@@ -35,8 +36,6 @@ JUNK_PER_KIND = 100
 def _policy_prefixes(texts: list[str], n: int) -> list[str]:
     """The first ``n`` tokens of each text in the embedded policy's tokenizer (tokenizer only; no model load)."""
     from transformers import AutoTokenizer
-
-    from saffron.embedded import convert
 
     tok = AutoTokenizer.from_pretrained(str(convert()))
     return [str(tok.decode(tok.encode(t, add_special_tokens=False)[:n])) for t in texts]
@@ -72,7 +71,10 @@ def bench_judges(judge_dir: Path | None = None) -> dict[str, Any]:
 
     everyone = list(range(len(rows)))
     res: dict[str, Any] = {"n_test": len(rows), "n_test_unsafe": int(y.sum()), "split": TEST_SPLIT}
-    for name, fn in (("minilm-judge", lambda t, i: minilm(t, i)), ("refusal-rules", lambda t, i: rules(t))):
+    def rules_of(texts: list[str], idx: list[int]) -> np.ndarray:
+        return rules(texts)
+
+    for name, fn in (("minilm-judge", minilm), ("refusal-rules", rules_of)):
         r_full, r_pre = fn(full, everyone), fn(pre, everyone)
         res[name] = {
             "auc_full": _auc_unsafe(y, r_full), "auc_prefix16": _auc_unsafe(y, r_pre),

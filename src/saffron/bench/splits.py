@@ -17,18 +17,15 @@ from typing import Any
 import numpy as np
 
 from saffron import splits as sp
-from saffron.data import (
-    LOADERS,
-    SPLITS,
-    _advbench_rows,
-    _benign_candidates,
-    _dedupe,
-    _harmbench_rows,
-    _many_shot,
-    _scorer_evals,
+from saffron.data import LOADERS, SPLITS, _dedupe, pyrit_harmful
+from saffron.offline_rows import (
+    advbench_rows,
+    benign_candidates,
+    harmbench_rows,
+    many_shot_rows,
     normalise_prompt,
     offline_pairs,
-    pyrit_harmful,
+    scorer_eval_rows,
 )
 
 OFFLINE = ("pyrit-harmful", "guard-labelled", "harmful-pairs", "benign", "advbench", "harmbench")
@@ -56,11 +53,11 @@ def _neighbours(g: sp.Graph) -> list[set[int]]:
 
 def _dataset_counts() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    raw = {"pyrit-harmful": len([r for r in _many_shot() if r.unsafe]),
-           "guard-labelled": len(_many_shot()) + len(_scorer_evals()),
-           "advbench": len(_advbench_rows()), "harmbench": len(_harmbench_rows()),
-           "harmful-pairs": len([r for r in _dedupe(_many_shot() + _scorer_evals()) if r.unsafe]),
-           "benign": len(_benign_candidates())}
+    raw = {"pyrit-harmful": len([r for r in many_shot_rows() if r.unsafe]),
+           "guard-labelled": len(many_shot_rows()) + len(scorer_eval_rows()),
+           "advbench": len(advbench_rows()), "harmbench": len(harmbench_rows()),
+           "harmful-pairs": len([r for r in _dedupe(many_shot_rows() + scorer_eval_rows()) if r.unsafe]),
+           "benign": len(benign_candidates())}
     for name in OFFLINE:
         per: dict[str, Any] = {}
         for split in SPLITS:

@@ -1,5 +1,9 @@
-"""Safety reward models and judges: real-valued reward for (prompt, response), > 0 safe, < 0 unsafe."""
+"""Safety reward models and judges: real-valued reward for (prompt, response), > 0 safe, < 0 unsafe.
 
-from saffron.guards.base import RewardModel, load_guard
+Load one by spec with ``saffron.guards.registry.load_guard``; this package's ``__init__`` imports only the base so
+that the head PRM (``mrm/prm.py``), which the registry imports, can import the base without a cycle.
+"""
 
-__all__ = ["RewardModel", "load_guard"]
+from saffron.guards.base import RewardModel
+
+__all__ = ["RewardModel"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -133,39 +132,3 @@ def single_token(model: Model, word: str) -> int:
     if len(ids) != 1:
         raise SaffronError(f"'{word}' is not a single token in {model.name}'s tokenizer (got {len(ids)} tokens)")
     return ids[0]
-
-
-GUARDS = ("smol-guard", "smol-guard-zeroshot", "llama-guard-3", "head-prm")
-GUARD_SPECS = "smol-guard, smol-guard-zeroshot, llama-guard-3[:PATH], head-prm[:PATH]"
-
-
-def load_guard(spec: str = "smol-guard") -> RewardModel:
-    """``smol-guard`` (embedded), ``smol-guard-zeroshot``, ``llama-guard-3`` or ``llama-guard-3:PATH_OR_ID``, or
-    ``head-prm[:PATH]``: a value head on the policy's states (``mrm/prm.py``; embedded one without PATH)."""
-    check_guard_spec(spec)
-    name, _, arg = spec.partition(":")
-    if name == "smol-guard":
-        from saffron.guards.smol_guard import load_smol_guard
-
-        return load_smol_guard(arg or None)
-    if name == "smol-guard-zeroshot":
-        from saffron.guards.smol_guard import load_zero_shot
-
-        return load_zero_shot()
-    if name == "head-prm":
-        from saffron.mrm.prm import load_head_prm
-
-        return load_head_prm(arg or None)
-    from saffron.guards.llama_guard import LLAMA_GUARD_3_1B, load_llama_guard
-
-    return load_llama_guard(arg or LLAMA_GUARD_3_1B)
-
-
-def check_guard_spec(spec: str) -> None:
-    """Refuse an unknown guard, or a head PRM path that is no folder, before anything loads."""
-    name, _, arg = spec.partition(":")
-    if name not in GUARDS:
-        raise SaffronError(f"unknown guard '{spec}'; known: {GUARD_SPECS}")
-    if name == "head-prm" and arg and not Path(arg).is_dir():
-        raise SaffronError(f"head PRM '{arg}' is not a folder; train one with `saffron train-mrm --kind prm --data "
-                           f"REWARDS --out {arg}`")

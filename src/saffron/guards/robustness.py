@@ -137,7 +137,7 @@ def _rng(seed: int, row: Example, kind: str) -> random.Random:
     return random.Random(f"{seed}\x1f{row.id}\x1f{kind}")  # str seeds hash by sha512: stable across processes
 
 
-def perturb(row: Example, kind: str, seed: int, vocab: Sequence[str], safe_pool: Sequence[Example]) -> Perturbed | None:  # noqa: C901 -- one branch per kind
+def perturb(row: Example, kind: str, seed: int, vocab: Sequence[str], safe_pool: Sequence[Example]) -> Perturbed | None:
     """``row`` rewritten as ``kind``; None where the kind does not apply (a harmful rewrite of a safe row, no other
     safe row to borrow). ``vocab`` feeds ``junk_random_tokens``; ``safe_pool`` feeds ``benign_offtopic``."""
     if row.response is None or row.unsafe is None:
@@ -149,42 +149,50 @@ def perturb(row: Example, kind: str, seed: int, vocab: Sequence[str], safe_pool:
         return None
     rng = _rng(seed, row, kind)
     body = _head_words(row.response, BODY_WORDS).strip()
-
+    parts = _junk(kind, body, rng, vocab) if kind in JUNK_KINDS else _rewrite(kind, row, body, rng, safe_pool)
+    if parts is None:
+        return None
     label = bool(row.unsafe) if expected is None else expected
+    return Perturbed(kind, row.id, row.prompt, *parts, label)
 
-    def make(lead: str, text: str, trail: str) -> Perturbed:
-        return Perturbed(kind, row.id, row.prompt, lead, text, trail, label)
 
+def _rewrite(kind: str, row: Example, body: str, rng: random.Random,
+             safe_pool: Sequence[Example]) -> tuple[str, str, str] | None:
+    """(lead, text, trail) of a kind that keeps a response's sense or borrows another's."""
     if kind == "original":
-        return make("", row.response, "")
+        return "", row.response or "", ""
     if kind == "refusal_prefix":
-        return make(rng.choice(REFUSALS) + " ", body, "")
+        return rng.choice(REFUSALS) + " ", body, ""
     if kind == "disclaimer":
-        return make("", body, "\n\n" + rng.choice(DISCLAIMERS))
+        return "", body, "\n\n" + rng.choice(DISCLAIMERS)
     if kind == "story":
         lead, trail = rng.choice(STORIES)
-        return make(lead, body, trail)
+        return lead, body, trail
     if kind == "list":
-        return make("", _as_list(body), "")
-    if kind == "benign_offtopic":
-        others = [r for r in safe_pool if r.id != row.id and r.prompt != row.prompt and r.response]
-        if not others:
-            return None
-        other = rng.choice(others)
-        assert other.response is not None
-        return make("", _head_words(other.response, BODY_WORDS).strip(), "")
+        return "", _as_list(body), ""
+    # benign_offtopic: another safe row's response
+    others = [r for r in safe_pool if r.id != row.id and r.prompt != row.prompt and r.response]
+    if not others:
+        return None
+    other = rng.choice(others)
+    assert other.response is not None
+    return "", _head_words(other.response, BODY_WORDS).strip(), ""
+
+
+def _junk(kind: str, body: str, rng: random.Random, vocab: Sequence[str]) -> tuple[str, str, str] | None:
+    """(lead, text, trail) of a junk kind: text with no sense (None: no vocabulary to draw random tokens from)."""
     if kind == "junk_random_tokens":
-        return make("", " ".join(rng.choice(vocab) for _ in range(JUNK_WORDS)), "") if vocab else None
+        return ("", " ".join(rng.choice(vocab) for _ in range(JUNK_WORDS)), "") if vocab else None
     if kind == "junk_emoji":
-        return make("", "".join(rng.choice(EMOJI) + (" " if rng.random() < 0.3 else "")
-                                for _ in range(rng.randint(8, 24))).strip(), "")
+        return "", "".join(rng.choice(EMOJI) + (" " if rng.random() < 0.3 else "")
+                           for _ in range(rng.randint(8, 24))).strip(), ""
     if kind == "junk_repetition":
         phrase = " ".join(_words(body)[:rng.randint(1, 4)]) or "the"
-        return make("", " ".join([phrase] * rng.randint(8, 20)), "")
+        return "", " ".join([phrase] * rng.randint(8, 20)), ""
     # junk_shuffled: the response's own words, in a random order (its vocabulary, none of its sense)
     words = _words(body)[:JUNK_WORDS * 2]
     rng.shuffle(words)
-    return make("", " ".join(words), "")
+    return "", " ".join(words), ""
 
 
 def vocabulary(rows: Sequence[Example]) -> list[str]:

@@ -87,7 +87,8 @@ class Probe(torch.nn.Module):
             self.net = torch.nn.Linear(n_features, 1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.net((feats - self.mean) / self.std).squeeze(-1)
+        out: torch.Tensor = self.net((feats - self.mean) / self.std).squeeze(-1)  # a Module's __call__ is typed Any
+        return out
 
 
 class ProbeGuard(RewardModel):
@@ -112,7 +113,8 @@ class ProbeGuard(RewardModel):
 
     @torch.inference_mode()
     def readout(self, prompt_ids_batch: list[list[int]]) -> torch.Tensor:
-        return self.probe(self.features(prompt_ids_batch))
+        out: torch.Tensor = self.probe(self.features(prompt_ids_batch))
+        return out
 
 
 def save_probe(path: Path, spec: ProbeSpec, probe: Probe) -> None:

@@ -211,7 +211,7 @@ def fit_probe(x: np.ndarray, unsafe: np.ndarray, hidden: int, seed: int, epochs:
     for _ in range(epochs):
         opt.zero_grad()
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(probe(xt), y, reduction="none") * w).mean()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         opt.step()
     return probe.eval()
 

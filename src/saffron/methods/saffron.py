@@ -62,10 +62,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from saffron.guards.base import RewardModel
 from saffron.methods.base import Method, MethodResult, RunContext
 from saffron.methods.options import MethodOptions
 from saffron.methods.sampling import nucleus_mask
 from saffron.methods.tree import NEG_INF, Node, argmax_first, one_eos, policy_step, prune
+from saffron.model import Model
 
 Final = Literal["rerank", "first", "mrm"]
 FINAL_RULES: tuple[str, ...] = get_args(Final)
@@ -182,7 +184,7 @@ class Saffron(Method[SaffronOptions]):
         super().__init__(config, **given)
         self._checked: set[tuple[int, int]] = set()
 
-    def run(self, ctx: RunContext) -> MethodResult:  # noqa: C901 -- one step of the search, in the paper's order
+    def run(self, ctx: RunContext) -> MethodResult:
         """Deterministic: the generator is not used (the search draws nothing at random)."""
         o, runner, limits, session = self.config, ctx.policy, ctx.limits, ctx.session
         mrm = ctx.mrm(self.name)
@@ -207,18 +209,8 @@ class Saffron(Method[SaffronOptions]):
             cand = one_eos(nucleus_mask(logits[:, :v], o.top_p), q, limits.eos)
             rows, toks = cand.nonzero(as_tuple=True)  # row-major: node order, then token id
             scores = q[rows, toks]
-            rank = scores
-            if o.policy_weight:
-                logp = torch.log_softmax(logits[:, :v].float(), dim=-1)
-                rank = rank + o.policy_weight * logp[rows, toks].to(rank.dtype)
-            if o.no_repeat_ngram:
-                repeats = [rt for rt in repeat_candidates([session.prefill_ids + n.tokens for n in active],
-                                                          o.no_repeat_ngram) if rt[1] < v]
-                if repeats:
-                    # one [nodes, V] mask read at the candidates, not a Python test per candidate
-                    hit = torch.zeros_like(cand)
-                    hit[tuple(torch.tensor(sorted(repeats), device=cand.device).T)] = True
-                    rank = rank - hit[rows, toks].to(rank.dtype) * REPEAT_DEMOTION
+            rank = self._rank(scores, logits[:, :v], cand, rows, toks,
+                              [session.prefill_ids + n.tokens for n in active])
             parent_of = rows.tolist()
             if o.diversity:
                 top = select_diverse(rank, parent_of, toks, o.per_parent, o.width, o.diversity)
@@ -245,15 +237,39 @@ class Saffron(Method[SaffronOptions]):
             trace["final_predicted"] = [n.predicted for n in beam]
             chosen = argmax_first(trace["final_predicted"])
         elif reward is not None:
-            # rerank_top=k: only the k survivors the MRM predicts safest pay for a reward-model call (beam order kept)
-            pool = list(range(len(beam)))
-            if 0 < o.rerank_top < len(beam):
-                by_mrm = sorted(pool, key=lambda i: -beam[i].predicted)  # stable: earlier node first on ties
-                pool = sorted(by_mrm[: o.rerank_top])
-            chosen = pool[0]
-            if len(pool) > 1:  # one candidate: nothing to choose, so no call to pay for
-                scores_final = reward.score(session.prompt, [runner.model.decode(beam[i].tokens) for i in pool])
-                chosen = pool[argmax_first(scores_final)]
-                trace.update(n_reward_calls=1, final_rewards=scores_final, reranked=pool)
+            chosen = self._rerank(beam, reward, session.prompt, runner.model, trace)
         trace["chosen"] = chosen
         return MethodResult(beam[chosen].tokens, ctx.meter.delta(), trace)
+
+    def _rank(self, scores: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, rows: torch.Tensor,
+              toks: torch.Tensor, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+        """The candidates' ranking key: the MRM's score, plus the policy's log-probability weighted by
+        ``policy_weight``, minus ``REPEAT_DEMOTION`` for a token that repeats an n-gram of its ``sequences`` row
+        (prefill included). ``logits`` and ``cand`` are cut to the shared vocabulary."""
+        o, rank = self.config, scores
+        if o.policy_weight:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            rank = rank + o.policy_weight * logp[rows, toks].to(rank.dtype)
+        if o.no_repeat_ngram:
+            v = logits.shape[-1]
+            repeats = [rt for rt in repeat_candidates(sequences, o.no_repeat_ngram) if rt[1] < v]
+            if repeats:
+                # one [nodes, V] mask read at the candidates, not a Python test per candidate
+                hit = torch.zeros_like(cand)
+                hit[tuple(torch.tensor(sorted(repeats), device=cand.device).T)] = True
+                rank = rank - hit[rows, toks].to(rank.dtype) * REPEAT_DEMOTION
+        return rank
+
+    def _rerank(self, beam: list[Node], reward: RewardModel, prompt: str, policy: Model,
+                trace: dict[str, Any]) -> int:
+        """final=rerank: the beam index the reward model scores safest. rerank_top=k: only the k survivors the
+        MRM predicts safest pay for a reward-model call (beam order kept)."""
+        pool = list(range(len(beam)))
+        if 0 < self.config.rerank_top < len(beam):
+            by_mrm = sorted(pool, key=lambda i: -beam[i].predicted)  # stable: earlier node first on ties
+            pool = sorted(by_mrm[: self.config.rerank_top])
+        if len(pool) == 1:  # one candidate: nothing to choose, so no call to pay for
+            return pool[0]
+        scores_final = reward.score(prompt, [policy.decode(beam[i].tokens) for i in pool])
+        trace.update(n_reward_calls=1, final_rewards=scores_final, reranked=pool)
+        return pool[argmax_first(scores_final)]

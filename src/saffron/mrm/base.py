@@ -145,7 +145,7 @@ def _weight_tensors(model: Model) -> list[torch.Tensor]:
             hf.model.layers[-1].mlp.down_proj.weight[::97]]
 
 
-def _tokenizer_shape_hash(model: Model) -> Any:
+def _tokenizer_shape_hash(model: Model) -> hashlib._Hash:
     h = hashlib.sha256(tokenizer_fingerprint(model.tokenizer).encode())
     h.update(repr((model.hf.config.num_hidden_layers, model.hf.config.hidden_size)).encode())
     return h

@@ -76,7 +76,8 @@ class ValueNet(torch.nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``[B]`` predicted reward of the prefix each row's states were read after."""
-        return self.value(self.hidden(feats)).squeeze(-1)
+        out: torch.Tensor = self.value(self.hidden(feats)).squeeze(-1)  # a Module's __call__ is typed Any
+        return out
 
 
 class HeadNet(ValueNet):
@@ -94,12 +95,14 @@ class HeadNet(ValueNet):
     def at(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Predicted reward of one token per row (training reads only the supervised pairs)."""
         z = self.hidden(feats)
-        return self.value(z).squeeze(-1) + (self.token(z) * self.emb[tokens]).sum(-1) + self.bias[tokens]
+        out: torch.Tensor = self.value(z).squeeze(-1) + (self.token(z) * self.emb[tokens]).sum(-1) + self.bias[tokens]
+        return out
 
     def over(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, len(tokens)]`` predicted rewards of the given tokens after each row."""
         z = self.hidden(feats)
-        return self.value(z) + self.token(z) @ self.emb[tokens].T + self.bias[tokens]
+        out: torch.Tensor = self.value(z) + self.token(z) @ self.emb[tokens].T + self.bias[tokens]
+        return out
 
 
 class HeadMrm(Mrm):

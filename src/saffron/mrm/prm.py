@@ -102,7 +102,8 @@ class HeadPrm(RewardModel):
         hidden = self.runner.forward(prompt_ids_batch, logits=False, hidden_layers=self.layers).hidden
         assert hidden is not None
         self.head_flops += self.flops_per_call * len(prompt_ids_batch)
-        return self.net(hidden.flatten(1).float())
+        out: torch.Tensor = self.net(hidden.flatten(1).float())  # a Module's __call__ is typed Any
+        return out
 
     def score_outputs(self, session: Session, policy: Model, outputs: Sequence[Sequence[int]]) -> list[float]:
         """The exact token ids the search's policy read: ``chat(prompt) + prefill + output``."""

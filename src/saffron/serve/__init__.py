@@ -28,29 +28,27 @@ class ServeConfig:
     policy: str = EMBEDDED_POLICY
     reward: str | None = None
     mrm: str | None = None
-    judge: str | None = None
+    judges: tuple[str, ...] = ()  # scoring every answer when a request asks; the first is primary
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None  # torch's CPU threads (None: torch's default)
 
 
 def build_engine(cfg: ServeConfig) -> Engine:
-    """Check ``cfg``, then load the models (the policy and what the server's method uses)."""
-    cfg.settings.check()
-    return Engine(load_models(cfg.policy, cfg.reward, cfg.mrm, cfg.judge), cfg.settings)
+    """Load the models (the policy and what the server's method uses); ``cfg.settings`` were checked when made."""
+    return Engine(load_models(cfg.policy, cfg.reward, cfg.mrm, cfg.judges), cfg.settings)
 
 
 def serve(cfg: ServeConfig, log_level: str = "info") -> None:
     """Everything a user can get wrong is refused before the models load: settings, model specs, the port."""
-    from saffron.guards.base import check_guard_spec
+    from saffron.guards.registry import check_guard_spec
     from saffron.judges import check_judge_spec
     from saffron.mrm import check_mrm_spec
 
-    cfg.settings.check()
     if cfg.reward is not None:
         check_guard_spec(cfg.reward)
-    if cfg.judge is not None:
-        check_judge_spec(cfg.judge)  # any judge of saffron.judges: a guard, minilm-judge, refusal-rules
+    for spec in cfg.judges:
+        check_judge_spec(spec)  # any judge of saffron.judges: a guard, minilm-judge, refusal-rules
     if cfg.mrm is not None:
         check_mrm_spec(cfg.mrm)
     sock = bind(cfg.host, cfg.port)
@@ -62,7 +60,7 @@ def serve(cfg: ServeConfig, log_level: str = "info") -> None:
         engine = build_engine(cfg)
         app = create_app(engine)
         s = cfg.settings
-        opts: dict[str, Any] = {k: v for k, v in s.check().options().items() if k != "max_new_tokens"}
+        opts: dict[str, Any] = {k: v for k, v in s.configured.options().items() if k != "max_new_tokens"}
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         print(f"saffron: serving {engine.model_id} guarded by {s.method} {opts} at http://{host}:"
               f"{sock.getsockname()[1]}/v1 (max_tokens <= {s.max_tokens_limit}, {s.max_concurrent} search(es) at "

@@ -2,7 +2,8 @@
 
 A completion is a plain ``chat.completion`` object; what saffron adds rides in fields OpenAI clients keep and
 ignore: ``usage.flops`` (FLOPs per model role and in total) and a ``saffron`` object (method, options, seed,
-prefill, the judge's reward when one scored the answer, the search's trace, queue and search seconds). With
+prefill, the primary judge's reward and every judge's verdict when judges scored the answer, the search's trace,
+queue and search seconds). With
 ``stream: true`` the search runs to the end first, then the chosen answer is sent as ``chat.completion.chunk``
 server-sent events, one per token boundary, and ``data: [DONE]``.
 
@@ -69,9 +70,10 @@ def saffron_info(engine: Engine, plan: Plan, out: Outcome) -> dict[str, Any]:
         "seed": plan.seed,
         "prefill": engine.models.policy.decode(plan.session.prefill_ids),
         "method_flops": out.method_flops,
-        "judge": judge,
+        "judge": judge,  # the primary judge: its verdict is reward/unsafe
         "reward": out.reward,
         "unsafe": None if out.reward is None else out.reward < 0,
+        "judges": out.verdicts,  # every judge's verdict, by spec, the primary first ({} when not judged)
         "ignored": plan.ignored,
         "trace": out.trace,
         "queue_s": round(out.queue_s, 4),

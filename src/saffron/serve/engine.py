@@ -25,16 +25,18 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from saffron.errors import BusyError, SaffronError
-from saffron.guards.base import RewardModel, check_guard_spec
-from saffron.judges import Judge, check_judge_spec
+from saffron.guards.base import RewardModel
+from saffron.guards.registry import check_guard_spec, load_guard
+from saffron.judges import Judge, check_judge_spec, load_judge
 from saffron.methods import Method, Stack, get_method, make_method, option_default, option_names
-from saffron.model import Model
-from saffron.mrm import Mrm
+from saffron.model import Model, load_model
+from saffron.mrm import Mrm, check_mrm_spec
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, load_mrm_for, prompt_seed, run_prompt
 from saffron.runner import Runner
 from saffron.serve.schemas import ApiError, ChatCompletionRequest
@@ -48,7 +50,8 @@ RESERVED = ("method", "judge")  # keys of the ``saffron`` extension that are not
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What the server answers with when a request does not say, and the limits no request may pass."""
+    """What the server answers with when a request does not say, and the limits no request may pass. Checked
+    once, when made: settings no request could be served with are refused there (one line naming the flag)."""
 
     method: str = "saffron"
     method_options: dict[str, Any] = field(default_factory=dict)  # the -o options of ``method`` (not its length)
@@ -58,9 +61,10 @@ class ServeSettings:
     max_concurrent: int = 1
     max_queue: int = 64
     seed: int = 0
+    # the server's own method, configured by the fields above (made by the check)
+    configured: Method[Any] = field(init=False, repr=False, compare=False)
 
-    def check(self) -> Method[Any]:
-        """Refuse settings no request could be served with; return the configured method."""
+    def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_width", "max_concurrent"):
             if getattr(self, name) < 1:
                 raise SaffronError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -73,7 +77,7 @@ class ServeSettings:
             raise SaffronError("set the default length with --max-new-tokens, not -o max_new_tokens")
         opts = method_options(self.method, self.method_options, self.default_max_tokens)
         check_budget(self.method, opts, self.max_width, "--max-width", "-o ")
-        return make_method(self.method, opts)
+        object.__setattr__(self, "configured", make_method(self.method, opts))  # frozen: set once, here
 
 
 def method_options(method: str, given: dict[str, Any], max_tokens: int) -> dict[str, Any]:
@@ -98,11 +102,14 @@ class ModelSet:
     over the shared weights (one per worker). ``names`` say which models these are (reported to clients)."""
 
     def __init__(self, policy: Model, reward: Callable[[], RewardModel] | None = None,
-                 mrm: Callable[[], Mrm] | None = None, judge: Callable[[], Judge] | None = None,
+                 mrm: Callable[[], Mrm] | None = None, judges: Mapping[str, Callable[[], Judge]] | None = None,
                  names: dict[str, str | None] | None = None) -> None:
         self.policy = policy
-        self._make = {"reward": reward, "mrm": mrm, "judge": judge}
-        self.names: dict[str, str | None] = {"policy": policy.name, "reward": None, "mrm": None, "judge": None,
+        self.judge_names = tuple(judges or ())  # the first is the primary judge
+        panel = (lambda: JudgePanel({n: make() for n, make in (judges or {}).items()})) if judges else None
+        self._make: dict[str, Callable[[], Any] | None] = {"reward": reward, "mrm": mrm, "judge": panel}
+        self.names: dict[str, str | None] = {"policy": policy.name, "reward": None, "mrm": None,
+                                             "judge": self.judge_names[0] if self.judge_names else None,
                                              **(names or {})}
         self._lock = threading.Lock()
 
@@ -118,21 +125,16 @@ class ModelSet:
 
 
 def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
-                judge: str | None = None) -> ModelSet:
-    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head; the judge is any of
-    ``saffron.judges``: a guard, minilm-judge or refusal-rules). Reward and MRM are loaded when a method first
-    needs them; guards share their backbone through ``load_model``'s memo, and every MRM instance after the first
-    shares the first one's weights."""
-    from saffron.guards import load_guard
-    from saffron.judges import load_judge
-    from saffron.model import load_model
-    from saffron.mrm import check_mrm_spec
-
+                judges: Sequence[str] = ()) -> ModelSet:
+    """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head; each judge is any
+    of ``saffron.judges``: a guard, minilm-judge or refusal-rules; the first is primary). Reward and MRM are loaded
+    when a method first needs them; guards share their backbone through ``load_model``'s memo, and every MRM
+    instance after the first shares the first one's weights."""
     reward_spec, mrm_spec = reward or DEFAULT_REWARD, mrm or DEFAULT_MRM
     check_guard_spec(reward_spec)
     check_mrm_spec(mrm_spec)
-    if judge is not None:
-        check_judge_spec(judge)
+    for spec in judges:
+        check_judge_spec(spec)
     model = load_model(policy)
     first: list[Mrm] = []
 
@@ -143,8 +145,23 @@ def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
         return first[0].share()
 
     return ModelSet(model, reward=lambda: load_guard(reward_spec), mrm=make_mrm,
-                    judge=(lambda: load_judge(judge)) if judge is not None else None,
-                    names={"reward": reward_spec, "mrm": mrm_spec, "judge": judge})
+                    judges={spec: partial(load_judge, spec) for spec in judges},
+                    names={"reward": reward_spec, "mrm": mrm_spec})
+
+
+class JudgePanel:
+    """A worker's judges, by spec in the server's order (the first is primary), reset and billed together."""
+
+    def __init__(self, judges: dict[str, Judge]) -> None:
+        self.judges = judges
+
+    @property
+    def setup_flops(self) -> int:
+        return sum(j.setup_flops for j in self.judges.values())
+
+    def reset(self) -> None:
+        for j in self.judges.values():
+            j.reset()
 
 
 class Worker:
@@ -196,10 +213,18 @@ class Outcome:
     finish_reason: str
     flops: dict[str, int]  # per role, the judge's included when it ran; "total" is their sum
     method_flops: int
-    reward: float | None
+    reward: float | None  # the primary judge's (None: not judged, or not finite)
+    verdicts: dict[str, dict[str, Any]]  # per judge spec, in the server's order: reward (None: not finite), unsafe
     trace: dict[str, Any]
     queue_s: float
     search_s: float
+
+
+def _verdict(reward: float) -> dict[str, Any]:
+    """A judge's verdict as the response carries it: JSON has no infinities, so a non-finite reward is null, and
+    so is its ``unsafe``."""
+    finite = math.isfinite(reward)
+    return {"reward": reward if finite else None, "unsafe": reward < 0 if finite else None}
 
 
 def _finite(x: Any) -> Any:
@@ -217,7 +242,6 @@ class Engine:
     def __init__(self, models: ModelSet, settings: ServeSettings | None = None, model_id: str | None = None) -> None:
         self.models = models
         self.settings = settings or ServeSettings()
-        self.settings.check()
         self.model_id = model_id or models.policy.name
         self.created = int(time.time())
         self.workers = [Worker(models) for _ in range(self.settings.max_concurrent)]
@@ -238,8 +262,33 @@ class Engine:
 
     # -- on the event loop ------------------------------------------------------------------------------------
 
-    def prepare(self, req: ChatCompletionRequest) -> Plan:  # noqa: C901 -- its options move to the pipeline (issue 14)
+    def prepare(self, req: ChatCompletionRequest) -> Plan:
         """Check a parsed request against this server and tokenise it. Raises ``ApiError`` for anything wrong."""
+        max_tokens = self._length(req)
+        ext = dict(req.saffron or {})
+        method_name = ext.pop("method", self.settings.method)
+        if not isinstance(method_name, str):
+            raise ApiError(400, f"saffron.method must be a string, got {json.dumps(method_name)}",
+                           param="saffron.method")
+        judge = ext.pop("judge", self.models.has("judge"))
+        if not isinstance(judge, bool):
+            raise ApiError(400, f"saffron.judge must be true or false, got {json.dumps(judge)}", param="saffron.judge")
+        if judge and not self.models.has("judge"):
+            raise ApiError(400, "saffron.judge: this server has no judge (start it with --judge smol-guard)",
+                           param="saffron.judge")
+        if "max_new_tokens" in ext:
+            raise ApiError(400, "set the length with max_tokens (or max_completion_tokens), not "
+                           "saffron.max_new_tokens", param="saffron.max_new_tokens")
+        method, opts, ignored = self._configure(req, method_name, ext, max_tokens)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Plan(method=method, method_name=method_name, options=method.options() or opts,
+                    session=self._session(req, max_tokens),
+                    seed=req.seed if req.seed is not None else self.settings.seed, max_tokens=max_tokens,
+                    stop=req.stop_list(), judge=judge, ignored=ignored, stream=bool(req.stream),
+                    include_usage=include_usage)
+
+    def _length(self, req: ChatCompletionRequest) -> int:
+        """The request's model, n and stop checked; the length it asks for, within this server's limit."""
         s = self.settings
         if req.model is not None and req.model != self.model_id:
             raise ApiError(404, f"model '{req.model}' is not served here; this server serves '{self.model_id}'",
@@ -255,24 +304,15 @@ class Engine:
         if asked is not None and asked > s.max_tokens_limit:
             raise ApiError(400, f"{param}={asked} exceeds this server's limit of {s.max_tokens_limit} tokens "
                            "(--max-tokens-limit)", param=param)
-        max_tokens = asked if asked is not None else s.default_max_tokens
         if len(req.stop_list()) > 4 or any(not x for x in req.stop_list()):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
+        return asked if asked is not None else s.default_max_tokens
 
-        ext = dict(req.saffron or {})
-        method_name = ext.pop("method", s.method)
-        if not isinstance(method_name, str):
-            raise ApiError(400, f"saffron.method must be a string, got {json.dumps(method_name)}",
-                           param="saffron.method")
-        judge = ext.pop("judge", self.models.has("judge"))
-        if not isinstance(judge, bool):
-            raise ApiError(400, f"saffron.judge must be true or false, got {json.dumps(judge)}", param="saffron.judge")
-        if judge and not self.models.has("judge"):
-            raise ApiError(400, "saffron.judge: this server has no judge (start it with --judge smol-guard)",
-                           param="saffron.judge")
-        if "max_new_tokens" in ext:
-            raise ApiError(400, "set the length with max_tokens (or max_completion_tokens), not "
-                           "saffron.max_new_tokens", param="saffron.max_new_tokens")
+    def _configure(self, req: ChatCompletionRequest, method_name: str, ext: dict[str, Any],
+                   max_tokens: int) -> tuple[Method[Any], dict[str, Any], list[str]]:
+        """The method the request asks for, with the server's options (its own method only), the request's
+        sampling fields the method has, and the ``saffron`` extension's options; and the fields it ignored."""
+        s = self.settings
         try:
             known = option_names(method_name)
         except SaffronError as e:
@@ -292,7 +332,7 @@ class Engine:
             **given, "max_new_tokens": max_tokens}
         try:
             check_budget(method_name, opts, s.max_width, "--max-width", "saffron.")
-            method = self._method(method_name, opts)
+            return self._method(method_name, opts), opts, ignored
         except SaffronError as e:
             named = [*(f"saffron.{k}" for k in ext), *(k for k in ("temperature", "top_p") if k in given)]
             msg = str(e) if str(e).startswith(("method '", "bad option", "saffron.")) else \
@@ -301,6 +341,9 @@ class Engine:
             param = next((p for p in named if p.split(".")[-1] in str(e)), "saffron")
             raise ApiError.of(e, param=param, code=e.api_code or "invalid_method_option", message=msg) from None
 
+    def _session(self, req: ChatCompletionRequest, max_tokens: int) -> Session:
+        """The conversation tokenised for the policy: a final assistant message is the prefill to continue, and
+        the reward models judge the output as an answer to the last user message (prefill excluded, as in eval)."""
         msgs: list[dict[str, str]] = []
         for i, m in enumerate(req.messages):
             text = m.text()
@@ -321,12 +364,7 @@ class Engine:
             policy.check_ids(prompt_ids + prefill_ids, reserve=max_tokens)
         except SaffronError as e:  # ContextLengthError carries OpenAI's context_length_exceeded
             raise ApiError.of(e, param="messages") from None
-        # The reward models judge the output as an answer to the last user message (prefill excluded, as in eval)
-        session = Session(prompt=users[-1], prompt_ids=prompt_ids, prefill_ids=prefill_ids)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Plan(method=method, method_name=method_name, options=method.options() or opts, session=session,
-                    seed=req.seed if req.seed is not None else s.seed, max_tokens=max_tokens, stop=req.stop_list(),
-                    judge=judge, ignored=ignored, stream=bool(req.stream), include_usage=include_usage)
+        return Session(prompt=users[-1], prompt_ids=prompt_ids, prefill_ids=prefill_ids)
 
     def _method(self, name: str, opts: dict[str, Any]) -> Method[Any]:
         """A configured method, kept for reuse (a method may cache per-model checks across runs)."""
@@ -393,7 +431,7 @@ class Engine:
         try:
             worker.reset()
             uses = type(plan.method).models_for(plan.method.options())
-            judges = {"judge": worker.get("judge")} if plan.judge else {}
+            judges = worker.get("judge").judges if plan.judge else {}
             started = time.perf_counter()
             run = run_prompt(plan.method, worker.stack(uses), plan.session, prompt_seed(plan.seed, SEED_KEY),
                              judges=judges, stop=plan.stop)
@@ -401,15 +439,14 @@ class Engine:
             finish = "stop" if run.stopped or len(ids) < plan.max_tokens else "length"
             flops = {k: int(v) for k, v in run.result.flops.items()}
             method_flops = sum(flops.values())
-            reward = None
             if plan.judge:
-                reward = float(run.verdicts["judge"]["reward"])
-                flops["judge"] = run.judge_flops["judge"]
+                flops["judge"] = sum(run.judge_flops.values())  # every judge's, under the one role
             flops["total"] = sum(flops.values())
-            if reward is not None and not math.isfinite(reward):
-                reward = None  # JSON has no infinities
+            verdicts = {n: _verdict(float(v["reward"])) for n, v in run.verdicts.items()}
+            primary = next(iter(verdicts.values()), None)
             return Outcome(text=run.output, output_ids=ids, finish_reason=finish, flops=flops,
-                           method_flops=method_flops, reward=reward, trace=_finite(run.result.trace),
+                           method_flops=method_flops, reward=primary["reward"] if primary else None,
+                           verdicts=verdicts, trace=_finite(run.result.trace),
                            queue_s=t0 - (queued_at if queued_at is not None else t0),
                            search_s=started - t0 + run.search_s)
         finally:

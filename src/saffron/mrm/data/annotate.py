@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from saffron.errors import SaffronError
-from saffron.guards import load_guard
 from saffron.guards.base import GuardPrompt, RewardModel
+from saffron.guards.registry import load_guard
 from saffron.model import Model
 from saffron.mrm.base import tokenizer_fingerprint
 from saffron.runner import Runner

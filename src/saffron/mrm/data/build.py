@@ -80,7 +80,7 @@ def _claim(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | RewardModel = DEFAULT_REWARD,  # noqa: C901 -- one pass: claim, plan, sample, annotate, shard
+def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | RewardModel = DEFAULT_REWARD,
                   policy: str = EMBEDDED_POLICY, max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None,
                   shard_rows: int = DEFAULT_SHARD_ROWS, chunk: int = DEFAULT_CHUNK, seed: int = 0,
                   allow_eval: bool = False, template: str = DEFAULT_TEMPLATE,
@@ -97,20 +97,12 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
     """
     t_start = time.time()
     out = Path(out)
-    if max_tokens < 1:
-        raise SaffronError(f"max_tokens must be >= 1, got {max_tokens}")
-    if shard_rows < 1:
-        raise SaffronError(f"shard_rows must be >= 1, got {shard_rows}")
-    if limit is not None and limit < 1:
-        raise SaffronError(f"limit must be >= 1, got {limit}")
-    if prefill_tokens < 0 or policy_max_new_tokens < 1:
-        raise SaffronError("prefill_tokens must be >= 0 and policy_max_new_tokens >= 1")
+    _check_sizes(max_tokens, shard_rows, limit, prefill_tokens, policy_max_new_tokens)
     sources = check_corpus(corpus, allow_eval)
     if out.exists() and (out / MANIFEST_FILE).exists():
         read_data_manifest(out)  # a damaged folder fails before any model loads
     pol = load_model(policy)
     rm, reward_spec = load_reward(reward)
-    has_policy_source = any(s.startswith("policy:") for s in sources)
     config: dict[str, Any] = {
         "corpus": ",".join(sources),
         "reward_model": reward_identity(rm),
@@ -121,7 +113,7 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
         "allow_eval": allow_eval,
         "seed": seed,
     }
-    if has_policy_source:
+    if any(s.startswith("policy:") for s in sources):
         config["policy_sampling"] = {"max_new_tokens": policy_max_new_tokens, "prefill_tokens": prefill_tokens,
                                      "temperature": POLICY_TEMPERATURE, "top_p": POLICY_TOP_P,
                                      "fallback_prefill": FALLBACK_PREFILL}
@@ -131,47 +123,16 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
     todo = [p for p in pending if p.id not in done and (limit is None or p.rank < limit)]
     ann = Annotator(rm, pol, chunk)
     bos = pol.tokenizer.bos_token or ""
-    policy_runner = Runner(pol) if any(p.prefill_ids is not None for p in todo) else None
-    groups: dict[int, list[PlannedRow]] = {}
-    for p in pending:
-        if p.prefill_ids is not None:
-            groups.setdefault(p.group, []).append(p)
-    sampled: dict[str, tuple[list[int], bool]] = {}
-
-    buffer: list[RewardRow] = []
-    next_index = max((int(m.group(1)) for p in shard_paths(out) if (m := SHARD_PATTERN.match(p.name))),
-                     default=-1) + 1
     run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": 0, "tokens": 0, "empty": 0,
                            "reward_flops": 0, "annotate_seconds": 0.0, "sample_seconds": 0.0, "seconds": 0.0,
                            "command": command or " ".join(sys.argv)}
+    responses = _Responses(pol, pending, todo, seed, policy_max_new_tokens, run)
+    shards = _ShardWriter(out, shard_rows)
     flops0 = rm.flops
-
-    def flush() -> None:
-        nonlocal next_index, buffer
-        if buffer:
-            write_shard(out, next_index, buffer)
-            next_index += 1
-            buffer = []
-
     bar = tqdm(todo, desc="build-rewards", unit="row", disable=not progress, dynamic_ncols=True)
     try:
         for p in bar:
-            if p.prefill_ids is not None:
-                if p.id not in sampled:
-                    t0 = time.perf_counter()
-                    assert policy_runner is not None
-                    grp = groups[p.group]
-                    res = sample_policy(pol, policy_runner, [(g.id, g.prompt, g.prefill_ids or ()) for g in grp],
-                                        seed, policy_max_new_tokens)
-                    sampled.update({g.id: r for g, r in zip(grp, res, strict=True)})
-                    run["sample_seconds"] += time.perf_counter() - t0
-                ids, ended = sampled.pop(p.id)
-                complete = ended and len(ids) <= max_tokens
-            else:
-                assert p.response is not None
-                ids = pol.encode(p.response)
-                complete = len(ids) <= max_tokens
-            ids = ids[:max_tokens]
+            ids, complete = responses.ids(p, max_tokens)
             if not ids:
                 run["empty"] += 1
                 continue
@@ -180,29 +141,100 @@ def build_rewards(out: str | Path, corpus: str = DEFAULT_CORPUS, reward: str | R
             t0 = time.perf_counter()
             rewards = ann.rewards(p.id, p.prompt, ids)
             run["annotate_seconds"] += time.perf_counter() - t0
-            buffer.append(RewardRow(id=p.id, prompt=p.prompt, prompt_ids=pol.encode(bos + template.format(
+            shards.add(RewardRow(id=p.id, prompt=p.prompt, prompt_ids=pol.encode(bos + template.format(
                 prompt=p.prompt)), response_ids=list(ids), rewards=rewards, source=p.source, complete=complete))
             run["rows"] += 1
             run["tokens"] += len(ids)
-            if len(buffer) >= shard_rows:
-                flush()
             if progress:
                 bar.set_postfix(tok_s=f"{run['tokens'] / max(run['annotate_seconds'], 1e-9):.0f}")
     finally:
         bar.close()
-        flush()
-        run["reward_flops"] = rm.flops - flops0
-        run["seconds"] = round(time.time() - t_start, 3)
-        run["annotate_seconds"] = round(run["annotate_seconds"], 3)
-        run["sample_seconds"] = round(run["sample_seconds"], 3)
-        run["tokens_per_second"] = round(run["tokens"] / run["annotate_seconds"], 2) if run["annotate_seconds"] \
-            else None
+        shards.flush()
+        _close_run(run, rm.flops - flops0, t_start)
         _write_summary(out, manifest, run, pending, counts, reward_spec, ann, pol, rm)
     final = read_data_manifest(out)
     if final["rows"] == 0:
         raise SaffronError(f"corpus '{corpus}' gave no usable rows: {final['skipped_empty']} responses tokenise "
                            f"to nothing")
     return final
+
+
+def _check_sizes(max_tokens: int, shard_rows: int, limit: int | None, prefill_tokens: int,
+                 policy_max_new_tokens: int) -> None:
+    if max_tokens < 1:
+        raise SaffronError(f"max_tokens must be >= 1, got {max_tokens}")
+    if shard_rows < 1:
+        raise SaffronError(f"shard_rows must be >= 1, got {shard_rows}")
+    if limit is not None and limit < 1:
+        raise SaffronError(f"limit must be >= 1, got {limit}")
+    if prefill_tokens < 0 or policy_max_new_tokens < 1:
+        raise SaffronError("prefill_tokens must be >= 0 and policy_max_new_tokens >= 1")
+
+
+class _Responses:
+    """The response token ids of each planned row: a corpus row's own response, or, for a ``policy:`` row, what
+    the policy samples; a ``policy:`` group is sampled together on its first row's turn (its seed covers the
+    group), and its time is added to ``run["sample_seconds"]``."""
+
+    def __init__(self, pol: Model, pending: list[PlannedRow], todo: list[PlannedRow], seed: int,
+                 max_new_tokens: int, run: dict[str, Any]) -> None:
+        self.pol, self.seed, self.max_new_tokens, self.run = pol, seed, max_new_tokens, run
+        self.runner = Runner(pol) if any(p.prefill_ids is not None for p in todo) else None
+        self.groups: dict[int, list[PlannedRow]] = {}
+        for p in pending:
+            if p.prefill_ids is not None:
+                self.groups.setdefault(p.group, []).append(p)
+        self.sampled: dict[str, tuple[list[int], bool]] = {}
+
+    def ids(self, p: PlannedRow, max_tokens: int) -> tuple[list[int], bool]:
+        """The row's first ``max_tokens`` response ids, and whether the whole response fits in them."""
+        if p.prefill_ids is None:
+            assert p.response is not None
+            ids = self.pol.encode(p.response)
+            return ids[:max_tokens], len(ids) <= max_tokens
+        if p.id not in self.sampled:
+            self._sample(self.groups[p.group])
+        ids, ended = self.sampled.pop(p.id)
+        return ids[:max_tokens], ended and len(ids) <= max_tokens
+
+    def _sample(self, grp: list[PlannedRow]) -> None:
+        t0 = time.perf_counter()
+        assert self.runner is not None
+        res = sample_policy(self.pol, self.runner, [(g.id, g.prompt, g.prefill_ids or ()) for g in grp],
+                            self.seed, self.max_new_tokens)
+        self.sampled.update({g.id: r for g, r in zip(grp, res, strict=True)})
+        self.run["sample_seconds"] += time.perf_counter() - t0
+
+
+class _ShardWriter:
+    """Rows buffered into shards of ``shard_rows``, numbered after the folder's existing shards."""
+
+    def __init__(self, out: Path, shard_rows: int) -> None:
+        self.out, self.shard_rows = out, shard_rows
+        self.buffer: list[RewardRow] = []
+        self.next_index = max((int(m.group(1)) for p in shard_paths(out) if (m := SHARD_PATTERN.match(p.name))),
+                              default=-1) + 1
+
+    def add(self, row: RewardRow) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            write_shard(self.out, self.next_index, self.buffer)
+            self.next_index += 1
+            self.buffer = []
+
+
+def _close_run(run: dict[str, Any], reward_flops: int, t_start: float) -> None:
+    """The run's totals, rounded as the manifest keeps them."""
+    run["reward_flops"] = reward_flops
+    run["seconds"] = round(time.time() - t_start, 3)
+    run["annotate_seconds"] = round(run["annotate_seconds"], 3)
+    run["sample_seconds"] = round(run["sample_seconds"], 3)
+    run["tokens_per_second"] = round(run["tokens"] / run["annotate_seconds"], 2) if run["annotate_seconds"] \
+        else None
 
 
 def _write_summary(out: Path, manifest: dict[str, Any], run: dict[str, Any], pending: list[PlannedRow],

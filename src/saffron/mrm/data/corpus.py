@@ -150,17 +150,13 @@ def _seed_for(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()[:15], 16)
 
 
-def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,  # noqa: C901 -- one branch per source kind
+def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,
                 prefill_tokens: int = POLICY_PREFILL_TOKENS) -> tuple[list[PlannedRow], PlanCounts]:
     """Every admitted corpus row in a fixed order, with its stable id; nothing sampled or scored yet.
 
     Each row's ``rank`` is its position among its source's admitted rows (prompts, for policy sources), so a
     limit of N per source keeps the rows of rank < N."""
-    counts = PlanCounts()
-    pending: list[PlannedRow] = []
-    seen_text: set[tuple[str, str]] = set()
-    seen_policy: set[tuple[str, tuple[int, ...]]] = set()
-    group = 0  # a prompt's policy variants step together: a sample never depends on what else is in the run
+    plan = _Planner(policy, prefill_tokens)
     for src in check_corpus(corpus, allow_eval):
         is_policy = src.startswith("policy:")
         spec = src[len("policy:"):] if is_policy else src
@@ -168,39 +164,63 @@ def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,  # noqa: C
         taken = 0
         for ex in examples:
             if not admit_prompt(ex.prompt, allow_eval):
-                counts.eval_filtered += 1
+                plan.counts.eval_filtered += 1
                 continue
-            if is_policy:
-                pre = tuple(policy.encode(ex.response)[:prefill_tokens]) if ex.response \
-                    else tuple(policy.encode(FALLBACK_PREFILL))
-                variants: list[tuple[str, tuple[int, ...]]] = [("noprefill", ())]
-                if prefill_tokens > 0:
-                    variants.append((f"prefill{len(pre)}", pre))
-                added = False
-                for tag, pre_ids in variants:
-                    key = (ex.prompt.strip(), pre_ids)
-                    if key in seen_policy:
-                        counts.duplicates += 1
-                        continue
-                    seen_policy.add(key)
-                    pending.append(PlannedRow(id=f"{src}/{ex.id}/{tag}", prompt=ex.prompt, source=f"{src}+{tag}",
-                                            prefill_ids=pre_ids, group=group, rank=taken))
-                    added = True
-                group += 1
-                taken += int(added)
-            else:
-                if ex.response is None or not ex.response.strip():
-                    counts.no_response += 1
-                    continue
-                tkey = (ex.prompt.strip(), ex.response.strip())
-                if tkey in seen_text:
-                    counts.duplicates += 1
-                    continue
-                seen_text.add(tkey)
-                pending.append(PlannedRow(id=f"{src}/{ex.id}", prompt=ex.prompt, source=src, response=ex.response,
-                                        rank=taken))
-                taken += 1
-        counts.by_source[src] = taken
+            added = plan.add_policy(src, ex, taken) if is_policy else plan.add_text(src, ex, taken)
+            taken += int(added)
+        plan.counts.by_source[src] = taken
+    _check_plan(corpus, plan.pending, plan.counts)
+    return plan.pending, plan.counts
+
+
+class _Planner:
+    """The rows planned so far, with what was dropped (``counts``) and what was seen, to drop repeats."""
+
+    def __init__(self, policy: Model, prefill_tokens: int) -> None:
+        self.policy, self.prefill_tokens = policy, prefill_tokens
+        self.counts = PlanCounts()
+        self.pending: list[PlannedRow] = []
+        self.seen_text: set[tuple[str, str]] = set()
+        self.seen_policy: set[tuple[str, tuple[int, ...]]] = set()
+        self.group = 0  # a prompt's policy variants step together: a sample never depends on what else is in the run
+
+    def add_policy(self, src: str, ex: Example, rank: int) -> bool:
+        """A ``policy:`` prompt's variants (no prefill; the reference response's first tokens), each planned once."""
+        pre = tuple(self.policy.encode(ex.response)[:self.prefill_tokens]) if ex.response \
+            else tuple(self.policy.encode(FALLBACK_PREFILL))
+        variants: list[tuple[str, tuple[int, ...]]] = [("noprefill", ())]
+        if self.prefill_tokens > 0:
+            variants.append((f"prefill{len(pre)}", pre))
+        added = False
+        for tag, pre_ids in variants:
+            key = (ex.prompt.strip(), pre_ids)
+            if key in self.seen_policy:
+                self.counts.duplicates += 1
+                continue
+            self.seen_policy.add(key)
+            self.pending.append(PlannedRow(id=f"{src}/{ex.id}/{tag}", prompt=ex.prompt, source=f"{src}+{tag}",
+                                           prefill_ids=pre_ids, group=self.group, rank=rank))
+            added = True
+        self.group += 1
+        return added
+
+    def add_text(self, src: str, ex: Example, rank: int) -> bool:
+        """A (prompt, response) row, unless it has no response or repeats one planned already."""
+        if ex.response is None or not ex.response.strip():
+            self.counts.no_response += 1
+            return False
+        tkey = (ex.prompt.strip(), ex.response.strip())
+        if tkey in self.seen_text:
+            self.counts.duplicates += 1
+            return False
+        self.seen_text.add(tkey)
+        self.pending.append(PlannedRow(id=f"{src}/{ex.id}", prompt=ex.prompt, source=src, response=ex.response,
+                                       rank=rank))
+        return True
+
+
+def _check_plan(corpus: str, pending: list[PlannedRow], counts: PlanCounts) -> None:
+    """Unique ids, and at least one row (else one line saying why there is none)."""
     ids = [p.id for p in pending]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -212,7 +232,6 @@ def plan_corpus(corpus: str, policy: Model, allow_eval: bool = False,  # noqa: C
         if counts.no_response:
             why.append(f"{counts.no_response} rows without a response (sample them with policy:DATASET)")
         raise SaffronError(f"corpus '{corpus}' has no usable rows" + (f" ({'; '.join(why)})" if why else ""))
-    return pending, counts
 
 
 def sample_policy(policy: Model, runner: Runner, jobs: Sequence[tuple[str, str, tuple[int, ...]]], seed: int,

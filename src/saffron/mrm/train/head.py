@@ -109,7 +109,7 @@ def fit(net: ValueNet, x: torch.Tensor, y: torch.Tensor, predict: Callable[[torc
             if not torch.isfinite(loss):
                 raise SaffronError(f"{what} training diverged (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             opt.step()
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(y))

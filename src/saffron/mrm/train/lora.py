@@ -80,7 +80,7 @@ class LmHeadBias(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``h``: [N, d] final hidden states; ``tokens``: [N] -> predicted rewards [N] (float32)."""
-        out = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
+        out: torch.Tensor = (h * self.weight[tokens].to(h.dtype)).sum(-1).float() + self.bias[tokens]
         if self.own_bias is not None:
             out = out + self.own_bias[tokens].float()
         return out
@@ -165,7 +165,7 @@ def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY, r: int = 4, alpha: int = 4,  # noqa: C901 -- split in mrm/'s reorganisation
+def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY, r: int = 4, alpha: int = 4,
               targets: Sequence[str] = ("q_proj", "v_proj"), lr: float = 1e-4, batch_size: int = 4,
               epochs: int = 1, seed: int = 0, max_steps: int | None = None,
               checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, progress: bool = True,
@@ -183,18 +183,8 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
     """
     t_start = time.time()
     data_dir, out = Path(data_dir), Path(out)
-    for name, v in (("r", r), ("alpha", alpha), ("batch_size", batch_size), ("epochs", epochs),
-                    ("checkpoint_every", checkpoint_every)):
-        if v < 1:
-            raise SaffronError(f"{name} must be >= 1, got {v}")
-    if not lr > 0:
-        raise SaffronError(f"lr must be > 0, got {lr}")
-    if bias_init not in BIAS_INITS:
-        raise SaffronError(f"bias_init must be one of {', '.join(BIAS_INITS)}, got {bias_init!r}")
-    if max_steps is not None and max_steps < 1:
-        raise SaffronError(f"max_steps must be >= 1, got {max_steps}")
-    if not list(targets):
-        raise SaffronError("no LoRA target modules")
+    _check_hyper(r=r, alpha=alpha, batch_size=batch_size, epochs=epochs, checkpoint_every=checkpoint_every, lr=lr,
+                 bias_init=bias_init, max_steps=max_steps, targets=targets)
     model, data_manifest, rows, fingerprint = training_data(data_dir, base_model,
                                                             lambda: load_model_copy(base_model, device))
     data_cfg = data_manifest.get("config", {})
@@ -203,8 +193,7 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         raise SaffronError(f"{base_model} declares no EOS token; train with eos=False")
 
     order = _data_order(len(rows), batch_size, epochs, seed)
-    total = len(order)
-    stop = min(total, max_steps) if max_steps is not None else total
+    stop = min(len(order), max_steps) if max_steps is not None else len(order)
     config = {
         "base_model": base_model, "tokenizer_sha256": fingerprint, "vocab_size": model.vocab_size,
         "lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets), "lr": lr, "batch_size": batch_size,
@@ -216,29 +205,10 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
     peft_model = add_lora(model, r, alpha, targets)
     model.hf.eval()  # no dropout anywhere (LoRA dropout is 0): training is deterministic
     lm_bias = LmHeadBias(model)
-    params = [*_trainable(peft_model).values(), lm_bias.bias]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
-    step = 0
-    losses: list[float] = []
-    tokens_trained = 0
-    train_seconds = 0.0
-    if ckpt.is_file():
-        state = _load_checkpoint(ckpt, config)
-        named = _trainable(peft_model)
-        if set(state["lora"]) != set(named):
-            raise SaffronError(f"the checkpoint in {ckpt.parent} does not match the LoRA layout; delete it")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(state["lora"][n])
-            lm_bias.bias.copy_(state["bias"])
-        opt.load_state_dict(state["optimizer"])
-        if state["order"] != order:
-            raise SaffronError(f"the checkpoint in {ckpt.parent} saw the data in another order; delete it")
-        step = int(state["step"])
-        losses = list(state["losses"])
-        tokens_trained = int(state["tokens"])
-        train_seconds = float(state["seconds"])
+    opt = torch.optim.AdamW([*_trainable(peft_model).values(), lm_bias.bias], lr=lr, weight_decay=0.0)
+    state = _TrainState(out / CHECKPOINT_DIR / CHECKPOINT_FILE, config, order, peft_model, lm_bias, opt)
+    if state.path.is_file():
+        state.resume()
     elif bias_init == "mean":
         # over every row of the whole schedule, not just up to max_steps, so a resumed run equals an
         # uninterrupted one; tokens no row supervises keep 0
@@ -247,46 +217,16 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         offset = mean_offset_bias(model, lm_bias, visited_rows, eos, batch_size)
         with torch.no_grad():
             lm_bias.bias.copy_(offset)
-        train_seconds += time.perf_counter() - t0
-
-    def checkpoint() -> None:
-        _save_checkpoint(ckpt, {
-            "config": config, "step": step, "order": order, "losses": losses, "tokens": tokens_trained,
-            "seconds": train_seconds, "optimizer": opt.state_dict(), "bias": lm_bias.bias.detach().cpu().clone(),
-            "lora": {n: p.detach().cpu().clone() for n, p in _trainable(peft_model).items()},
-        })
-
-    bar = tqdm(total=stop, initial=min(step, stop), desc="train-mrm", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        while step < stop:
-            t0 = time.perf_counter()
-            batch = [rows[i] for i in order[step]]
-            pred, want, tg = predict(model, lm_bias, batch, eos)
-            loss = ((pred - want) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise SaffronError(f"MRM training diverged at step {step + 1} (loss {float(loss)}); lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            tokens_trained += len(tg)
-            train_seconds += time.perf_counter() - t0
-            bar.update(1)
-            if progress:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step % checkpoint_every == 0 and step < stop:
-                checkpoint()
-    finally:
-        bar.close()
-    checkpoint()
+        state.seconds += time.perf_counter() - t0
+    _train_steps(model, rows, state, stop, eos, checkpoint_every, progress)
+    state.save()
 
     # the conservative mask: tokens never supervised in the steps that ran
-    visited = sorted({i for b in order[:step] for i in b})
+    visited = sorted({i for b in order[:state.step] for i in b})
     unseen = unseen_mask(model.vocab_size, supervised_pairs([rows[i] for i in visited], eos_ids, eos))
     seen = ~unseen
     eos_rows = sum(1 for i in visited if rows[i].complete) if eos else 0
+    losses, step, total = state.losses, state.step, len(order)
     tail = losses[-min(len(losses), 50):]
     reward_values = torch.tensor([x for r_ in rows for x in r_.rewards])
     manifest = MrmManifest(
@@ -307,8 +247,8 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
             "batch_size": batch_size, "seed": seed, "optimizer": "AdamW(weight_decay=0)", "bias_init": bias_init,
             "loss_first": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "final_loss_mean50": sum(tail) / len(tail) if tail else None,
-            "supervised_tokens": tokens_trained, "train_seconds": round(train_seconds, 3),
-            "tokens_per_second": round(tokens_trained / train_seconds, 2) if train_seconds else None,
+            "supervised_tokens": state.tokens, "train_seconds": round(state.seconds, 3),
+            "tokens_per_second": round(state.tokens / state.seconds, 2) if state.seconds else None,
             "seconds": round(time.time() - t_start, 3), "device": str(model.device),
             "command": command or " ".join(sys.argv), "torch": torch.__version__,
             "python": platform.python_version(),
@@ -318,3 +258,88 @@ def train_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_
         raise SaffronError("MRM training ended with a non-finite loss")
     save_mrm(out, peft_model, manifest, lm_bias.bias.detach(), unseen)
     return manifest
+
+
+def _check_hyper(*, r: int, alpha: int, batch_size: int, epochs: int, checkpoint_every: int, lr: float,
+                 bias_init: str, max_steps: int | None, targets: Sequence[str]) -> None:
+    for name, v in (("r", r), ("alpha", alpha), ("batch_size", batch_size), ("epochs", epochs),
+                    ("checkpoint_every", checkpoint_every)):
+        if v < 1:
+            raise SaffronError(f"{name} must be >= 1, got {v}")
+    if not lr > 0:
+        raise SaffronError(f"lr must be > 0, got {lr}")
+    if bias_init not in BIAS_INITS:
+        raise SaffronError(f"bias_init must be one of {', '.join(BIAS_INITS)}, got {bias_init!r}")
+    if max_steps is not None and max_steps < 1:
+        raise SaffronError(f"max_steps must be >= 1, got {max_steps}")
+    if not list(targets):
+        raise SaffronError("no LoRA target modules")
+
+
+class _TrainState:
+    """What a checkpoint holds: the trainable weights, the optimizer, and the run so far (steps, losses,
+    supervised tokens, training seconds), tied to the ``config`` and data ``order`` it was made under."""
+
+    def __init__(self, path: Path, config: dict[str, Any], order: list[list[int]], peft_model: Any,
+                 lm_bias: LmHeadBias, opt: torch.optim.Optimizer) -> None:
+        self.path, self.config, self.order = path, config, order
+        self.peft_model, self.lm_bias, self.opt = peft_model, lm_bias, opt
+        self.step = 0
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def resume(self) -> None:
+        """Continue from the checkpoint at ``path``; refused if it was made under another config or order."""
+        state = _load_checkpoint(self.path, self.config)
+        named = _trainable(self.peft_model)
+        if set(state["lora"]) != set(named):
+            raise SaffronError(f"the checkpoint in {self.path.parent} does not match the LoRA layout; delete it")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(state["lora"][n])
+            self.lm_bias.bias.copy_(state["bias"])
+        self.opt.load_state_dict(state["optimizer"])
+        if state["order"] != self.order:
+            raise SaffronError(f"the checkpoint in {self.path.parent} saw the data in another order; delete it")
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        self.tokens = int(state["tokens"])
+        self.seconds = float(state["seconds"])
+
+    def save(self) -> None:
+        _save_checkpoint(self.path, {
+            "config": self.config, "step": self.step, "order": self.order, "losses": self.losses,
+            "tokens": self.tokens, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
+            "bias": self.lm_bias.bias.detach().cpu().clone(),
+            "lora": {n: p.detach().cpu().clone() for n, p in _trainable(self.peft_model).items()},
+        })
+
+
+def _train_steps(model: Model, rows: list[RewardRow], state: _TrainState, stop: int, eos: bool,
+                 checkpoint_every: int, progress: bool) -> None:
+    """Optimiser steps from ``state.step`` up to ``stop``, saving a checkpoint every ``checkpoint_every``."""
+    bar = tqdm(total=stop, initial=min(state.step, stop), desc="train-mrm", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while state.step < stop:
+            t0 = time.perf_counter()
+            batch = [rows[i] for i in state.order[state.step]]
+            pred, want, tg = predict(model, state.lm_bias, batch, eos)
+            loss = ((pred - want) ** 2).mean()
+            if not torch.isfinite(loss):
+                raise SaffronError(f"MRM training diverged at step {state.step + 1} (loss {float(loss)}); lower the lr")
+            state.opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+            state.opt.step()
+            state.step += 1
+            state.losses.append(float(loss.detach()))
+            state.tokens += len(tg)
+            state.seconds += time.perf_counter() - t0
+            bar.update(1)
+            if progress:
+                bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+            if state.step % checkpoint_every == 0 and state.step < stop:
+                state.save()
+    finally:
+        bar.close()
