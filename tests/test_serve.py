@@ -236,9 +236,10 @@ def test_models_and_health(client: TestClient, tiny: Model) -> None:
     assert m["data"][0]["object"] == "model"
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["method"] == "saffron" and h["running"] == 0 and h["queued"] == 0
-    # instructions computed once per worker at load, for the reward model and the judge alike (one worker here)
-    one = tiny_guard(tiny).setup_flops
-    assert one > 0 and h["setup_flops"] == {"reward": one, "mrm": 0, "judge": one}
+    # instructions computed once per worker at load, for the reward model and the judge alike
+    n, one = h["max_batch"], tiny_guard(tiny).setup_flops
+    assert n == ServeSettings().max_batch and one > 0
+    assert h["setup_flops"] == {"reward": n * one, "mrm": 0, "judge": n * one}
     assert client.get("/v1/models/nope").status_code == 404
 
 
@@ -359,7 +360,7 @@ def test_settings_no_request_could_use_are_refused(tiny: Model) -> None:
 
 def test_models_load_when_a_method_first_needs_them(tiny: Model) -> None:
     ms = model_set(tiny)
-    eng = Engine(ms, ServeSettings(method="none", default_max_tokens=4, max_tokens_limit=16, max_width=8))
+    eng = Engine(ms, ServeSettings(method="none", default_max_tokens=4, max_tokens_limit=16, max_width=8, max_batch=1))
     reward, mrm = ms._make["reward"], ms._make["mrm"]
     assert isinstance(reward, Counted) and isinstance(mrm, Counted)
     with TestClient(create_app(eng)) as c:
@@ -372,7 +373,7 @@ def test_models_load_when_a_method_first_needs_them(tiny: Model) -> None:
         assert (reward.calls, mrm.calls) == (1, 1)
         assert eng.workers[0].policy is eng.workers[0].stack(("reward", "mrm")).policy  # one policy runner
     started = model_set(tiny)
-    Engine(started, ServeSettings(method="saffron", default_max_tokens=4, max_concurrent=2))
+    Engine(started, ServeSettings(method="saffron", default_max_tokens=4, max_batch=2))
     assert [getattr(started._make[r], "calls", None) for r in ("reward", "mrm")] == [2, 2]  # one per worker
 
 
@@ -414,6 +415,11 @@ def post(url: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(url + URL, json=body, timeout=60)
 
 
+def counts(eng: Engine) -> dict[str, Any]:
+    """The engine's status without the merged-forward counts."""
+    return {k: v for k, v in eng.status().items() if k != "merged"}
+
+
 def wait_for(cond: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 30
     while not cond():
@@ -423,7 +429,7 @@ def wait_for(cond: Callable[[], bool]) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_concurrent_requests_queue_and_all_succeed(tiny: Model, gate: type[Gate], workers: int) -> None:
-    eng = engine(tiny, method="gate", method_options={}, max_concurrent=workers, default_max_tokens=4)
+    eng = engine(tiny, method="gate", method_options={}, max_batch=workers, default_max_tokens=4)
     with background_server(create_app(eng)) as url, ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(post, url, {"messages": ATTACK}) for _ in range(6)]
         wait_for(lambda: eng.status()["running"] == workers and eng.status()["queued"] == 6 - workers)
@@ -434,11 +440,12 @@ def test_concurrent_requests_queue_and_all_succeed(tiny: Model, gate: type[Gate]
     assert [a.status_code for a in answers] == [200] * 6
     assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
     assert gate.peak == workers  # never more searches at once than workers, each on its own runners
-    assert eng.status() == {"running": 0, "queued": 0, "finished": 6, "max_concurrent": workers, "max_queue": 64}
+    assert counts(eng) == {"running": 0, "queued": 0, "finished": 6, "cancelled": 0, "max_batch": workers,
+                           "max_queue": 64}
 
 
 def test_a_full_queue_answers_503_and_recovers(tiny: Model, gate: type[Gate]) -> None:
-    eng = engine(tiny, method="gate", method_options={}, max_concurrent=1, max_queue=1, default_max_tokens=4)
+    eng = engine(tiny, method="gate", method_options={}, max_batch=1, max_queue=1, default_max_tokens=4)
     with background_server(create_app(eng)) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, url, {"messages": USER})
         wait_for(lambda: eng.status()["running"] == 1)
@@ -474,7 +481,7 @@ def test_a_failed_search_answers_by_the_errors_type_and_frees_its_worker(
         tiny: Model, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, code: str) -> None:
     monkeypatch.setitem(METHODS, "failing", Failing)
     monkeypatch.setattr(Failing, "error", error)
-    eng = engine(tiny, method="none", method_options={}, default_max_tokens=4, max_concurrent=1)
+    eng = engine(tiny, method="none", method_options={}, default_max_tokens=4, max_batch=1)
     with TestClient(create_app(eng)) as c:
         for _ in range(2):  # the one worker fails twice: it came back to the pool after the first failure
             r = c.post(URL, json={"messages": USER, "saffron": {"method": "failing"}})
@@ -483,7 +490,7 @@ def test_a_failed_search_answers_by_the_errors_type_and_frees_its_worker(
             assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
             assert (str(error) in err["message"]) == (status != 500)  # an internal error's text stays in the log
         assert c.post(URL, json={"messages": USER}).status_code == 200  # and it still answers
-    assert eng.status() == {"running": 0, "queued": 0, "finished": 3, "max_concurrent": 1, "max_queue": 64}
+    assert counts(eng) == {"running": 0, "queued": 0, "finished": 3, "cancelled": 0, "max_batch": 1, "max_queue": 64}
     assert eng._idle.qsize() == 1
 
 
@@ -519,7 +526,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (["--port", "0"], "Invalid value for '--port'"),
     (["--port", "70000"], "Invalid value for '--port'"),
     (["--port", "eighty"], "Invalid value for '--port'"),
-    (["--max-concurrent", "0"], "Invalid value for '--max-concurrent'"),
+    (["--max-batch", "0"], "Invalid value for '--max-batch'"),
     (["--threads", "0"], "Invalid value for '--threads'"),
     (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:"),
 ])

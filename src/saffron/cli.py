@@ -841,8 +841,11 @@ def serve_cmd(
     max_tokens_limit: int = typer.Option(256, "--max-tokens-limit", min=1, help="Most max_tokens a request may ask."),
     max_width: int = typer.Option(64, "--max-width", min=1, help="Most search budget a request may ask (the "
                                   "method's width, n or simulations)."),
-    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Searches run at once."),
+    max_batch: int = typer.Option(8, "--max-batch", "--max-concurrent", min=1, help="Searches run at once, their "
+                                  "forwards merged (continuous batching; 1: one at a time)."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
+    request_timeout: float | None = typer.Option(None, "--request-timeout", min=0.001, help="Seconds a request may "
+                                                 "take, queueing included (more: 504, its search stopped)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
     preset: str | None = PRESET,
     device: str = DEVICE,
@@ -858,8 +861,8 @@ def serve_cmd(
     if preset is not None:
         options, mrm = _serve_preset(preset, method, options, mrm, max_new_tokens)
     settings = ServeSettings(method=method, method_options=options, default_max_tokens=max_new_tokens,
-                             max_tokens_limit=max_tokens_limit, max_width=max_width, max_concurrent=max_concurrent,
-                             max_queue=max_queue, seed=seed)
+                             max_tokens_limit=max_tokens_limit, max_width=max_width, max_batch=max_batch,
+                             max_queue=max_queue, seed=seed, request_timeout=request_timeout)
     judges = parse_judges(judge) if judge is not None else ()
     cfg = ServeConfig(settings=settings, policy=policy, reward=reward, mrm=mrm, judges=judges, host=host, port=port,
                       threads=threads)

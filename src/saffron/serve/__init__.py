@@ -63,8 +63,8 @@ def serve(cfg: ServeConfig, log_level: str = "info") -> None:
         opts: dict[str, Any] = {k: v for k, v in s.configured.options().items() if k != "max_new_tokens"}
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         print(f"saffron: serving {engine.model_id} guarded by {s.method} {opts} at http://{host}:"
-              f"{sock.getsockname()[1]}/v1 (max_tokens <= {s.max_tokens_limit}, {s.max_concurrent} search(es) at "
-              f"a time, {s.max_queue} queued)", file=sys.stderr, flush=True)
+              f"{sock.getsockname()[1]}/v1 (max_tokens <= {s.max_tokens_limit}, {s.max_batch} search(es) at "
+              f"a time, their forwards merged, {s.max_queue} queued)", file=sys.stderr, flush=True)
         run_server(app, sock, log_level=log_level)
     finally:
         sock.close()

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saffron.errors import SaffronError
-from saffron.serve.engine import Engine, Outcome, Plan
+from saffron.serve.engine import ClientGone, Engine, Outcome, Plan
 from saffron.serve.schemas import ApiError, parse_request
 
 log = logging.getLogger("saffron.serve")
@@ -177,9 +177,11 @@ def _add_chat_route(app: FastAPI, engine: Engine) -> None:
         created = int(time.time())
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            out = await engine.submit(plan)
+            out = await engine.submit(plan, disconnected=request.is_disconnected)
         except (SaffronError, ApiError):  # answered by their handlers
             raise
+        except ClientGone:  # its search was stopped; nobody reads this answer (499: nginx's "client closed")
+            return Response(status_code=499)
         except Exception:
             log.exception("search failed")
             raise ApiError(500, "the search failed with an internal error (see the server log)",

@@ -1,10 +1,20 @@
 """The serving engine: models loaded once, workers that each own a set of runners, a bounded queue.
 
 A request becomes a ``Plan`` on the event loop (validation and tokenisation, cheap; every user error is an
-``ApiError`` before anything is queued), then a search on one of ``max_concurrent`` worker threads. The runners
+``ApiError`` before anything is queued), then a search on one of ``max_batch`` worker threads. The runners
 (KV caches, FLOP counters) are not thread-safe, so each worker has its own over weights loaded once and shared:
 the policy's, the search-time reward model's, the MRM's and the judge's. A worker resets its runners before every
 request, as ``run_eval`` does between prompts, so an answer depends on the request alone, never on what ran before.
+
+Continuous batching (``max_batch`` > 1): the searches running at a moment are workers of one
+``batching.Coordinator``. A search joins when it starts and leaves when it ends (finished, failed or cancelled),
+and while joined its runners' forwards (policy, reward model, MRM) are merged with the other searches': one
+forward per model per round, each search's cache and tokens its own (``batching.py``). So the same request gives
+the same tokens alone or beside others. The judge runs on the worker's own runner, unmerged.
+
+Cancellation: a request whose client disconnects or that runs past ``request_timeout`` is given up. Still
+queued, it never starts; searching, it stops at its next forward (``Cancelled``) and leaves the coordinator, so
+the others go on, and its worker returns to the pool as after any failed search.
 
 The models a method needs besides the policy are loaded the first time a method needs them and kept: the
 server's own method is made ready at start; another method asked for through the ``saffron`` extension loads
@@ -25,11 +35,13 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from saffron.batching import Coordinator
 from saffron.errors import BusyError, SaffronError
 from saffron.guards.base import RewardModel
 from saffron.guards.registry import check_guard_spec, load_guard
@@ -38,7 +50,7 @@ from saffron.methods import Method, Stack, get_method, make_method, option_defau
 from saffron.model import Model, load_model
 from saffron.mrm import Mrm, check_mrm_spec
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, load_mrm_for, prompt_seed, run_prompt
-from saffron.runner import Runner
+from saffron.runner import ForwardPart, Runner, run_parts
 from saffron.serve.schemas import ApiError, ChatCompletionRequest
 from saffron.session import Session
 
@@ -46,6 +58,7 @@ from saffron.session import Session
 # conversation and seed give the same answer from both.
 SEED_KEY = "cli"
 RESERVED = ("method", "judge")  # keys of the ``saffron`` extension that are not method options
+POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 
 @dataclass(frozen=True)
@@ -58,16 +71,19 @@ class ServeSettings:
     default_max_tokens: int = 32
     max_tokens_limit: int = 256
     max_width: int = 64
-    max_concurrent: int = 1
+    max_batch: int = 8  # searches at once, their forwards merged (1: one at a time, unmerged)
     max_queue: int = 64
     seed: int = 0
+    request_timeout: float | None = None  # seconds from arrival, queueing included; None: no limit
     # the server's own method, configured by the fields above (made by the check)
     configured: Method[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_limit", "max_width", "max_concurrent"):
+        for name in ("max_tokens_limit", "max_width", "max_batch"):
             if getattr(self, name) < 1:
                 raise SaffronError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise SaffronError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
         if self.max_queue < 0:
             raise SaffronError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -164,17 +180,55 @@ class JudgePanel:
             j.reset()
 
 
-class Worker:
-    """One search slot: a policy runner and, once needed, its own reward model, MRM and judge."""
+class Cancelled(Exception):
+    """A request given up while it searched (its client left, or it ran past ``request_timeout``)."""
 
-    def __init__(self, models: ModelSet) -> None:
+
+class ClientGone(Exception):
+    """The client of a waiting request disconnected: there is no one to answer."""
+
+
+class Sink:
+    """Where a worker's runners send their forwards (``Runner.batcher``): the coordinator, merged with the other
+    searches' (``coord``), or straight to the model at batch 1, as an unbatched runner would. Either way a
+    cancelled request's search stops at its next forward, before it submits: it holds no round up."""
+
+    def __init__(self, coord: Coordinator | None) -> None:
+        self.coord = coord
+        self.cancel = threading.Event()  # the current request's; replaced by ``Engine.run`` per request
+
+    def submit(self, part: ForwardPart) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the request was given up")
+        if self.coord is None:
+            run_parts([part])
+        else:
+            self.coord.submit(part)
+
+
+def _attach(model: Any, sink: Sink) -> Any:
+    """``model`` (a reward model or MRM) with its runner's forwards sent to ``sink``."""
+    runner = getattr(model, "runner", None)
+    if isinstance(runner, Runner):
+        runner.batcher = sink
+    return model
+
+
+class Worker:
+    """One search slot: a policy runner and, once needed, its own reward model, MRM and judge. The search's
+    runners (policy, reward model, MRM) send their forwards to ``sink``; the judge's run directly."""
+
+    def __init__(self, models: ModelSet, sink: Sink | None = None) -> None:
         self.models = models
+        self.sink = sink or Sink(None)
         self.policy = Runner(models.policy)
+        self.policy.batcher = self.sink
         self.held: dict[str, Any] = {}
 
     def get(self, role: str) -> Any:
         if role not in self.held:
-            self.held[role] = self.models.make(role)
+            made = self.models.make(role)
+            self.held[role] = made if role == "judge" else _attach(made, self.sink)
         return self.held[role]
 
     def stack(self, uses: tuple[str, ...]) -> Stack:
@@ -244,7 +298,10 @@ class Engine:
         self.settings = settings or ServeSettings()
         self.model_id = model_id or models.policy.name
         self.created = int(time.time())
-        self.workers = [Worker(models) for _ in range(self.settings.max_concurrent)]
+        n = self.settings.max_batch
+        # batch 1 runs each search alone, as before continuous batching: no coordinator to wait on
+        self.coord = Coordinator() if n > 1 else None
+        self.workers = [Worker(models, Sink(self.coord)) for _ in range(n)]
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         for w in self.workers:
             # the server's own method: ready before it listens
@@ -252,13 +309,14 @@ class Engine:
             if models.has("judge"):
                 w.get("judge")
             self._idle.put(w)
-        self._executor = concurrent.futures.ThreadPoolExecutor(self.settings.max_concurrent,
+        self._executor = concurrent.futures.ThreadPoolExecutor(n,
                                                                thread_name_prefix="saffron-search")
         self._methods: OrderedDict[str, Method[Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.admitted = 0  # searching or queued
         self.running = 0
-        self.finished = 0
+        self.finished = 0  # searches ended, the failed and cancelled included
+        self.cancelled = 0  # requests given up (client gone, timeout) while queued or searching
 
     # -- on the event loop ------------------------------------------------------------------------------------
 
@@ -381,22 +439,49 @@ class Engine:
                 self._methods.popitem(last=False)
         return m
 
-    async def submit(self, plan: Plan) -> Outcome:
-        """Queue ``plan`` for a worker and wait for its outcome; ``BusyError`` when the queue is full."""
+    async def submit(self, plan: Plan, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Outcome:
+        """Queue ``plan`` for a worker and wait for its outcome; ``BusyError`` when the queue is full.
+
+        The request is given up (never started, or stopped at its search's next forward) when ``disconnected()``
+        says its client left (``ClientGone``), when it runs past ``request_timeout`` (``ApiError`` 504) or when
+        this coroutine is cancelled."""
         with self._lock:
-            if self.admitted >= self.settings.max_concurrent + self.settings.max_queue:
+            if self.admitted >= self.settings.max_batch + self.settings.max_queue:
                 running, queued = self.running, self.admitted - self.running
                 raise BusyError(f"server busy: {running} request(s) searching and {queued} queued, the most this "
-                                f"server holds (--max-queue {self.settings.max_queue}); retry later")
+                                f"server holds (--max-batch {self.settings.max_batch}, --max-queue "
+                                f"{self.settings.max_queue}); retry later")
             self.admitted += 1
         t0 = time.perf_counter()
+        cancel = threading.Event()
         try:
-            fut = self._executor.submit(self.run, plan, t0)
+            fut = self._executor.submit(self.run, plan, t0, cancel)
         except BaseException:
             self._release()
             raise
         fut.add_done_callback(lambda _: self._release())  # when the search ends, or the queued job is dropped
-        return await asyncio.wrap_future(fut)
+        waiter = asyncio.wrap_future(fut)
+        timeout = self.settings.request_timeout
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.perf_counter()
+                step = POLL_S if left is None else max(0.0, min(POLL_S, left))
+                done, _ = await asyncio.wait({waiter}, timeout=step if disconnected or left is not None else None)
+                if done:
+                    return waiter.result()
+                if deadline is not None and time.perf_counter() >= deadline:
+                    raise ApiError(504, f"the request took longer than this server's --request-timeout of "
+                                   f"{timeout:g} s", type="server_error", code="timeout")
+                if disconnected is not None and await disconnected():
+                    raise ClientGone("the client disconnected")
+        except BaseException:
+            if not waiter.done():
+                with self._lock:
+                    self.cancelled += 1
+                cancel.set()  # a running search stops at its next forward and its worker returns to the pool
+                waiter.cancel()  # a queued one never starts
+            raise
 
     def _release(self) -> None:
         with self._lock:
@@ -405,7 +490,9 @@ class Engine:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"running": self.running, "queued": self.admitted - self.running, "finished": self.finished,
-                    "max_concurrent": self.settings.max_concurrent, "max_queue": self.settings.max_queue}
+                    "cancelled": self.cancelled,
+                    "max_batch": self.settings.max_batch, "max_queue": self.settings.max_queue,
+                    "merged": self.coord.stats.as_dict() if self.coord is not None else None}
 
     def setup_flops(self) -> dict[str, int]:
         """Per role, over every worker: FLOPs spent once when its models were loaded on their kept fixed
@@ -422,19 +509,26 @@ class Engine:
 
     # -- on a worker thread -----------------------------------------------------------------------------------
 
-    def run(self, plan: Plan, queued_at: float | None = None) -> Outcome:
-        """Search ``plan`` on an idle worker (blocking). Also usable directly, without the queue."""
+    def run(self, plan: Plan, queued_at: float | None = None, cancel: threading.Event | None = None) -> Outcome:
+        """Search ``plan`` on an idle worker (blocking). Also usable directly, without the queue. Setting
+        ``cancel`` stops the search at its next forward (``Cancelled``)."""
         t0 = time.perf_counter()
         worker = self._idle.get()
         with self._lock:
             self.running += 1
         try:
             worker.reset()
+            worker.sink.cancel = cancel if cancel is not None else threading.Event()
+            if worker.sink.cancel.is_set():
+                raise Cancelled("the request was given up before its search started")
             uses = type(plan.method).models_for(plan.method.options())
+            # models load before the search joins the batch: a search waiting on a load would hold up every round
+            stack = worker.stack(uses)
             judges = worker.get("judge").judges if plan.judge else {}
             started = time.perf_counter()
-            run = run_prompt(plan.method, worker.stack(uses), plan.session, prompt_seed(plan.seed, SEED_KEY),
-                             judges=judges, stop=plan.stop)
+            with self._batched():
+                run = run_prompt(plan.method, stack, plan.session, prompt_seed(plan.seed, SEED_KEY),
+                                 judges=judges, stop=plan.stop)
             ids = tuple(run.result.output_ids)
             finish = "stop" if run.stopped or len(ids) < plan.max_tokens else "length"
             flops = {k: int(v) for k, v in run.result.flops.items()}
@@ -454,3 +548,12 @@ class Engine:
                 self.running -= 1
                 self.finished += 1
             self._idle.put(worker)
+
+    @contextmanager
+    def _batched(self) -> Iterator[None]:
+        """This thread's search as a worker of the coordinator (joined while inside; left however it ends)."""
+        if self.coord is None:
+            yield
+            return
+        with self.coord.worker():
+            yield
