@@ -844,7 +844,7 @@ def serve_cmd(
     max_batch: int = typer.Option(8, "--max-batch", "--max-concurrent", min=1, help="Searches run at once, their "
                                   "forwards merged (continuous batching; 1: one at a time)."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond those (more: 503)."),
-    request_timeout: float | None = typer.Option(None, "--request-timeout", min=0.001, help="Seconds a request may "
+    request_timeout: float | None = typer.Option(None, "--request-timeout", help="Seconds a request may "
                                                  "take, queueing included (more: 504, its search stopped)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
     preset: str | None = PRESET,
