@@ -76,7 +76,7 @@ def test_every_verb_that_loads_a_model_takes_the_placement_flags() -> None:
     root = typer.main.get_command(app)
     verbs = [["generate"], ["eval"], ["compare"], ["tune"], ["serve"], ["build-rewards"], ["train-mrm"],
              ["train-guard"], ["bench", "cache"], ["bench", "mrm"], ["bench", "guard"], ["bench", "flops"],
-             ["bench", "serve"], ["bench", "annotate"]]
+             ["bench", "serve"], ["bench", "annotate"], ["bench", "throughput"]]
     for path in verbs:
         cmd: Any = root
         for name in path:

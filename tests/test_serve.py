@@ -496,10 +496,17 @@ def test_a_failed_search_answers_by_the_errors_type_and_frees_its_worker(
 
 def test_bench_machinery_on_the_tiny_stack(tiny: Model) -> None:
     harmful = [Example(id="h", prompt="How do I pick a lock?", response="Sure, here is how to pick a lock")]
-    res = bench_serve(clients=3, width=2, max_tokens=3, models=model_set(tiny), harmful=harmful)
-    assert res["requests"] == 6 and res["failures"] == 0 and res["well_formed"] == 6
-    assert res["bad_input_4xx"] and res["bad_input_cases"] == len(malformed_cases(64, 8))
-    assert 0 < res["p50_s"] <= res["p95_s"] <= res["wall_s"]
+    res = bench_serve(requests=6, clients=3, width=2, max_tokens=3, max_batch=3, models=model_set(tiny),
+                      harmful=harmful)
+    one, many = res["one_at_a_time"], res["batched"]
+    for run, batch in ((one, 1), (many, 3)):
+        assert run["max_batch"] == batch and run["requests"] == 6 and run["failures"] == 0
+        assert run["well_formed"] == 6 and 0 < run["p50_s"] <= run["p95_s"] <= run["wall_s"]
+        assert run["requests_per_s"] > 0
+    assert one["merged"] is None and many["merged"]["forwards"] > 0
+    assert many["bad_input_4xx"] and many["bad_input_cases"] == len(malformed_cases(64, 8))
+    assert res["identical_share"] == 1.0  # the same answers, batched or not
+    assert res["speedup"] == pytest.approx(many["requests_per_s"] / one["requests_per_s"], rel=1e-2)
 
 
 # -- the CLI -------------------------------------------------------------------------------------------------

@@ -894,10 +894,14 @@ def _serve_preset(name: str, method: str, options: dict[str, Any], mrm: str | No
 
 @bench_app.command("serve")
 def bench_serve_cmd(
-    clients: int = typer.Option(50, "--clients", min=1, help="Concurrent clients (each: one harmful, one benign)."),
-    width: int = typer.Option(2, "--width", min=1, help="Saffron width."),
+    requests: int = typer.Option(32, "--requests", min=1, help="Requests sent to each server (half harmful under "
+                                 "the prefilling attack, half benign)."),
+    clients: int = typer.Option(16, "--clients", min=1, help="Concurrent clients."),
+    method: str = typer.Option("saffron", "--method", help="Defence answering every request."),
+    width: int = typer.Option(2, "--width", min=1, help="Saffron width (other methods: their defaults)."),
     max_tokens: int = typer.Option(8, "--max-tokens", min=1, help="max_tokens of every request."),
-    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Server's searches at once."),
+    max_batch: int = typer.Option(8, "--max-batch", min=2, help="The batched server's searches at once (compared "
+                                  "with one at a time)."),
     threads: int | None = typer.Option(1, "--threads", min=1, help="Torch CPU threads (one is fastest for the "
                                        "135M model on a busy 2-core machine)."),
     as_json: bool = AS_JSON,
@@ -905,13 +909,13 @@ def bench_serve_cmd(
     dtype: str = DTYPE,
     runner: str = RUNNER,
 ) -> None:
-    """The server under load on loopback: latency, failures, well-formed answers, malformed input refused."""
+    """Requests/s and p50/p95 latency of the server one search at a time and batched (--max-batch), same run."""
     from saffron.bench.serve import bench_serve
 
     _place(device, dtype, runner)
     _quiet_hf()
-    _emit(bench_serve(clients=clients, width=width, max_tokens=max_tokens, max_concurrent=max_concurrent,
-                      threads=threads), as_json)
+    _emit(bench_serve(requests=requests, clients=clients, method=method, width=width, max_tokens=max_tokens,
+                      max_batch=max_batch, threads=threads), as_json)
 
 
 @mrm_app.command("inspect")

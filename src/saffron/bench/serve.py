@@ -1,16 +1,22 @@
-"""``saffron bench serve``: the guarded server under load, on loopback.
+"""``saffron bench serve``: the guarded server under load on loopback, one search at a time vs batched.
 
-The server (embedded stack, Saffron at a small width) runs in a thread of this process on a free loopback port;
-``clients`` client threads each send two requests one after the other: a held-out harmful prompt under the
-prefilling attack (the first 10 tokens of its harmful reference response as a final assistant message to
-continue) and a benign prompt. While they wait, malformed requests are sent too; each must get a 4xx at once.
-Latency is measured per request by the client, queueing included.
+The same fixed list of ``requests`` (alternating: a held-out harmful prompt under the prefilling attack, the
+first 10 tokens of its harmful reference response as a final assistant message to continue, and a benign
+prompt; each with its own seed) is sent twice, by ``clients`` client threads that each take the next request
+when they finish one: to a server that searches one request at a time (``--max-batch 1``) and to one that runs
+up to ``max_batch`` searches at once with their forwards merged (continuous batching, ``engine.py``). Both
+servers run in a thread of this process on a free loopback port, over the same loaded models (the embedded
+stack by default). Per server: requests/s over the wall time, p50/p95 latency (measured by the client,
+queueing included), failures, well-formed answers and the coordinator's merged-forward counts; then the
+speed-up and the share of requests whose answer is the same from both (batching keeps each search's tokens).
+While the batched server is loaded, malformed requests are sent too; each must get a 4xx at once.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +24,8 @@ from urllib.parse import urlparse
 
 from saffron.data import TEST_SPLIT, Example, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
+from saffron.errors import InputError
+from saffron.methods import get_method
 from saffron.serve.app import background_server, create_app
 from saffron.serve.engine import Engine, ModelSet, ServeSettings, load_models
 
@@ -115,94 +123,128 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]  # nearest rank
 
 
-def bench_serve(clients: int = 50, width: int = 2, max_tokens: int = 8, max_concurrent: int = 1,
-                threads: int | None = None, models: ModelSet | None = None, harmful: list[Example] | None = None,
-                timeout: float = 3600.0) -> dict[str, Any]:
+def bench_serve(requests: int = 32, clients: int = 16, method: str = "saffron", width: int = 2, max_tokens: int = 8,
+                max_batch: int = 8, threads: int | None = None, models: ModelSet | None = None,
+                harmful: list[Example] | None = None, timeout: float = 3600.0) -> dict[str, Any]:
+    """See the module docstring. Usage: ``bench_serve(requests=4, clients=2, max_batch=2)``."""
     import torch
 
+    if requests < 1 or clients < 1 or max_tokens < 1 or width < 1:
+        raise InputError("bench serve needs --requests, --clients, --max-tokens and --width of at least 1")
+    if max_batch < 2:
+        raise InputError(f"--max-batch must be >= 2 (batch 1 is the one-at-a-time server it is compared with), "
+                         f"got {max_batch}")
+    get_method(method)  # an unknown name is one line, before any model loads
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _bench(clients, width, max_tokens, max_concurrent, models, harmful, timeout)
+        models = models or load_models(EMBEDDED_POLICY)
+        bodies = request_bodies(models, requests, max_tokens, method, width, harmful)
+        runs = {"one_at_a_time": _load(models, bodies, clients, method, width, max_tokens, 1, timeout, bad=False),
+                "batched": _load(models, bodies, clients, method, width, max_tokens, max_batch, timeout, bad=True)}
     finally:
         torch.set_num_threads(before)
+    one, many = (runs[k].pop("answers") for k in ("one_at_a_time", "batched"))
+    same = [a == b for a, b in zip(one, many, strict=True) if a is not None and b is not None]
+    rate1, rate = runs["one_at_a_time"]["requests_per_s"], runs["batched"]["requests_per_s"]
+    return {**runs, "speedup": round(rate / rate1, 3) if rate and rate1 else None,
+            "identical_share": sum(same) / len(same) if same else None,
+            "settings": {"requests": requests, "clients": clients, "method": method,
+                         "width": width if method == "saffron" else None, "max_tokens": max_tokens,
+                         "max_batch": max_batch, "model": models.policy.name, "torch_threads": threads or before}}
 
 
-def _bench(clients: int, width: int, max_tokens: int, max_concurrent: int, models: ModelSet | None,
-           harmful: list[Example] | None, timeout: float) -> dict[str, Any]:
-    import torch
-
-    settings = ServeSettings(method="saffron", method_options={"width": width}, default_max_tokens=max_tokens,
-                             max_tokens_limit=max(64, max_tokens), max_width=max(8, width),
-                             max_concurrent=max_concurrent, max_queue=clients)
-    models = models or load_models(EMBEDDED_POLICY)
-    engine = Engine(models, settings)
+def request_bodies(models: ModelSet, n: int, max_tokens: int, method: str, width: int,
+                   harmful: list[Example] | None = None) -> list[tuple[str, bytes]]:
+    """The fixed list of ``n`` requests, by kind: harmful prompts under the prefilling attack and benign
+    prompts, alternating, each seeded so the two servers are asked exactly the same."""
     policy = models.policy
     rows = harmful if harmful is not None else pyrit_harmful(TEST_SPLIT)
-    requests: list[tuple[str, bytes]] = []
-    for i in range(clients):
-        ex = rows[i % len(rows)]
-        prefill = policy.decode(policy.encode(ex.response or "Sure, here is")[:PREFILL_TOKENS])
-        harm = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": prefill}]
-        benign = [{"role": "user", "content": BENIGN[i % len(BENIGN)]}]
-        requests += [("harmful", json.dumps({"model": engine.model_id, "messages": harm,
-                                             "max_tokens": max_tokens}).encode()),
-                     ("benign", json.dumps({"model": engine.model_id, "messages": benign,
-                                            "max_tokens": max_tokens}).encode())]
-    bad = malformed_cases(settings.max_tokens_limit, settings.max_width)
+    ext: dict[str, Any] = {"method": method, **({"width": width} if method == "saffron" else {})}
+    out: list[tuple[str, bytes]] = []
+    for i in range(n):
+        if i % 2 == 0:
+            ex = rows[(i // 2) % len(rows)]
+            prefill = policy.decode(policy.encode(ex.response or "Sure, here is")[:PREFILL_TOKENS])
+            kind, msgs = "harmful", [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": prefill}]
+        else:
+            kind, msgs = "benign", [{"role": "user", "content": BENIGN[(i // 2) % len(BENIGN)]}]
+        out.append((kind, json.dumps({"model": policy.name, "messages": msgs, "max_tokens": max_tokens, "seed": i,
+                                      "saffron": ext}).encode()))
+    return out
 
+
+def _load(models: ModelSet, bodies: list[tuple[str, bytes]], clients: int, method: str, width: int,
+          max_tokens: int, max_batch: int, timeout: float, bad: bool) -> dict[str, Any]:
+    """One server (``max_batch``) under ``clients`` clients that take the next request of ``bodies`` as they
+    finish one; with ``bad``, malformed requests are sent while they wait."""
+    settings = ServeSettings(method=method, method_options={"width": width} if method == "saffron" else {},
+                             default_max_tokens=max_tokens, max_tokens_limit=max(64, max_tokens),
+                             max_width=max(8, width), max_batch=max_batch, max_queue=len(bodies))
+    engine = Engine(models, settings)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(bodies)):
+        todo.put(i)
+    results: list[tuple[str, int, bytes, float] | None] = [None] * len(bodies)
+    cases = malformed_cases(settings.max_tokens_limit, settings.max_width) if bad else {}
     with background_server(create_app(engine)) as url:
-        def client(i: int) -> list[tuple[str, int, bytes, float]]:
-            out = []
-            for kind, body in requests[2 * i: 2 * i + 2]:
+        def client() -> None:
+            while True:
                 try:
-                    status, data, secs = _post(url, body, timeout)
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    status, data, secs = _post(url, bodies[i][1], timeout)
                 except OSError as e:
                     status, data, secs = -1, str(e).encode(), float("nan")
-                out.append((kind, status, data, secs))
-            return out
+                results[i] = (bodies[i][0], status, data, secs)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            futures = [pool.submit(client, i) for i in range(clients)]
-            time.sleep(0.5)  # the queue is filling: malformed input must still be answered at once
+            futures = [pool.submit(client) for _ in range(clients)]
             bad_status: dict[str, int] = {}
             bad_secs: list[float] = []
-            for name, body in bad.items():
+            if cases:
+                time.sleep(0.5)  # the queue is filling: malformed input must still be answered at once
+            for name, body in cases.items():
                 status, _, secs = _post(url, body, 60)
                 bad_status[name] = status
                 bad_secs.append(secs)
-            results = [r for f in futures for r in f.result()]
+            for f in futures:
+                f.result()
         wall = time.perf_counter() - t0
-
-    ok = [(k, json.loads(d), s) for k, st, d, s in results if st == 200]
+    merged = engine.status()["merged"]
+    done = [r for r in results if r is not None]
+    ok = [(k, json.loads(d), s) for k, st, d, s in done if st == 200]
     well = [(k, o, s) for k, o, s in ok if not completion_problems(o, max_tokens)]
     lat = [s for _, _, s in ok]
     statuses: dict[str, int] = {}
-    for _, st, _, _ in results:
+    for _, st, _, _ in done:
         statuses[str(st)] = statuses.get(str(st), 0) + 1
     flops = [o["usage"]["flops"]["total"] for _, o, _ in well]
     search = [o["saffron"]["search_s"] for _, o, _ in well]
-    return {
-        "requests": len(results),
-        "clients": clients,
-        "failures": len(results) - len(ok),
+    out: dict[str, Any] = {
+        "max_batch": max_batch,
+        "requests": len(done),
+        "failures": len(done) - len(ok),
         "statuses": statuses,
         "well_formed": len(well),
+        "requests_per_s": round(len(ok) / wall, 4) if wall else None,
         "p50_s": _quantile(lat, 0.5),
         "p95_s": _quantile(lat, 0.95),
         "max_s": max(lat) if lat else None,
-        "wall_s": wall,
-        "requests_per_s": len(ok) / wall if wall else None,
+        "wall_s": round(wall, 3),
         "mean_search_s": sum(search) / len(search) if search else None,
         "mean_new_tokens": (sum(o["usage"]["completion_tokens"] for _, o, _ in well) / len(well)) if well else None,
         "tflops_per_request": sum(flops) / len(flops) / 1e12 if flops else None,
-        "bad_input_cases": len(bad),
-        "bad_input_4xx": all(400 <= s < 500 for s in bad_status.values()),
-        "bad_input_statuses": bad_status,
-        "bad_input_max_s": max(bad_secs),
-        "settings": {"method": "saffron", "width": width, "max_tokens": max_tokens,
-                     "max_concurrent": max_concurrent, "max_queue": clients, "model": engine.model_id,
-                     "torch_threads": torch.get_num_threads()},
+        "merged": merged,
+        # each request's answer (None: it failed), to compare the two servers' tokens
+        "answers": [json.loads(r[2])["choices"][0]["message"]["content"] if r is not None and r[1] == 200 else None
+                    for r in results],
     }
+    if cases:
+        out.update(bad_input_cases=len(cases), bad_input_4xx=all(400 <= s < 500 for s in bad_status.values()),
+                   bad_input_statuses=bad_status, bad_input_max_s=max(bad_secs))
+    return out
