@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,42 @@ def test_a_thread_that_has_not_joined_runs_its_forward_alone(tiny: Model) -> Non
     ref = make_runner(tiny, "logits")
     assert torch.equal(r.forward([[1, 2, 3]]).logits, ref.forward([[1, 2, 3]]).logits)
     assert coord.stats.forwards == 1 and coord.stats.rounds == 0
+
+
+def test_outputs_are_normal_tensors_whichever_thread_runs_the_merged_forward(tiny: Model) -> None:
+    """A round runs on the worker that blocked last; inside an MRM's ``inference_mode`` there, the other
+    worker's logits must still take a search's in-place ban (inference mode is per thread)."""
+    coord = Coordinator()
+    first, last = (make_runner(tiny, "logits").fork(coord) for _ in range(2))
+    got: dict[str, torch.Tensor | None] = {}
+
+    def worker(name: str, runner: Runner, inference: bool, wait: threading.Event | None) -> None:
+        with coord.worker():
+            joined.wait()
+            if wait is not None:
+                assert wait.wait(30)
+            with torch.inference_mode(inference):
+                got[name] = runner.forward([[*PREFIX, 11, 12]]).logits
+
+    joined = threading.Barrier(2)
+    pending = threading.Event()
+    threads = [threading.Thread(target=worker, args=("first", first, False, None)),
+               threading.Thread(target=worker, args=("last", last, True, pending))]
+    for t in threads:
+        t.start()
+    finish_within(30, lambda: wait_pending(coord))
+    pending.set()
+    for t in threads:
+        t.join(30)
+    assert coord.stats.max_parts == 2  # one merged forward, run on the thread in inference mode
+    logits = got["first"]
+    assert logits is not None and not logits.is_inference()
+    logits[0, 0] = float("-inf")  # a search bans tokens in place
+
+
+def wait_pending(coord: Coordinator) -> None:
+    while not coord._pending:  # the first worker's part is waiting for the last one
+        time.sleep(0.005)
 
 
 def _dataset(tmp_path: Path, n: int) -> str:

@@ -442,7 +442,10 @@ def run_parts(parts: Sequence[ForwardPart]) -> None:
         starts.append(starts[-1] + p.n)
     t0 = time.perf_counter()
     top, captured = _blocks(order, starts)
-    _fill_outputs(order, top, captured)
+    # inference mode is per thread, and a merged forward runs on whichever worker blocked last (batching.py),
+    # perhaps inside an MRM's inference_mode: the outputs must be normal tensors for every part's caller
+    with torch.inference_mode(False):
+        _fill_outputs(order, top, captured)
     dt = time.perf_counter() - t0
     for p in order:
         p.seconds = dt * p.n / starts[-1]
