@@ -20,6 +20,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="saffron serve's extra is not installed: pip install 'saffron[serve]'")
 
+from saffron.cli import main
 from saffron.errors import BudgetError
 from saffron.methods import METHODS, MethodResult, Stack
 from saffron.methods.base import RunContext
@@ -189,3 +190,17 @@ def test_a_failed_search_beside_others_answers_by_its_type_and_the_others_finish
     assert counts(eng) == {"running": 0, "queued": 0, "finished": 6, "cancelled": 0, "max_batch": 3,
                            "max_queue": 64}
     assert eng._idle.qsize() == 3 and eng.coord is not None and eng.coord.n_workers == 0
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["serve", "--max-batch", "0"], "Invalid value for '--max-batch'"),
+    (["serve", "--request-timeout", "0"], "--request-timeout must be > 0 seconds"),
+    (["bench", "serve", "--max-batch", "1"], "Invalid value for '--max-batch'"),
+    (["bench", "serve", "--method", "magic"], "unknown method 'magic'"),
+])
+def test_bad_batching_options_are_refused_before_any_model_loads(argv: list[str], msg: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err

@@ -175,6 +175,22 @@ def request_bodies(models: ModelSet, n: int, max_tokens: int, method: str, width
     return out
 
 
+def _client(url: str, bodies: list[tuple[str, bytes]], todo: queue.SimpleQueue[int],
+            results: list[tuple[str, int, bytes, float] | None], timeout: float) -> None:
+    """One client: the next request of ``todo`` until none is left; its (kind, status, body, seconds) into
+    ``results`` at the request's index."""
+    while True:
+        try:
+            i = todo.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            status, data, secs = _post(url, bodies[i][1], timeout)
+        except OSError as e:
+            status, data, secs = -1, str(e).encode(), float("nan")
+        results[i] = (bodies[i][0], status, data, secs)
+
+
 def _load(models: ModelSet, bodies: list[tuple[str, bytes]], clients: int, method: str, width: int,
           max_tokens: int, max_batch: int, timeout: float, bad: bool) -> dict[str, Any]:
     """One server (``max_batch``) under ``clients`` clients that take the next request of ``bodies`` as they
@@ -189,21 +205,9 @@ def _load(models: ModelSet, bodies: list[tuple[str, bytes]], clients: int, metho
     results: list[tuple[str, int, bytes, float] | None] = [None] * len(bodies)
     cases = malformed_cases(settings.max_tokens_limit, settings.max_width) if bad else {}
     with background_server(create_app(engine)) as url:
-        def client() -> None:
-            while True:
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    status, data, secs = _post(url, bodies[i][1], timeout)
-                except OSError as e:
-                    status, data, secs = -1, str(e).encode(), float("nan")
-                results[i] = (bodies[i][0], status, data, secs)
-
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            futures = [pool.submit(client) for _ in range(clients)]
+            futures = [pool.submit(_client, url, bodies, todo, results, timeout) for _ in range(clients)]
             bad_status: dict[str, int] = {}
             bad_secs: list[float] = []
             if cases:
