@@ -191,11 +191,7 @@ def eval_cmd(
                      mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
                      method_options=options, tuning=tuning, placement=_place(device, dtype, runner))
     cfg = resolve(cfg)
-    validate(cfg, limit)
-    if tuning is not None:
-        from saffron.tune import check_tuning_fit
-
-        check_tuning_fit(cfg)  # a choice made for another policy, model or length is refused
+    validate(cfg, limit)  # with --tuned, also refuses a choice made for another policy, model or length
     _quiet_hf()
     with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
         # after every option is checked: a run refused for bad input prints its error alone

@@ -180,13 +180,9 @@ def validate_compare(cc: CompareConfig) -> None:
     _check_model_options(cc)
     _check_budgets(cc)
     _check_seeds(cc.seeds)
-    from saffron.tune import check_tuning_fit  # here: tune builds on compare
-
     for m in cc.methods:
         for b in budgets_of(cc, m):
-            cfg = point_config(cc, m, b)
-            validate(cfg, cc.limit)
-            check_tuning_fit(cfg)
+            validate(point_config(cc, m, b), cc.limit)  # --tuned's fit included
     if cc.target_tflops is None:
         validate(point_config(cc, REFERENCE[0], REFERENCE[1]), cc.limit)
     _check_benign(cc)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from saffron.data import Example, check_dataset_spec, load_dataset, training_overlap
 from saffron.device import Placement, check_same_device, placed
 from saffron.embedded import EMBEDDED_POLICY
-from saffron.errors import InputError, SaffronError
+from saffron.errors import IncompatibleError, InputError, SaffronError
 from saffron.guards.registry import check_guard_spec
 from saffron.judges import Judge, load_judge, parse_judges
 from saffron.methods import Method, Stack, get_method, make_method, option_names
@@ -137,6 +137,38 @@ def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> E
     return replace(cfg, reward=reward, mrm=mrm)
 
 
+# What a tuned choice was made with besides its options (``saffron tune`` records it as ``fit``).
+FIT_KEYS = ("policy", "reward", "mrm", "min_new_tokens", "max_new_tokens")
+
+
+def run_fit(cfg: EvalConfig) -> dict[str, Any]:
+    """What a resolved evaluation's tuned options hold for besides themselves (``FIT_KEYS``)."""
+    opts = build_method(cfg).options()
+    return {"policy": cfg.policy, "reward": cfg.reward, "mrm": cfg.mrm,
+            "min_new_tokens": opts["min_new_tokens"], "max_new_tokens": opts["max_new_tokens"]}
+
+
+def check_tuning_fit(cfg: EvalConfig) -> None:
+    """Refuse a resolved evaluation under ``--tuned`` whose method runs with another policy, reward model, MRM or
+    length than its choice was made with (``IncompatibleError``: the options are tuned for something else)."""
+    t = cfg.tuning
+    if t is None or cfg.method not in t["chosen"]:
+        return
+    path = t["path"]
+    want = (t.get("fit") or {}).get(cfg.method)
+    if want is None or any(k not in want for k in FIT_KEYS):
+        raise SaffronError(f"--tuned {path} does not record the policy, models and lengths {cfg.method}'s choice was "
+                           "made with (written before tuning.json recorded them, and its point folders are gone): "
+                           "re-run the saffron tune command that wrote it (it resumes every finished point)")
+    mine = run_fit(cfg)
+    diff = [k for k in FIT_KEYS if want[k] != mine[k]]
+    if diff:
+        what = ", ".join(f"{k} {want[k]} (this run: {mine[k]})" for k in diff)
+        raise IncompatibleError(f"--tuned {path} chose {cfg.method}'s options with {what}: a choice made for another "
+                                "policy, model or length does not carry over; tune with this run's settings or drop "
+                                "--tuned")
+
+
 def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
     """Check everything that can be checked before a model is loaded; return the configured method."""
     if limit is not None and limit <= 0:
@@ -157,6 +189,7 @@ def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
         check_guard_spec(cfg.reward)
     if cfg.mrm is not None:
         check_mrm_spec(cfg.mrm)
+    check_tuning_fit(cfg)  # --tuned: a choice made for another policy, model or length is refused
     return build_method(cfg)
 
 

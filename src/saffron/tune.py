@@ -25,9 +25,10 @@ Applying a choice (``saffron compare|eval --tuned out/tuning.json``): ``apply_tu
 chosen options, refuses a file not tuned on dev or tuned on any of the run's prompts, and records the file (path,
 sha256, the method's chosen options) in every ``config.json`` (``EvalConfig.tuning``). A choice holds for what it was
 made with: ``tuning.json`` records, per method, the policy, the search-time reward model and MRM and the min/max new
-tokens of its chosen configuration (``fit``), and ``check_tuning_fit`` refuses (``IncompatibleError``, exit 4) a run
-whose method differs in any of them. A file written before ``fit`` existed has it read from its chosen points'
-``config.json``; where those folders are gone, the run is refused with the command that rewrites the file.
+tokens of its chosen configuration (``fit``), and ``evaluate.validate`` refuses (``check_tuning_fit``:
+``IncompatibleError``, exit 4) a run whose method differs in any of them. A file written before ``fit`` existed
+has it read from its chosen points' ``config.json``; where those folders are gone, the run is refused with the
+command that rewrites the file.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ from saffron.compare import (
     validate_compare,
 )
 from saffron.data import DEV_SPLIT, Example, load_dataset, normalise_prompt, split_of
-from saffron.errors import IncompatibleError, SaffronError
+from saffron.errors import SaffronError
 from saffron.evaluate import (
     Backend,
     EvalConfig,
     build_method,
     format_rate,
     judges_that_are_search_rewards,
+    run_fit,
     search_rewards,
 )
 from saffron.methods import get_method, grids
@@ -78,7 +80,6 @@ LENGTHS = ("max_new_tokens", "min_new_tokens")
 # equal counts give equal objectives; rounding absorbs float noise, so such a tie goes to the tie-breaks
 OBJECTIVE_DECIMALS = 12
 # what a tuned choice holds for besides its options: it is refused for a run of the method that differs in any
-FIT_KEYS = ("policy", "reward", "mrm", "min_new_tokens", "max_new_tokens")
 
 
 @dataclass
@@ -329,13 +330,6 @@ def format_tuning(result: dict[str, Any]) -> str:
 # -- applying a choice -----------------------------------------------------------------------------------------
 
 
-def run_fit(cfg: EvalConfig) -> dict[str, Any]:
-    """What a resolved evaluation's tuned options hold for besides themselves (``FIT_KEYS``)."""
-    opts = build_method(cfg).options()
-    return {"policy": cfg.policy, "reward": cfg.reward, "mrm": cfg.mrm,
-            "min_new_tokens": opts["min_new_tokens"], "max_new_tokens": opts["max_new_tokens"]}
-
-
 def _old_fit(path: Path, entry: Mapping[str, Any]) -> dict[str, Any] | None:
     """The fit of a file written before ``fit`` was recorded, read from its chosen point's ``config.json`` (where
     the tune ran, or beside the file); None if that folder is gone."""
@@ -352,27 +346,6 @@ def _old_fit(path: Path, entry: Mapping[str, Any]) -> dict[str, Any] | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
-
-
-def check_tuning_fit(cfg: EvalConfig) -> None:
-    """Refuse a resolved evaluation under ``--tuned`` whose method runs with another policy, reward model, MRM or
-    length than its choice was made with (``IncompatibleError``: the options are tuned for something else)."""
-    t = cfg.tuning
-    if t is None or cfg.method not in t["chosen"]:
-        return
-    path = t["path"]
-    want = (t.get("fit") or {}).get(cfg.method)
-    if want is None or any(k not in want for k in FIT_KEYS):
-        raise SaffronError(f"--tuned {path} does not record the policy, models and lengths {cfg.method}'s choice was "
-                           "made with (written before tuning.json recorded them, and its point folders are gone): "
-                           "re-run the saffron tune command that wrote it (it resumes every finished point)")
-    mine = run_fit(cfg)
-    diff = [k for k in FIT_KEYS if want[k] != mine[k]]
-    if diff:
-        what = ", ".join(f"{k} {want[k]} (this run: {mine[k]})" for k in diff)
-        raise IncompatibleError(f"--tuned {path} chose {cfg.method}'s options with {what}: a choice made for another "
-                                "policy, model or length does not carry over; tune with this run's settings or drop "
-                                "--tuned")
 
 
 def load_tuning(path: Path) -> tuple[dict[str, Any], str]:
