@@ -43,7 +43,7 @@ from saffron.runner import ForwardPart, run_parts
 
 if TYPE_CHECKING:
     from saffron.methods.base import Stack
-    from saffron.runner import Runner
+    from saffron.runner import ForwardSink, Runner
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -191,9 +191,11 @@ class Coordinator:
 # -- forking a prompt's models --------------------------------------------------------------------------------
 
 
-def fork_holder(holder: H, batcher: Coordinator | None) -> H:
+def fork_holder(holder: H, batcher: ForwardSink | None) -> H:
     """A shallow copy of an object that runs through ``.runner`` (a guard, an MRM) with a fork of that runner:
-    same weights and heads, its own cache and FLOP count, its forwards sent to ``batcher``."""
+    same weights, heads and kept prefixes (computed once, copied), its own cache and FLOP count, its forwards sent
+    to ``batcher`` (a ``Coordinator`` or any ``ForwardSink``, e.g. the server's, which wraps one; None: run
+    directly)."""
     twin = copy.copy(holder)
     runner: Runner = holder.runner  # type: ignore[attr-defined]
     twin.runner = runner.fork(batcher)  # type: ignore[attr-defined]
