@@ -7,9 +7,9 @@ queue and search seconds). With
 ``stream: true`` the search runs to the end first, then the chosen answer is sent as ``chat.completion.chunk``
 server-sent events, one per token boundary, and ``data: [DONE]``.
 
-``usage.flops`` counts what the request computed. The guards' fixed instructions are computed once per worker
-when the models load and kept across requests, as a serving system's prefix cache keeps a shared system prompt;
-that one-time cost is ``/health``'s ``setup_flops`` (per role, all workers), billed to no request.
+``usage.flops`` counts what the request computed. The guards' fixed instructions are computed once, when the
+models load, copied into every worker's fork and kept across requests, as a serving system's prefix cache keeps a
+shared system prompt; that one-time cost is ``/health``'s ``setup_flops`` (per role), billed to no request.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 A request becomes a ``Plan`` on the event loop (validation and tokenisation, cheap; every user error is an
 ``ApiError`` before anything is queued), then a search on one of ``max_batch`` worker threads. The runners
-(KV caches, FLOP counters) are not thread-safe, so each worker has its own over weights loaded once and shared:
-the policy's, the search-time reward model's, the MRM's and the judge's. A worker resets its runners before every
-request, as ``run_eval`` does between prompts, so an answer depends on the request alone, never on what ran before.
+(KV caches, FLOP counters) are not thread-safe, so each worker has its own: every model (the policy's runner, the
+search-time reward model, the MRM, the judges) is built once, and each worker gets forks of it
+(``batching.fork_holder``, ``Runner.fork``), as the harness's ``--prompt-batch`` workers do: the same weights and
+kept prefixes (a guard's fixed instructions, computed once and copied into each fork's pool), a cache and FLOP
+count of its own. A worker resets its runners before every request, as ``run_eval`` does between prompts, so an
+answer depends on the request alone, never on what ran before.
 
 Continuous batching (``max_batch`` > 1): the searches running at a moment are workers of one
 ``batching.Coordinator``. A search joins when it starts and leaves when it ends (finished, failed or cancelled),
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import json
 import math
 import queue
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from saffron.batching import Coordinator
+from saffron.batching import Coordinator, fork_holder
 from saffron.errors import BusyError, SaffronError
 from saffron.guards.base import RewardModel
 from saffron.guards.registry import check_guard_spec, load_guard
@@ -50,7 +54,7 @@ from saffron.methods import Method, Stack, get_method, make_method, option_defau
 from saffron.model import Model, load_model
 from saffron.mrm import Mrm, check_mrm_spec
 from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, load_mrm_for, prompt_seed, run_prompt
-from saffron.runner import ForwardPart, Runner, run_parts
+from saffron.runner import ForwardPart, ForwardSink, Runner, run_parts
 from saffron.serve.schemas import ApiError, ChatCompletionRequest
 from saffron.session import Session
 
@@ -113,9 +117,10 @@ def check_budget(method: str, opts: dict[str, Any], limit: int, flag: str, prefi
 
 
 class ModelSet:
-    """The models a server may use. The policy is loaded up front; each other model is loaded on its first
-    ``reward()`` / ``mrm()`` / ``judge()`` call and kept. Every call returns a new instance with its own runner
-    over the shared weights (one per worker). ``names`` say which models these are (reported to clients)."""
+    """The models a server may use, each built once: the policy's weights up front, each other model (and the
+    policy's runner) on its first ``fork`` for a role, then kept. No worker runs these instances: ``fork`` gives
+    each worker its own fork of one (see the module docstring), so a guard's kept prefix is computed once per
+    server, not once per worker. ``names`` say which models these are (reported to clients)."""
 
     def __init__(self, policy: Model, reward: Callable[[], RewardModel] | None = None,
                  mrm: Callable[[], Mrm] | None = None, judges: Mapping[str, Callable[[], Judge]] | None = None,
@@ -123,7 +128,9 @@ class ModelSet:
         self.policy = policy
         self.judge_names = tuple(judges or ())  # the first is the primary judge
         panel = (lambda: JudgePanel({n: make() for n, make in (judges or {}).items()})) if judges else None
-        self._make: dict[str, Callable[[], Any] | None] = {"reward": reward, "mrm": mrm, "judge": panel}
+        self._make: dict[str, Callable[[], Any] | None] = {"policy": partial(Runner, policy), "reward": reward,
+                                                             "mrm": mrm, "judge": panel}
+        self._built: dict[str, Any] = {}  # role -> the one instance every worker's fork is made from
         self.names: dict[str, str | None] = {"policy": policy.name, "reward": None, "mrm": None,
                                              "judge": self.judge_names[0] if self.judge_names else None,
                                              **(names or {})}
@@ -132,33 +139,47 @@ class ModelSet:
     def has(self, role: str) -> bool:
         return self._make[role] is not None
 
-    def make(self, role: str) -> Any:
+    def built(self, role: str) -> Any:
+        """The one instance of ``role`` ("policy": its runner), built on the first call."""
         fn = self._make[role]
         if fn is None:
             raise SaffronError(f"this server has no {role} model")
-        with self._lock:  # the first call loads weights; two workers must not load them twice
-            return fn()
+        with self._lock:  # the first call loads weights and keeps prefixes; two workers must not do it twice
+            if role not in self._built:
+                self._built[role] = fn()
+            return self._built[role]
+
+    def fork(self, role: str, sink: ForwardSink | None) -> Any:
+        """A worker's own instance of ``role``: forked from ``built(role)``, its forwards sent to ``sink`` (the
+        judges' run directly, unmerged, whatever ``sink`` is)."""
+        made = self.built(role)
+        if role == "policy":
+            return made.fork(sink)
+        if role == "judge":
+            return made.fork()
+        return fork_holder(made, sink)
+
+    def setup_flops(self) -> dict[str, int]:
+        """Per role built so far (the policy's runner keeps nothing): FLOPs spent on its kept fixed prefixes,
+        once, when it was built; every fork holds a copy of them, paid for by no one."""
+        with self._lock:
+            return {role: int(getattr(m, "setup_flops", 0)) for role, m in self._built.items() if role != "policy"}
 
 
 def load_models(policy: str, reward: str | None = None, mrm: str | None = None,
                 judges: Sequence[str] = ()) -> ModelSet:
     """The models named by CLI specs (defaults as ``saffron eval``: smol-guard, smol-mrm-head; each judge is any
     of ``saffron.judges``: a guard, minilm-judge or refusal-rules; the first is primary). Reward and MRM are loaded
-    when a method first needs them; guards share their backbone through ``load_model``'s memo, and every MRM
-    instance after the first shares the first one's weights."""
+    when a method first needs them, once each; the workers run forks of them (``ModelSet.fork``)."""
     reward_spec, mrm_spec = reward or DEFAULT_REWARD, mrm or DEFAULT_MRM
     check_guard_spec(reward_spec)
     check_mrm_spec(mrm_spec)
     for spec in judges:
         check_judge_spec(spec)
     model = load_model(policy)
-    first: list[Mrm] = []
 
     def make_mrm() -> Mrm:
-        if not first:
-            first.append(load_mrm_for(mrm_spec, model))
-            return first[0]
-        return first[0].share()
+        return load_mrm_for(mrm_spec, model)
 
     return ModelSet(model, reward=lambda: load_guard(reward_spec), mrm=make_mrm,
                     judges={spec: partial(load_judge, spec) for spec in judges},
@@ -178,6 +199,13 @@ class JudgePanel:
     def reset(self) -> None:
         for j in self.judges.values():
             j.reset()
+
+    def fork(self) -> JudgePanel:
+        """A worker's panel: each judge with a runner forked (its kept prefix copied, its forwards run directly),
+        any other shallow-copied (a FLOP count of its own; what it runs is shared, as before: the encoder is
+        the process's one)."""
+        return JudgePanel({name: fork_holder(j, None) if isinstance(getattr(j, "runner", None), Runner)
+                           else copy.copy(j) for name, j in self.judges.items()})
 
 
 class Cancelled(Exception):
@@ -206,29 +234,20 @@ class Sink:
             self.coord.submit(part)
 
 
-def _attach(model: Any, sink: Sink) -> Any:
-    """``model`` (a reward model or MRM) with its runner's forwards sent to ``sink``."""
-    runner = getattr(model, "runner", None)
-    if isinstance(runner, Runner):
-        runner.batcher = sink
-    return model
-
-
 class Worker:
-    """One search slot: a policy runner and, once needed, its own reward model, MRM and judge. The search's
-    runners (policy, reward model, MRM) send their forwards to ``sink``; the judge's run directly."""
+    """One search slot: a fork of the policy's runner and, once needed, forks of the reward model, MRM and judges
+    (``ModelSet.fork``). The search's runners (policy, reward model, MRM) send their forwards to ``sink``; the
+    judges' run directly."""
 
     def __init__(self, models: ModelSet, sink: Sink | None = None) -> None:
         self.models = models
         self.sink = sink or Sink(None)
-        self.policy = Runner(models.policy)
-        self.policy.batcher = self.sink
+        self.policy: Runner = models.fork("policy", self.sink)
         self.held: dict[str, Any] = {}
 
     def get(self, role: str) -> Any:
         if role not in self.held:
-            made = self.models.make(role)
-            self.held[role] = made if role == "judge" else _attach(made, self.sink)
+            self.held[role] = self.models.fork(role, self.sink)
         return self.held[role]
 
     def stack(self, uses: tuple[str, ...]) -> Stack:
@@ -495,14 +514,11 @@ class Engine:
                     "merged": self.coord.stats.as_dict() if self.coord is not None else None}
 
     def setup_flops(self) -> dict[str, int]:
-        """Per role, over every worker: FLOPs spent once when its models were loaded on their kept fixed
-        prefixes (a guard's instructions, ``Runner.keep``). Resets keep those prefixes, so no request pays
-        for them and none is billed for them in ``usage.flops``."""
-        out: dict[str, int] = {}
-        for w in self.workers:
-            for role, m in list(w.held.items()):
-                out[role] = out.get(role, 0) + int(getattr(m, "setup_flops", 0))
-        return out
+        """Per role the workers hold: FLOPs spent once, when its model was built, on its kept fixed prefixes (a
+        guard's instructions, ``Runner.keep``); the workers' forks hold copies. Resets keep those prefixes, so
+        no request pays for them and none is billed for them in ``usage.flops``."""
+        held = {role for w in self.workers for role in list(w.held)}
+        return {role: f for role, f in self.models.setup_flops().items() if role in held}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
