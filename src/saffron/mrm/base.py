@@ -115,10 +115,6 @@ class Mrm(ABC):
         """Predicted reward of every next token after each response (policy token ids, prefill excluded).
         ``raw`` skips the conservative mask (benchmarks read unseen tokens' raw outputs too)."""
 
-    @abstractmethod
-    def share(self) -> Mrm:
-        """A new instance over the same weights with its own runner and FLOPs count (one per server worker)."""
-
     def check_policy(self, policy: Model) -> None:
         """Refuse to guide a policy this MRM cannot read: by default one whose tokenizer differs."""
         self.check_tokenizer(policy)

@@ -127,9 +127,6 @@ class HeadMrm(Mrm):
     def flops(self) -> int:
         return self.runner.flops + self.head_flops
 
-    def share(self) -> HeadMrm:
-        return HeadMrm(self.model, self.manifest, self.net, self.unseen)
-
     def check_policy(self, policy: Model) -> None:
         self.check_tokenizer(policy)
         if not same_policy(policy, self.manifest.head.get("policy_fingerprint")):

@@ -49,9 +49,6 @@ class LoraMrm(Mrm):
         lm_head = model.hf.get_output_embeddings()
         self.runner = Runner(model, head=lambda h: lm_head(h) + self.bias)
 
-    def share(self) -> LoraMrm:
-        return LoraMrm(self.model, self.manifest, self.bias, self.unseen)
-
     def prompt_ids(self, prompt: str) -> list[int]:
         """What the MRM reads before the response: ``bos + template(prompt)``."""
         bos = self.model.tokenizer.bos_token or ""
