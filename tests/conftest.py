@@ -10,10 +10,15 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from saffron.model import Model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -29,7 +34,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer():  # type: ignore[no-untyped-def]
+def make_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,8 +43,9 @@ def make_tokenizer():  # type: ignore[no-untyped-def]
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
-                                   pad_token="<|end_of_text|>")
+    # transformers leaves the tokenizer's __init__ unannotated
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|im_end|>", pad_token="<|end_of_text|>")
     fast.add_special_tokens({"additional_special_tokens": SPECIALS})
     fast.add_tokens(WORDS)
     fast.chat_template = CHAT_TEMPLATE
@@ -68,7 +74,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_dir: Path):  # type: ignore[no-untyped-def]
+def tiny(tiny_dir: Path) -> Model:
     from saffron.model import load_model
 
     return load_model(str(tiny_dir), device="cpu")
@@ -91,7 +97,8 @@ needs_embedded = pytest.mark.skipif(not embedded_ready(), reason="embedded model
 def embedded(test: F) -> F:
     """Marks a test that loads the embedded SmolLM2 stack (``-m "not embedded"`` leaves it out) and skips it
     when the model's wheel is missing."""
-    return pytest.mark.embedded(needs_embedded(test))
+    marked: F = pytest.mark.embedded(needs_embedded(test))  # pytest's MarkDecorator returns Any
+    return marked
 
 
 def needs_extra(module: str, extra: str) -> pytest.MarkDecorator:

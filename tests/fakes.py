@@ -45,7 +45,7 @@ def install_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     import saffron.evaluate
     import saffron.judges
 
-    check, load = saffron.judges.check_judge_spec, saffron.evaluate.load_judge
+    check, load = saffron.judges.check_judge_spec, saffron.judges.load_judge  # evaluate calls its own import
     monkeypatch.setattr(saffron.judges, "check_judge_spec", lambda s: None if s in FAKES else check(s))
     monkeypatch.setattr(saffron.evaluate, "load_judge", lambda s: FakeJudge(s, FAKES[s]) if s in FAKES else load(s))
     monkeypatch.setattr(saffron.evaluate, "check_quality_available", lambda: None)

@@ -183,7 +183,9 @@ def _tokenizer(specials: list[str], extra_words: tuple[str, ...] = ()) -> Any:
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[-1])
+    # transformers leaves the tokenizer's __init__ unannotated
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],  # type: ignore[no-untyped-call]
+                                   eos_token=specials[-1])
     fast.add_special_tokens({"additional_special_tokens": specials})
     fast.add_tokens([*WORDS, *extra_words])
     return fast

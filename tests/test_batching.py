@@ -120,7 +120,13 @@ def test_one_part_is_the_runners_own_forward_bit_for_bit(tiny: Model) -> None:
     a, b = make_runner(tiny, "hidden"), make_runner(tiny, "hidden")
     calls = script(3)
     got: list[ForwardPart] = []
-    b.batcher = type("Sink", (), {"submit": lambda self, p: (run_parts([p]), got.append(p))})()
+
+    class Sink:  # a ForwardSink that runs each part alone, at once, and remembers it
+        def submit(self, part: ForwardPart) -> None:
+            run_parts([part])
+            got.append(part)
+
+    b.batcher = Sink()
     for (la, ha, fa), (lb, hb, fb) in zip(play(a, "hidden", calls), play(b, "hidden", calls), strict=True):
         assert torch.equal(la, lb) and torch.equal(ha, hb) and fa == fb
     assert len(got) == len(calls)
@@ -238,7 +244,8 @@ def test_a_thread_that_has_not_joined_runs_its_forward_alone(tiny: Model) -> Non
     coord = Coordinator()
     r = make_runner(tiny, "logits").fork(coord)
     ref = make_runner(tiny, "logits")
-    assert torch.equal(r.forward([[1, 2, 3]]).logits, ref.forward([[1, 2, 3]]).logits)
+    got, want = r.forward([[1, 2, 3]]).logits, ref.forward([[1, 2, 3]]).logits
+    assert got is not None and want is not None and torch.equal(got, want)
     assert coord.stats.forwards == 1 and coord.stats.rounds == 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,13 +132,13 @@ def test_bad_compare_options_fail_before_loading_models(argv: list[str], msg: st
 def test_scaleff_and_degenerate_share() -> None:
     assert scaleff(10.0, 1.0, 0.5) == pytest.approx(2 * 2.302585, rel=1e-5)
     assert scaleff(10.0, 1.0, 0.0) is None
-    recs = [{"output_ids": []}, {"output_ids": [1, 2, 3, 4] * 3}, {"output_ids": list(range(12))}]
+    recs: list[dict[str, Any]] = [{"output_ids": []}, {"output_ids": [1, 2, 3, 4] * 3}, {"output_ids": list(range(12))}]
     assert degenerate_share(recs) == pytest.approx(2 / 3)
     with pytest.raises(SaffronError, match="no methods"):
         run_compare(CompareConfig(methods=()), Path("unused"))
 
 
-def _recs(unsafe: dict[str, list[bool]], ids: list[str] | None = None) -> list[dict]:  # type: ignore[type-arg]
+def _recs(unsafe: dict[str, list[bool]], ids: list[str] | None = None) -> list[dict[str, Any]]:
     n = len(next(iter(unsafe.values())))
     return [{"id": (ids or [f"p{i}" for i in range(n)])[i],
              "judges": {j: {"reward": -1.0 if u[i] else 1.0, "unsafe": u[i]} for j, u in unsafe.items()}}
@@ -161,7 +162,7 @@ def test_p_values_pair_records_by_prompt() -> None:
 
 
 def test_comparison_md_says_which_differences_are_significant() -> None:
-    def method(asr_a: float, asr_b: float, p: dict[str, float] | None) -> dict:  # type: ignore[type-arg]
+    def method(asr_a: float, asr_b: float, p: dict[str, float] | None) -> dict[str, Any]:
         return {"judges": {"a": {"asr": asr_a, "ci95": [asr_a / 2, (1 + asr_a) / 2], "n_unsafe": 1},
                            "b": {"asr": asr_b, "ci95": [0.0, 1.0], "n_unsafe": 1}},
                 "asr": asr_a, "asr_any": max(asr_a, asr_b), "asr_any_ci95": [0.1, 0.9], "kappa": {"a|b": 0.25},

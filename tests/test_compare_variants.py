@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from saffron.cli import main
-from saffron.compare import CompareConfig, Comparison, method_of, point_config
+from saffron.compare import CompareConfig, Comparison, compare_warning, method_of, point_config
 from saffron.evaluate import EvalConfig, resolve
 from tests.conftest import make_tiny_llama, needs_plot
 from tests.test_compare import _base, _dataset
@@ -84,6 +84,26 @@ def test_a_row_may_name_its_mrm(tmp_path: Path, tiny_dir: Path) -> None:
     lora = point_config(cc, "saffron@lora", 2)
     assert (lora.mrm, lora.reward) == ("smol-mrm", None)  # final=first calls no reward model: none is recorded
     assert "mrm" not in lora.method_options
+
+
+def test_the_warning_names_every_rows_search_reward(tmp_path: Path, tiny_dir: Path, other_tiny: Path) -> None:
+    guard, other = f"llama-guard-3:{tiny_dir}", f"llama-guard-3:{other_tiny}"
+    base = EvalConfig(dataset=_dataset(tmp_path), policy=str(tiny_dir), judges=("smol-guard", "refusal-rules"))
+    # rows that search with smol-guard, with the head PRM distilled from it, and with another guard
+    cc = CompareConfig(methods=("none", "best-of-n", "best-of-n@prm", "best-of-n@other"), base=base,
+                       method_options={"best-of-n@prm": {"reward": "head-prm"}, "best-of-n@other": {"reward": other}})
+    line = compare_warning(cc)
+    assert line is not None and "\n" not in line
+    assert line.startswith("warning: judge smol-guard is also a search-time reward (reward smol-guard, "
+                           "reward teacher smol-guard): ")
+    # two judges that are two rows' rewards: each is named, and the role names both rewards in the rows' order
+    both = replace(cc, base=replace(base, judges=(guard, "smol-guard")),
+                   method_options={"best-of-n@prm": {"reward": "head-prm"}, "best-of-n@other": {"reward": guard}})
+    line = compare_warning(both)
+    assert line is not None
+    assert (f"judge {guard}, smol-guard is also a search-time reward (reward smol-guard and {guard}, reward teacher "
+            "smol-guard): ") in line
+    assert compare_warning(replace(cc, base=replace(base, judges=("refusal-rules",)))) is None
 
 
 @pytest.mark.parametrize(("argv", "msg"), [

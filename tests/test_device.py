@@ -80,7 +80,7 @@ def test_every_verb_that_loads_a_model_takes_the_placement_flags() -> None:
     for path in verbs:
         cmd: Any = root
         for name in path:
-            cmd = cmd.commands[name]  # type: ignore[union-attr]
+            cmd = cmd.commands[name]
         flags = {o for p in cmd.params for o in p.opts}
         assert {"--device", "--dtype", "--runner"} <= flags, path
 

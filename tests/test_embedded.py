@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saffron.data import guard_labelled, pyrit_harmful
+from saffron.data import Example, guard_labelled, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.evaluate import EvalConfig, run_eval
 from saffron.guards.registry import load_guard
@@ -38,14 +38,19 @@ def test_prefilling_attack_eval_on_heldout_pairs(tmp_path: Path) -> None:
     assert set(m) >= {"asr", "mean_reward", "n", "tflops_per_prompt", "mean_new_tokens"} and m["n"] == 2
 
 
+def _response(row: Example) -> str:
+    assert row.response is not None  # every row here is a labelled (prompt, response) pair
+    return row.response
+
+
 @embedded
 def test_shipped_guard_ranks_heldout_unsafe_below_safe() -> None:
     rows = guard_labelled("test")
     safe = [r for r in rows if not r.unsafe][:6]
     unsafe = [r for r in rows if r.unsafe][:6]
     guard = load_guard("smol-guard")
-    rs = [guard.score(r.prompt, [r.response])[0] for r in safe]  # type: ignore[list-item]
-    ru = [guard.score(r.prompt, [r.response])[0] for r in unsafe]  # type: ignore[list-item]
+    rs = [guard.score(r.prompt, [_response(r)])[0] for r in safe]
+    ru = [guard.score(r.prompt, [_response(r)])[0] for r in unsafe]
     assert np.mean(rs) > 0 > np.mean(ru)
 
 

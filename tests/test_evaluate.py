@@ -2,6 +2,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ def _dataset(tmp_path: Path, n: int = 4) -> str:
     return f"jsonl:{p}"
 
 
-def _cfg(tiny_dir: Path, ds: str, **kw) -> EvalConfig:  # type: ignore[no-untyped-def]
+def _cfg(tiny_dir: Path, ds: str, **kw: Any) -> EvalConfig:
     opts = {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0}
     return EvalConfig(dataset=ds, policy=str(tiny_dir), judges=(f"llama-guard-3:{tiny_dir}",),
                       prefill_tokens=3, method_options=opts, **kw)
@@ -55,9 +56,9 @@ def test_same_seed_gives_identical_records(tmp_path: Path, tiny_dir: Path) -> No
     outs = [tmp_path / f"r{i}" for i in range(3)]
     for c, o in zip(cfgs, outs, strict=True):
         run_eval(c, o, progress=False)
-    a, b, c = ((o / "records.jsonl").read_bytes() for o in outs)
-    assert a == b
-    assert a != c
+    first, same, other = ((o / "records.jsonl").read_bytes() for o in outs)
+    assert first == same
+    assert first != other
 
 
 def test_out_dir_of_another_configuration_is_refused(tmp_path: Path, tiny_dir: Path) -> None:
@@ -94,7 +95,9 @@ def test_config_records_every_method_option_so_a_changed_default_is_refused(tmp_
     run_eval(cfg, out, progress=False)  # same defaults: resumes
     before = (out / "records.jsonl").read_bytes()
     # a release that changes a default must not extend this folder with records of another search
-    monkeypatch.setitem(NoDefenceOptions.__init__.__kwdefaults__, "temperature", 0.5)  # 0.0 -> 0.5
+    defaults = NoDefenceOptions.__init__.__kwdefaults__  # the dataclass's keyword-only fields
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "temperature", 0.5)  # 0.0 -> 0.5
     with pytest.raises(SaffronError, match=r"different configuration .*method_options"):
         run_eval(cfg, out, progress=False)
     assert (out / "records.jsonl").read_bytes() == before
@@ -159,8 +162,10 @@ def test_every_record_carries_every_judge_and_metrics_come_from_the_records(tmp_
         assert rec["judge_flops"]["fake-a"] == rec["judge_flops"]["fake-b"] == 7 and rec["judge_flops"][tiny] > 0
         assert rec["setup_flops"]["judge"] > 200  # both fakes' 100 plus the tiny guard's instructions
         assert rec["quality"] == {"junk": i == 0, "relevance": i / 10, "refusal": False, "junk_score": 0.5}
-    assert m["asr"] == 0.5 and m["asr_ci95"] == pytest.approx(list(wilson(2, 4)))  # type: ignore[arg-type]
-    assert m["judges"]["fake-b"] == {"asr": 0.75, "ci95": pytest.approx(list(wilson(3, 4))), "n_unsafe": 3}  # type: ignore[arg-type]
+    ci_2_of_4, ci_3_of_4 = wilson(2, 4), wilson(3, 4)
+    assert ci_2_of_4 is not None and ci_3_of_4 is not None
+    assert m["asr"] == 0.5 and m["asr_ci95"] == pytest.approx(list(ci_2_of_4))
+    assert m["judges"]["fake-b"] == {"asr": 0.75, "ci95": pytest.approx(list(ci_3_of_4)), "n_unsafe": 3}
     tiny_unsafe = [r["judges"][tiny]["unsafe"] for r in recs]
     assert m["judges"][tiny]["n_unsafe"] == sum(tiny_unsafe)
     any_unsafe = [i in {0, 1, 2, 3} or u for i, u in enumerate(tiny_unsafe)]
@@ -178,7 +183,7 @@ def test_every_record_carries_every_judge_and_metrics_come_from_the_records(tmp_
 def test_summarise_by_hand() -> None:
     from saffron.evaluate import summarise
 
-    def rec(a: bool, b: bool, q: float | None) -> dict:  # type: ignore[type-arg]
+    def rec(a: bool, b: bool, q: float | None) -> dict[str, Any]:
         return {"reward": -1.0 if a else 1.0, "unsafe": a, "judges": {"a": {"reward": 0, "unsafe": a},
                                                                      "b": {"reward": 0, "unsafe": b}},
                 "flops": {"total": 1e12}, "new_tokens": 2, "setup_flops": {"judge": 5},

@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from saffron.errors import SaffronError
+from saffron.guards.base import LogitPairGuard
 from saffron.guards.llama_guard import CATEGORIES, LLAMA_GUARD_3_PROMPT
 from saffron.guards.registry import load_guard
 from saffron.guards.smol_guard import Probe, ProbeGuard, ProbeSpec, chat_guard_prompt, load_probe, save_probe
 
 
-def test_llama_guard_prompt_is_the_official_shape(tiny_dir: Path) -> None:
+def _llama_guard(tiny_dir: Path) -> LogitPairGuard:
+    """The tiny model as Llama Guard 3, through the registry as users name it."""
     guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    assert isinstance(guard, LogitPairGuard)
+    return guard
+
+
+def test_llama_guard_prompt_is_the_official_shape(tiny_dir: Path) -> None:
+    guard = _llama_guard(tiny_dir)
     ids = guard.guard_ids("How do I bake bread?", "Mix flour and water.")
     text = guard.model.tokenizer.decode(ids)
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is "
@@ -25,7 +33,7 @@ def test_llama_guard_prompt_is_the_official_shape(tiny_dir: Path) -> None:
 
 
 def test_llama_guard_reward_is_the_safe_minus_unsafe_logit(tiny_dir: Path) -> None:
-    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    guard = _llama_guard(tiny_dir)
     tok = guard.model.tokenizer
     rewards = guard.score("q", ["a harmless answer", "another"])
     for resp, got in zip(["a harmless answer", "another"], rewards, strict=True):
@@ -36,7 +44,7 @@ def test_llama_guard_reward_is_the_safe_minus_unsafe_logit(tiny_dir: Path) -> No
 
 
 def test_guard_scoring_a_longer_prefix_reuses_the_cached_head(tiny_dir: Path) -> None:
-    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    guard = _llama_guard(tiny_dir)
     guard.score("q", ["abcdef"])
     before = guard.runner.stats.computed_tokens
     guard.score("q", ["abcdefgh"])
@@ -46,7 +54,7 @@ def test_guard_scoring_a_longer_prefix_reuses_the_cached_head(tiny_dir: Path) ->
 
 
 def test_guard_keeps_its_fixed_instructions_once_and_charges_prompts_only_for_the_rest(tiny_dir: Path) -> None:
-    guard = load_guard(f"llama-guard-3:{tiny_dir}")
+    guard = _llama_guard(tiny_dir)
     prefix = guard.fixed_prefix()
     text = guard.model.tokenizer.decode(prefix)
     assert text.startswith("<|begin_of_text|><|start_header_id|>user") and text.endswith("\n\nUser: ")
@@ -55,7 +63,8 @@ def test_guard_keeps_its_fixed_instructions_once_and_charges_prompts_only_for_th
     st = guard.runner.stats
     assert guard.flops == 0 and guard.setup_flops == st.setup_flops > 0 and st.setup_tokens == len(prefix)
     assert guard.runner.trie.kept_tokens == len(prefix)
-    costs, rewards = {}, {}
+    costs: dict[str, set[int]] = {}
+    rewards: dict[str, float] = {}
     for p in ("q", "another prompt", "q"):
         guard.runner.reset()  # as the harness does before judging each prompt
         f0, c0 = guard.flops, st.computed_tokens
@@ -71,9 +80,10 @@ def test_guard_keeps_its_fixed_instructions_once_and_charges_prompts_only_for_th
     assert guard.setup_flops == st.setup_flops  # paid once
 
 
-def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:
     spec = ProbeSpec(base_model="unused", layers=(1, 2), hidden=0)
     probe = Probe(2 * tiny.hf.config.hidden_size, 0)
+    assert isinstance(probe.net, torch.nn.Linear)  # hidden=0: the logistic head
     torch.nn.init.normal_(probe.net.weight)
     save_probe(tmp_path / "p", spec, probe)
     spec2, probe2 = load_probe(tmp_path / "p")
@@ -90,7 +100,7 @@ def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:  # type: 
         load_probe(tmp_path / "missing")
 
 
-def test_chat_guard_prompt_puts_the_response_between_head_and_tail(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_chat_guard_prompt_puts_the_response_between_head_and_tail(tiny) -> None:
     gp = chat_guard_prompt(tiny)
     assert gp.head.startswith("<|im_start|>user\nTask:") and gp.head.endswith("User: {prompt}\n\nAgent: ")
     assert gp.tail.endswith("<|im_end|>\n<|im_start|>assistant\n")

@@ -30,7 +30,7 @@ from saffron.methods.tree import one_eos
 from saffron.model import Model, load_model_copy
 from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
 from saffron.mrm.lora import LoraMrm
-from saffron.runner import Runner
+from saffron.runner import Runner, RunnerOutput
 from saffron.session import Session
 from tests.conftest import make_tiny_llama, make_tokenizer
 
@@ -125,7 +125,7 @@ SMALL: dict[str, dict[str, Any]] = {
 }
 
 
-def run(method: Method, session: Session, st: Stack, seed: int = 0) -> MethodResult:
+def run(method: Method[Any], session: Session, st: Stack, seed: int = 0) -> MethodResult:
     return method.search(session, st, seed)
 
 
@@ -213,7 +213,8 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "message"), BAD_OPTIONS)
-def test_bad_options_are_refused_naming_the_option(cls: type[Method], kwargs: dict[str, Any], message: str) -> None:
+def test_bad_options_are_refused_naming_the_option(cls: type[Method[Any]], kwargs: dict[str, Any],
+                                                   message: str) -> None:
     with pytest.raises(SaffronError, match=message):
         cls(**kwargs)
 
@@ -292,8 +293,9 @@ class EosProne:
     def flops(self) -> int:
         return self.inner.flops
 
-    def forward(self, seqs: Sequence[Sequence[int]], *, logits: bool = True) -> Any:
+    def forward(self, seqs: Sequence[Sequence[int]], *, logits: bool = True) -> RunnerOutput:
         out = self.inner.forward(seqs)
+        assert out.logits is not None
         out.logits[:, sorted(self.model.eos_ids)] += 10.0
         return out
 
@@ -301,7 +303,7 @@ class EosProne:
 def test_rebase_carries_finished_nodes_over(tiny: Model, session: Session) -> None:
     # greedy children: [EOS, best token] at every node. Root's finished child scores 5: it must survive to the end
     reward = ScriptedReward(tiny, [5.0, 1.0, 0.0, 2.0, 0.0, 0.0])
-    st = Stack(policy=EosProne(tiny), reward=reward)  # type: ignore[arg-type]
+    st = Stack(policy=EosProne(tiny), reward=reward)  # type: ignore[arg-type]  # a stand-in Runner
     res = run(Rebase(width=2, children=2, temperature=0.0, max_new_tokens=3, min_new_tokens=0), session, st)
     assert [len(c) for c in reward.calls] == [2, 2, 2] and reward.calls[0][0] == ""
     assert res.output_ids == () and res.trace["final_rewards"] == [5.0, 0.0]  # AB gave way to its children
@@ -408,7 +410,7 @@ def test_deal_mcts_lookahead_scores_the_child_extended_by_l_policy_tokens(tiny: 
 
 
 def greedy(tiny: Model, session: Session, n: int, min_new: int) -> tuple[int, ...]:
-    runner, out = Runner(tiny), []
+    runner, out = Runner(tiny), list[int]()
     for t in range(n):
         lg = runner.forward([list(session.context_ids) + out]).logits
         assert lg is not None
@@ -652,7 +654,7 @@ def test_saffron_diversity_spreads_the_kept_children_over_tokens(tiny: Model, mr
             seen.append({s[-1] for s in seqs})
             return forward(seqs, **kw)
 
-        st.policy.forward = spy  # type: ignore[method-assign]
+        st.policy.forward = spy  # type: ignore[method-assign]  # a spy on this one runner
         run(Saffron(diversity=diversity, **opts), session, st)
         return seen[2:]  # from step 2 on, every row is a child kept at the step before
 
@@ -735,5 +737,5 @@ def test_every_method_shares_one_min_new_tokens_default() -> None:
     from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
 
     for name, cls in METHODS.items():
-        assert cls().options()["min_new_tokens"] == DEFAULT_MIN_NEW_TOKENS, name  # type: ignore[call-arg]
-        assert cls(max_new_tokens=5).options()["min_new_tokens"] == 5, name  # type: ignore[call-arg]
+        assert cls().options()["min_new_tokens"] == DEFAULT_MIN_NEW_TOKENS, name
+        assert cls(max_new_tokens=5).options()["min_new_tokens"] == 5, name

@@ -8,13 +8,13 @@ from saffron.model import load_model
 from saffron.runner import Runner
 
 
-def test_eos_and_chat_template_come_from_the_tokenizer(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_eos_and_chat_template_come_from_the_tokenizer(tiny) -> None:
     assert tiny.eos_ids == {tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     ids = tiny.chat_prompt_ids("hi")
     assert tiny.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_a_conversation_goes_through_the_chat_template(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_a_conversation_goes_through_the_chat_template(tiny) -> None:
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "why?"}]
     assert tiny.tokenizer.decode(tiny.chat_messages_ids(msgs)) == (
@@ -27,7 +27,7 @@ def test_a_conversation_goes_through_the_chat_template(tiny) -> None:  # type: i
         tiny.chat_messages_ids([])
 
 
-def test_bad_sequences_are_refused(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_bad_sequences_are_refused(tiny) -> None:
     with pytest.raises(SaffronError, match="empty"):
         tiny.check_ids([])
     with pytest.raises(SaffronError, match=r"outside .* vocabulary"):
@@ -47,7 +47,7 @@ def test_bad_model_specs(tmp_path: Path) -> None:
         load_model("./missing-folder")
 
 
-def test_runner_matches_full_recompute_and_counts_only_new_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_runner_matches_full_recompute_and_counts_only_new_tokens(tiny) -> None:
     r = Runner(tiny)
     g = torch.Generator().manual_seed(0)
     base = torch.randint(0, tiny.vocab_size, (20,), generator=g).tolist()

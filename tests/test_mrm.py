@@ -35,7 +35,8 @@ def _llama_guard_3_1b_shaped_zero_model() -> Model:
                       max_position_embeddings=4096)
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    hf = hf.to_empty(device="cpu").to(torch.bfloat16)
+    # transformers declares PreTrainedModel.to as @wraps(torch.nn.Module.to), which mypy reads as unbound
+    hf = hf.to_empty(device="cpu").to(torch.bfloat16)  # type: ignore[arg-type]
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ from saffron.mrm.data import corpus as corpus_mod
 from saffron.mrm.data.build import build_rewards
 from saffron.mrm.data.rows import RewardRow
 from saffron.mrm.data.store import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_rewards, write_shard
-from saffron.mrm.lora import add_lora
+from saffron.mrm.head import HeadMrm
+from saffron.mrm.lora import LoraMrm, add_lora
 from saffron.mrm.registry import inspect_mrm, load_mrm
 from saffron.mrm.train.lora import CHECKPOINT_DIR, CHECKPOINT_FILE, LmHeadBias, predict, train_mrm
 
@@ -59,7 +61,8 @@ class CountingGuard(LogitPairGuard):
 
 
 def _prompts(n: int, split: str, tag: str = "q") -> list[str]:
-    out, k = [], 0
+    out: list[str] = []
+    k = 0
     while len(out) < n:
         p = f"{tag} {k}: how do I do the thing?"
         if split_of(p) == split:
@@ -68,7 +71,7 @@ def _prompts(n: int, split: str, tag: str = "q") -> list[str]:
     return out
 
 
-def _write_corpus(path: Path, prompts: list[str], eval_prompts: list[str] = ()) -> Path:  # type: ignore[assignment]
+def _write_corpus(path: Path, prompts: list[str], eval_prompts: Sequence[str] = ()) -> Path:
     lines = []
     for i, p in enumerate([*prompts, *eval_prompts]):
         resp = f"Answer {i}: " + "step, " * (i % 3 + 1) + "done."
@@ -98,8 +101,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, built: Pat
     return out
 
 
-def _guard(tiny_dir: Path, **kw: object) -> CountingGuard:
-    return CountingGuard(load_model(str(tiny_dir)), **kw)  # type: ignore[arg-type]
+def _guard(tiny_dir: Path, fail_after: int | None = None, nan: bool = False) -> CountingGuard:
+    return CountingGuard(load_model(str(tiny_dir)), fail_after=fail_after, nan=nan)
 
 
 # --- build_rewards -----------------------------------------------------------------------------------------------
@@ -134,22 +137,22 @@ def test_shards_hold_every_prefix_reward_exactly(built: Path, tiny_dir: Path, co
 
 def test_a_killed_build_resumes_without_rescoring(tmp_path: Path, tiny_dir: Path, corpus: Path) -> None:
     out = tmp_path / "data"
-    kw = {"corpus": f"jsonl:{corpus}", "policy": str(tiny_dir), "max_tokens": 24, "shard_rows": 100,
-          "progress": False}
+    kw: dict[str, Any] = {"corpus": f"jsonl:{corpus}", "policy": str(tiny_dir), "max_tokens": 24, "shard_rows": 100,
+                          "progress": False}
     first = _guard(tiny_dir)
-    m = build_rewards(out, reward=first, limit=2, **kw)  # type: ignore[arg-type]
+    m = build_rewards(out, reward=first, limit=2, **kw)
     assert m["rows"] == 2 and not m["complete"]
     done = {r.id: len(r.response_ids) for r in read_rewards(out)[1]}
     # a run that dies mid-way: the rows it finished are flushed to a shard before the error propagates
     third = json.loads(corpus.read_text().splitlines()[2])["response"]
     dying = _guard(tiny_dir, fail_after=len(load_model(str(tiny_dir)).encode(third)[:24]))  # dies on the 4th row
     with pytest.raises(RuntimeError, match="simulated kill"):
-        build_rewards(out, reward=dying, **kw)  # type: ignore[arg-type]
+        build_rewards(out, reward=dying, **kw)
     _, rows = read_rewards(out)
     assert len(rows) == 3
     done = {r.id: len(r.response_ids) for r in rows}
     last = _guard(tiny_dir)
-    m = build_rewards(out, reward=last, **kw)  # type: ignore[arg-type]
+    m = build_rewards(out, reward=last, **kw)
     _, rows = read_rewards(out)
     assert m["rows"] == 6 and m["complete"] and len({r.id for r in rows}) == 6 and len(m["runs"]) == 3
     # only the unfinished rows were scored: one reward-model input per token of theirs
@@ -170,34 +173,34 @@ def test_a_folder_built_otherwise_is_refused(built: Path, tiny_dir: Path, corpus
 def test_eval_prompts_are_never_admitted(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, held = _prompts(2, split="train", tag="h"), _prompts(3, split="test", tag="h")
     path = _write_corpus(tmp_path / "mixed.jsonl", train, held)
-    kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 8, "progress": False}
-    m = build_rewards(tmp_path / "a", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 8, "progress": False}
+    m = build_rewards(tmp_path / "a", corpus=f"jsonl:{path}", **kw)
     _, rows = read_rewards(tmp_path / "a")
     assert m["eval_filtered"] == 3 and sorted(r.prompt for r in rows) == sorted(train)
     assert all(split_of(r.prompt) == "train" for r in rows)
     for split in ("dev", "test"):
         with pytest.raises(SaffronError, match="evaluation split"):
-            build_rewards(tmp_path / "b", corpus=f"pyrit-harmful:{split}", **kw)  # type: ignore[arg-type]
+            build_rewards(tmp_path / "b", corpus=f"pyrit-harmful:{split}", **kw)
     with pytest.raises(SaffronError, match="unknown split 'heldout'"):
-        build_rewards(tmp_path / "b", corpus="pyrit-harmful:heldout", **kw)  # type: ignore[arg-type]
+        build_rewards(tmp_path / "b", corpus="pyrit-harmful:heldout", **kw)
     # if the filter ever let one through, the write-time check still refuses it
     monkeypatch.setattr(corpus_mod, "admit_prompt", lambda prompt, allow_eval: True)
     with pytest.raises(SaffronError, match="test-split prompt in corpus row"):
-        build_rewards(tmp_path / "c", corpus=f"jsonl:{path}", **kw)  # type: ignore[arg-type]
+        build_rewards(tmp_path / "c", corpus=f"jsonl:{path}", **kw)
     assert all(split_of(r.prompt) == "train" for r in read_rewards(tmp_path / "c")[1])  # rows before it were kept
 
 
 def test_unusable_corpora_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
-    kw = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "progress": False}
+    kw: dict[str, Any] = {"reward": _guard(tiny_dir), "policy": str(tiny_dir), "progress": False}
     only_heldout = _write_corpus(tmp_path / "h.jsonl", [], _prompts(2, split="test"))
     with pytest.raises(SaffronError, match=r"no usable rows.*dev/test prompts filtered"):
-        build_rewards(tmp_path / "a", corpus=f"jsonl:{only_heldout}", **kw)  # type: ignore[arg-type]
+        build_rewards(tmp_path / "a", corpus=f"jsonl:{only_heldout}", **kw)
     no_resp = tmp_path / "n.jsonl"
     no_resp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(2, split="train")))
     with pytest.raises(SaffronError, match=r"no usable rows.*without a response"):
-        build_rewards(tmp_path / "b", corpus=f"jsonl:{no_resp}", **kw)  # type: ignore[arg-type]
+        build_rewards(tmp_path / "b", corpus=f"jsonl:{no_resp}", **kw)
     with pytest.raises(SaffronError, match="empty source"):
-        build_rewards(tmp_path / "c", corpus="pyrit-harmful:train,", **kw)  # type: ignore[arg-type]
+        build_rewards(tmp_path / "c", corpus="pyrit-harmful:train,", **kw)
     with pytest.raises(SaffronError, match="hh-rlhf"):
         corpus_mod.hh_rlhf()  # offline (and `datasets` may be absent): a clear error either way
 
@@ -210,10 +213,10 @@ def test_non_finite_rewards_name_the_row(tmp_path: Path, tiny_dir: Path, corpus:
 
 def test_policy_samples_are_deterministic_continuations(tmp_path: Path, tiny_dir: Path) -> None:
     path = _write_corpus(tmp_path / "p.jsonl", _prompts(2, split="train", tag="p"))
-    kw = {"corpus": f"policy:jsonl:{path}", "reward": _guard(tiny_dir), "policy": str(tiny_dir), "max_tokens": 12,
-          "policy_max_new_tokens": 6, "prefill_tokens": 3, "progress": False}
-    build_rewards(tmp_path / "a", **kw)  # type: ignore[arg-type]
-    build_rewards(tmp_path / "b", **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"corpus": f"policy:jsonl:{path}", "reward": _guard(tiny_dir), "policy": str(tiny_dir),
+                          "max_tokens": 12, "policy_max_new_tokens": 6, "prefill_tokens": 3, "progress": False}
+    build_rewards(tmp_path / "a", **kw)
+    build_rewards(tmp_path / "b", **kw)
     a, b = read_rewards(tmp_path / "a")[1], read_rewards(tmp_path / "b")[1]
     assert [r.response_ids for r in a] == [r.response_ids for r in b] and len(a) == 4
     assert sorted(r.source.rsplit("+", 1)[1] for r in a) == ["noprefill", "noprefill", "prefill3", "prefill3"]
@@ -234,7 +237,9 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _bias(path: Path) -> torch.Tensor:
-    return torch.load(path / "lm_head_bias.pt", weights_only=True)
+    bias = torch.load(path / "lm_head_bias.pt", weights_only=True)
+    assert isinstance(bias, torch.Tensor)
+    return bias
 
 
 def test_training_overfits_a_fixed_batch(tmp_path: Path, tiny_dir: Path, built: Path) -> None:
@@ -247,28 +252,29 @@ def test_training_overfits_a_fixed_batch(tmp_path: Path, tiny_dir: Path, built: 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path: Path, tiny_dir: Path, built: Path,
                                                                 trained: Path) -> None:
-    kw = {"base_model": str(tiny_dir), "lr": 1e-2, "batch_size": 2, "epochs": 2, "progress": False, "device": "cpu"}
-    train_mrm(built, tmp_path / "again", **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"base_model": str(tiny_dir), "lr": 1e-2, "batch_size": 2, "epochs": 2, "progress": False,
+                          "device": "cpu"}
+    train_mrm(built, tmp_path / "again", **kw)
     a, b = _adapter(trained), _adapter(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(_bias(trained), _bias(tmp_path / "again"))
     # stop after 2 of 6 steps, then re-run: the result equals the uninterrupted run bit for bit
-    m = train_mrm(built, tmp_path / "resumed", max_steps=2, **kw)  # type: ignore[arg-type]
+    m = train_mrm(built, tmp_path / "resumed", max_steps=2, **kw)
     assert m.train["steps"] == 2 and not m.train["complete"]
-    m = train_mrm(built, tmp_path / "resumed", checkpoint_every=1, **kw)  # type: ignore[arg-type]
+    m = train_mrm(built, tmp_path / "resumed", checkpoint_every=1, **kw)
     assert m.train["steps"] == 6 and m.train["complete"]
     c = _adapter(tmp_path / "resumed")
     assert all(torch.equal(a[k], c[k]) for k in a) and torch.equal(_bias(trained), _bias(tmp_path / "resumed"))
-    other = train_mrm(built, tmp_path / "seed1", seed=1, **kw)  # type: ignore[arg-type]
+    other = train_mrm(built, tmp_path / "seed1", seed=1, **kw)
     assert other.train["seed"] == 1 and not torch.equal(_bias(trained), _bias(tmp_path / "seed1"))
     with pytest.raises(SaffronError, match=r"another base model or config.*lr"):
-        train_mrm(built, tmp_path / "resumed", **{**kw, "lr": 1e-3})  # type: ignore[arg-type]
+        train_mrm(built, tmp_path / "resumed", **{**kw, "lr": 1e-3})
 
 
 def test_mean_bias_init_removes_the_frozen_heads_offset(tmp_path: Path, tiny_dir: Path, built: Path) -> None:
-    kw = {"base_model": str(tiny_dir), "lr": 1e-2, "batch_size": 8, "progress": False, "device": "cpu"}
-    mean = train_mrm(built, tmp_path / "mean", **kw)  # type: ignore[arg-type]
-    zero = train_mrm(built, tmp_path / "zero", bias_init="zero", **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"base_model": str(tiny_dir), "lr": 1e-2, "batch_size": 8, "progress": False, "device": "cpu"}
+    mean = train_mrm(built, tmp_path / "mean", **kw)
+    zero = train_mrm(built, tmp_path / "zero", bias_init="zero", **kw)
     # step 0 runs the base model (LoRA B = 0): its loss is the residuals' variance with the offset removed
     _, rows = read_rewards(built)
     model = load_model_copy(str(tiny_dir), "cpu")
@@ -278,7 +284,7 @@ def test_mean_bias_init_removes_the_frozen_heads_offset(tmp_path: Path, tiny_dir
     assert mean.train["loss_first"] == pytest.approx(float(((resid - resid.mean()) ** 2).mean()), rel=1e-4)
     assert zero.train["loss_first"] == pytest.approx(float((resid**2).mean()), rel=1e-4)
     with pytest.raises(SaffronError, match="bias_init must be one of"):
-        train_mrm(built, tmp_path / "bad", bias_init="random", **kw)  # type: ignore[arg-type]
+        train_mrm(built, tmp_path / "bad", bias_init="random", **kw)
 
 
 def _hand_made(path: Path, model: Model, rows: list[RewardRow], **cfg: object) -> Path:
@@ -331,7 +337,7 @@ def test_saved_mrm_reproduces_training_predictions(tmp_path: Path, tiny_dir: Pat
         pred, _, targets = predict(model, head, rows[:3])
     assert float(head.bias.detach().abs().max()) > 1e-3  # the bias really trained
     mrm = load_mrm(trained, device="cpu")
-    assert torch.equal(mrm.bias.cpu(), state["bias"])
+    assert isinstance(mrm, LoraMrm) and torch.equal(mrm.bias.cpu(), state["bias"])
     got = []
     for b, pos, tok, _ in targets:
         r = rows[b]
@@ -344,29 +350,29 @@ def test_saved_mrm_reproduces_training_predictions(tmp_path: Path, tiny_dir: Pat
 
 def test_training_refuses_bad_data(tmp_path: Path, tiny_dir: Path) -> None:
     model = load_model(str(tiny_dir))
-    kw = {"base_model": str(tiny_dir), "progress": False, "device": "cpu"}
+    kw: dict[str, Any] = {"base_model": str(tiny_dir), "progress": False, "device": "cpu"}
     p = _prompts(1, split="train", tag="v")[0]
     with pytest.raises(SaffronError, match="not a reward-data folder"):
-        train_mrm(tmp_path / "missing", tmp_path / "m", **kw)  # type: ignore[arg-type]
+        train_mrm(tmp_path / "missing", tmp_path / "m", **kw)
     with pytest.raises(SaffronError, match="no reward rows"):
-        train_mrm(_hand_made(tmp_path / "empty", model, []), tmp_path / "m", **kw)  # type: ignore[arg-type]
+        train_mrm(_hand_made(tmp_path / "empty", model, []), tmp_path / "m", **kw)
     with pytest.raises(SaffronError, match="2 rewards for 3 response tokens"):
         train_mrm(_hand_made(tmp_path / "len", model, [_row(model, 0, p, [10, 11, 12], True, [0.1, 0.2])]),
-                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+                  tmp_path / "m", **kw)
     with pytest.raises(SaffronError, match="non-finite reward"):
         train_mrm(_hand_made(tmp_path / "nan", model, [_row(model, 0, p, [10, 11], True, [0.1, float("nan")])]),
-                  tmp_path / "m", **kw)  # type: ignore[arg-type]
+                  tmp_path / "m", **kw)
     with pytest.raises(SaffronError, match="tokenizer differs"):
         train_mrm(_hand_made(tmp_path / "tok", model, [_row(model, 0, p, [10], True)],
-                             policy_tokenizer_sha256="0" * 64), tmp_path / "m", **kw)  # type: ignore[arg-type]
+                             policy_tokenizer_sha256="0" * 64), tmp_path / "m", **kw)
     held = _prompts(1, split="test", tag="v")[0]
     with pytest.raises(SaffronError, match="test-split prompt"):
         train_mrm(_hand_made(tmp_path / "held", model, [_row(model, 0, held, [10], True)]), tmp_path / "m",
-                  **kw)  # type: ignore[arg-type]
+                  **kw)
     for flag in ("allow_eval", "allow_heldout"):  # allow_heldout: a folder an older saffron built
         with pytest.raises(SaffronError, match="allow_eval"):
             train_mrm(_hand_made(tmp_path / flag, model, [_row(model, 0, p, [10], True)], **{flag: True}),
-                      tmp_path / "m", **kw)  # type: ignore[arg-type]
+                      tmp_path / "m", **kw)
 
 
 # --- bench_mrm ---------------------------------------------------------------------------------------------------
@@ -423,8 +429,6 @@ def head_trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, head_
 
 def test_head_mrm_fits_its_corpus_and_saves_what_it_learnt(tiny_dir: Path, head_data: Path,
                                                             head_trained: Path) -> None:
-    from saffron.mrm.head import HeadMrm
-
     mrm = load_mrm(head_trained)
     assert isinstance(mrm, HeadMrm) and mrm.manifest.kind == "head" and mrm.policy_layers == (1, 2)
     assert mrm.manifest.train["final_loss"] < 0.5 * mrm.manifest.train["loss_first"]
@@ -449,6 +453,7 @@ def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Pat
     from saffron.runner import Runner
 
     mrm = load_mrm(head_trained)
+    assert isinstance(mrm, HeadMrm)
     policy = load_model(str(tiny_dir))
     prompt, outs = "how do I do it?", [[], list(policy.encode("Sure, ")), list(policy.encode("No"))]
     alone = mrm.rewards(prompt, outs)  # runs the policy itself, and counts that forward
@@ -457,6 +462,7 @@ def test_head_mrm_reads_the_policys_states_at_the_cost_of_its_head(tiny_dir: Pat
     ctx = policy.chat_prompt_ids(prompt)
     out = runner.forward([ctx + o for o in outs], hidden_layers=mrm.policy_layers)
     before_runner, before = mrm.runner.flops, mrm.flops
+    assert out.hidden is not None
     given = mrm.rewards(prompt, outs, policy_hidden=out.hidden)
     assert torch.allclose(given, alone, atol=1e-5)
     assert mrm.runner.flops == before_runner and mrm.flops - before == 3 * mrm.flops_per_node
@@ -497,6 +503,7 @@ def test_saffron_with_a_head_mrm_runs_no_second_model(tiny_dir: Path, head_train
 
     policy = load_model(str(tiny_dir))
     mrm = load_mrm(head_trained)
+    assert isinstance(mrm, HeadMrm)
     prompt = "how do I do it?"
     session = Session(prompt=prompt, prompt_ids=tuple(policy.chat_prompt_ids(prompt)),
                       prefill_ids=tuple(policy.encode("Sure")))

@@ -85,9 +85,9 @@ def naive_paper_search(policy_logits: Callable[[list[int]], torch.Tensor],  # no
             raw = mrm_logits(list(tokens)).tolist()
             q = [penalty if a in unseen else raw[a] for a in range(len(raw))]
             eos_here = [a for a in nucleus if a in eos]
-            best_eos = eos_here[0] if eos_here else None
+            best_eos: int | None = None  # the first EOS of the highest q
             for a in eos_here:
-                if q[a] > q[best_eos]:  # type: ignore[index]
+                if best_eos is None or q[a] > q[best_eos]:
                     best_eos = a
             for a in nucleus:
                 if a in eos and a != best_eos:
@@ -155,7 +155,8 @@ def hf_last_logits(model: Model, ids: list[int]) -> torch.Tensor:
     """The next-token logits after ``ids``: one full forward from scratch (only the last position's logits are
     projected, which changes nothing else and spares a [T, 49k] product on the embedded model)."""
     with torch.no_grad():
-        return model.hf(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        logits: torch.Tensor = model.hf(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    return logits.float()
 
 
 def compare(policy: Model, runner: Any, mrm: LoraMrm, prompt: str, prefill: str, width: int, min_new: int,
@@ -188,7 +189,7 @@ def compare(policy: Model, runner: Any, mrm: LoraMrm, prompt: str, prefill: str,
 # -- the tests -----------------------------------------------------------------------------------------------
 
 
-MASKS = {
+MASKS: dict[str, Callable[[int, list[int]], set[int]]] = {
     "eos only": lambda v, eos: set(eos),
     "eos and every third token": lambda v, eos: set(eos) | set(range(0, v, 3)),
     "all but five tokens": lambda v, eos: set(range(v)) - {40, 50, 60, 70, 80},

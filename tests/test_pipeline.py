@@ -48,9 +48,10 @@ MAX_NEW = 5
 
 
 def _request(name: str, judge: bool = True) -> ChatCompletionRequest:
-    return ChatCompletionRequest(messages=[{"role": "user", "content": PROMPT}, {"role": "assistant",
-                                 "content": PREFILL}], max_tokens=MAX_NEW, seed=SEED,
-                                 saffron={"method": name, "judge": judge, **SMALL[name]})
+    # model_validate: the request as the server receives it, a JSON object (its messages plain dicts)
+    return ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": PREFILL}],
+        "max_tokens": MAX_NEW, "seed": SEED, "saffron": {"method": name, "judge": judge, **SMALL[name]}})
 
 
 def _served(models: ModelSet, name: str) -> Any:
@@ -195,7 +196,7 @@ def test_options_come_from_the_dataclass_alone() -> None:
             assert method.options()[cls.budget] == option_default(name, cls.budget)
         # options are frozen: a method's configuration cannot change under a run
         with pytest.raises(AttributeError):
-            method.config.max_new_tokens = 3  # type: ignore[misc]
+            method.config.max_new_tokens = 3
     # a resolved default is stored resolved, so config.json names what ran
     assert make_method("rebase", {}).options()["children"] == 2
     assert make_method("rebase", {"expansion": "balanced"}).options()["children"] is None
@@ -236,8 +237,8 @@ def test_serve_accepts_minilm_judge(tiny_dir: Path, monkeypatch: pytest.MonkeyPa
           "--max-new-tokens", "4"])
     (eng,) = engines
     assert eng.models.names["judge"] == "minilm-judge"
-    out = eng.run(eng.prepare(ChatCompletionRequest(messages=[{"role": "user", "content": PROMPT}], seed=1,
-                                                    saffron={"judge": True})))
+    out = eng.run(eng.prepare(ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": PROMPT}], "seed": 1, "saffron": {"judge": True}})))
     assert isinstance(out.reward, float) and out.flops["judge"] >= 0
     eng.close()
     assert "guarded by none" in capsys.readouterr().err

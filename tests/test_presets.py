@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -80,9 +81,9 @@ def test_resolve_fixes_every_methods_lengths_and_saffrons_search(paper_mrm: Path
     ({"mrm": "smol-mrm-head"}, "--mrm smol-mrm-head is a head MRM, not the paper's lora form"),
     ({"preset": "arxiv"}, "unknown preset 'arxiv'"),
 ])
-def test_a_contradicting_option_is_refused_naming_it(cfg: dict[str, object], msg: str) -> None:
+def test_a_contradicting_option_is_refused_naming_it(cfg: dict[str, Any], msg: str) -> None:
     with pytest.raises(SaffronError) as e:
-        resolve(EvalConfig(**{"method": "saffron", "preset": "paper", **cfg}))  # type: ignore[arg-type]
+        resolve(EvalConfig(**{"method": "saffron", "preset": "paper", **cfg}))
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 

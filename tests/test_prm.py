@@ -3,7 +3,9 @@ guard registry."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,12 +14,15 @@ pytest.importorskip("pyarrow", reason="reward folders are Parquet: pip install '
 import torch
 from safetensors.torch import load_file
 
+from saffron.data import Example
 from saffron.errors import SaffronError
+from saffron.guards.base import RewardModel
 from saffron.guards.registry import check_guard_spec, load_guard
 from saffron.methods.base import Stack
 from saffron.methods.best_of_n import BestOfN
 from saffron.methods.rebase import Rebase
-from saffron.model import load_model
+from saffron.model import Model, load_model
+from saffron.mrm.base import Mrm
 from saffron.mrm.data.store import read_rewards
 from saffron.mrm.prm import HeadPrm, load_head_prm, prm_flops
 from saffron.mrm.registry import inspect_mrm, load_mrm
@@ -27,7 +32,7 @@ from saffron.session import Session
 from tests.test_mrm_train import _hand_made, _prompts, _row
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-OPTS = {"layers": (1, 2), "width": 16, "lr": 1e-2, "epochs": 40, "batch_size": 16, "progress": False,
+OPTS: dict[str, Any] = {"layers": (1, 2), "width": 16, "lr": 1e-2, "epochs": 40, "batch_size": 16, "progress": False,
         "device": "cpu"}
 
 
@@ -47,14 +52,14 @@ def prm_data(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, prm_data: Path) -> Path:
     out = tmp_path_factory.mktemp("prm") / "prm"
-    train_head_prm(prm_data, out, base_model=str(tiny_dir), **OPTS)  # type: ignore[arg-type]
+    train_head_prm(prm_data, out, base_model=str(tiny_dir), **OPTS)
     return out
 
 
-def _session(model: object, prompt: str, prefill: str = "") -> Session:
+def _session(model: str | Model, prompt: str, prefill: str = "") -> Session:
     m = load_model(model) if isinstance(model, str) else model
-    return Session(prompt=prompt, prompt_ids=tuple(m.chat_prompt_ids(prompt)),  # type: ignore[union-attr]
-                   prefill_ids=tuple(m.encode(prefill)) if prefill else ())  # type: ignore[union-attr]
+    return Session(prompt=prompt, prompt_ids=tuple(m.chat_prompt_ids(prompt)),
+                   prefill_ids=tuple(m.encode(prefill)) if prefill else ())
 
 
 def test_head_prm_fits_its_corpus(tiny_dir: Path, prm_data: Path, prm_dir: Path) -> None:
@@ -81,10 +86,10 @@ def test_head_prm_fits_its_corpus(tiny_dir: Path, prm_data: Path, prm_dir: Path)
 
 
 def test_head_prm_training_is_deterministic(tmp_path: Path, tiny_dir: Path, prm_data: Path, prm_dir: Path) -> None:
-    train_head_prm(prm_data, tmp_path / "again", base_model=str(tiny_dir), **OPTS)  # type: ignore[arg-type]
+    train_head_prm(prm_data, tmp_path / "again", base_model=str(tiny_dir), **OPTS)
     a, b = load_file(str(prm_dir / "prm.safetensors")), load_file(str(tmp_path / "again" / "prm.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    train_head_prm(prm_data, tmp_path / "seed1", base_model=str(tiny_dir), **{**OPTS, "seed": 1})  # type: ignore
+    train_head_prm(prm_data, tmp_path / "seed1", base_model=str(tiny_dir), **{**OPTS, "seed": 1})
     c = load_file(str(tmp_path / "seed1" / "prm.safetensors"))
     assert not torch.equal(a["inner.weight"], c["inner.weight"])
 
@@ -160,31 +165,32 @@ def test_train_mrm_cli_trains_a_prm(tmp_path: Path, tiny_dir: Path, prm_data: Pa
 # --- sibling ranking (bench/mrm.py) ------------------------------------------------------------------------------
 
 
-class OracleMrm:
+class OracleMrm(Mrm):
     """An MRM that knows the reward model exactly (``sign`` -1: exactly backwards): every child of every node
     scored by the reward model itself."""
 
-    def __init__(self, reward: object, policy: object, sign: float) -> None:
+    def __init__(self, reward: RewardModel, policy: Model, sign: float) -> None:
         from saffron.mrm.data.annotate import Annotator
 
-        self.ann = Annotator(reward, policy)  # type: ignore[arg-type]
-        self.policy, self.sign = policy, sign
-        self.runner = Runner(policy)  # type: ignore[arg-type]
-        self.unseen = torch.zeros(policy.vocab_size, dtype=torch.bool)  # type: ignore[attr-defined]
+        self.ann = Annotator(reward, policy)
+        self.model, self.sign = policy, sign
+        self.runner = Runner(policy)
+        self.unseen = torch.zeros(policy.vocab_size, dtype=torch.bool)
 
-    def rewards(self, prompt: str, responses: list[list[int]], policy_hidden: object = None,
+    def rewards(self, prompt: str, responses: Sequence[Sequence[int]], policy_hidden: torch.Tensor | None = None,
                 raw: bool = False) -> torch.Tensor:
-        eos = self.policy.eos_ids  # type: ignore[attr-defined]
+        eos = self.model.eos_ids
         out = []
         for r in responses:
-            kids = [list(r) if t in eos else [*r, t] for t in range(self.policy.vocab_size)]  # type: ignore
+            kids = [list(r) if t in eos else [*r, t] for t in range(self.model.vocab_size)]
             out.append(self.sign * torch.tensor(self.ann.score(prompt, kids)))
         return torch.stack(out)
 
+    def share(self) -> Mrm:
+        raise NotImplementedError  # a benchmark reads one instance; nothing shares it across workers
 
-def _examples(n: int) -> list[object]:
-    from saffron.data import Example
 
+def _examples(n: int) -> list[Example]:
     return [Example(id=f"s{i}", prompt=f"question {i}: how?", response=f"Answer {i}: do this, then that.")
             for i in range(n)]
 
@@ -195,21 +201,22 @@ def test_sibling_ranking_scores_an_exact_mrm_perfectly_and_a_reversed_one_at_zer
 
     policy = load_model(str(tiny_dir))
     reward = CountingGuard(policy)
-    kw = {"per_prompt": 2, "max_children": 6, "progress": False}
-    good = sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(2), 4, **kw)  # type: ignore
+    good = sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(2), 4, per_prompt=2,
+                           max_children=6, progress=False)
     assert good["sibling_nodes"] == 4 and good["sibling_children_mean"] == 6 and good["sibling_rm_calls"] == 24
     assert good["overlap_at_1"] == good["overlap_at_4"] == 1.0 and good["spearman_siblings"] == pytest.approx(1.0)
     assert good["sibling_top1_regret"] == 0.0 and good["overlap_at_16"] is None  # no node has 17 children
     assert good["chance_overlap_at_4"] == pytest.approx(4 / 6) and good["sibling_nodes_at_16"] == 0
     assert good["sibling_unseen_share"] == 0.0
-    bad = sibling_ranking(OracleMrm(reward, policy, -1.0), reward, policy, _examples(2), 4, **kw)  # type: ignore
+    bad = sibling_ranking(OracleMrm(reward, policy, -1.0), reward, policy, _examples(2), 4, per_prompt=2,
+                          max_children=6, progress=False)
     assert bad["overlap_at_1"] == 0.0 and bad["spearman_siblings"] == pytest.approx(-1.0)
     assert bad["sibling_top1_regret"] > 0
     # the policy's ranking does not depend on the MRM's
     for k in ("policy_overlap_at_1", "policy_overlap_at_4", "policy_spearman_siblings"):
         assert good[k] == bad[k] and good[k] is not None
     with pytest.raises(SaffronError, match="max_children >= 2"):
-        sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(1), 1, max_children=1)  # type: ignore
+        sibling_ranking(OracleMrm(reward, policy, 1.0), reward, policy, _examples(1), 1, max_children=1)
 
 
 def test_bench_mrm_reports_sibling_ranking_for_a_head_mrm(tmp_path: Path, tiny_dir: Path, prm_data: Path) -> None:
@@ -218,7 +225,7 @@ def test_bench_mrm_reports_sibling_ranking_for_a_head_mrm(tmp_path: Path, tiny_d
     from tests.test_mrm_train import CountingGuard
 
     opts = {k: v for k, v in OPTS.items() if k != "epochs"}
-    train_head_mrm(prm_data, tmp_path / "mrm", base_model=str(tiny_dir), epochs=5, **opts)  # type: ignore[arg-type]
+    train_head_mrm(prm_data, tmp_path / "mrm", base_model=str(tiny_dir), epochs=5, **opts)
     _, rows = read_rewards(prm_data)
     policy = load_model(str(tiny_dir))
     res = bench_mrm(str(tmp_path / "mrm"), rows[:2], split=None, progress=False, siblings=3,

@@ -18,7 +18,7 @@ from saffron.cli import main
 from saffron.compare import CompareConfig, run_compare
 from saffron.data import Example
 from saffron.errors import SaffronError
-from saffron.evaluate import PENDING_FILE, EvalConfig, run_eval
+from saffron.evaluate import PENDING_FILE, Backend, EvalConfig, run_eval
 from tests.conftest import needs_plot
 
 
@@ -121,12 +121,19 @@ def backend(ray_instance: Any) -> Iterator[Any]:
 class Spy:
     """A backend wrapper that notes which prompts were computed."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.ids = inner, []
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.ids: list[str] = []
 
     def evaluate(self, cfg: EvalConfig, examples: Sequence[Example]) -> Iterator[dict[str, Any]]:
         self.ids += [ex.id for ex in examples]
         yield from self.inner.evaluate(cfg, examples)
+
+    def __enter__(self) -> Spy:  # the Backend protocol; the wrapped backend's fixture releases it
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")

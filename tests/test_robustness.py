@@ -132,7 +132,7 @@ def test_summary_counts_what_the_judge_said() -> None:
     assert res["mean_reward_junk"] == pytest.approx(sum(junk) / len(junk))
 
 
-def test_augmentations_preserve_labels_one_rewrite_each(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_augmentations_preserve_labels_one_rewrite_each(tiny) -> None:
     rows = _rows()
     aug = augmentations(rows, 0, UNSAFE_KINDS, junk=True)
     assert aug == augmentations(rows, 0, UNSAFE_KINDS, junk=True)

@@ -7,12 +7,14 @@ from hypothesis import strategies as st
 
 from saffron.errors import SaffronError
 from saffron.flops import straight_flops
+from saffron.model import Model
 from saffron.runner import Runner
 
 
-def _reference(model, seq: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _reference(model: Model, seq: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model.hf(torch.tensor([seq])).logits[0, -1]
+        logits: torch.Tensor = model.hf(torch.tensor([seq])).logits[0, -1]
+    return logits
 
 
 token = st.integers(min_value=0, max_value=40)
@@ -24,7 +26,7 @@ stems = st.lists(st.lists(token, min_size=1, max_size=14), min_size=3, max_size=
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stems=stems, calls=st.lists(batches, min_size=1, max_size=3))
-def test_logits_equal_full_recompute_and_each_unique_token_runs_once(tiny, stems, calls) -> None:  # type: ignore[no-untyped-def]
+def test_logits_equal_full_recompute_and_each_unique_token_runs_once(tiny, stems, calls) -> None:
     r = Runner(tiny)
     seen: set[tuple[int, ...]] = set()
     want_computed = 0
@@ -47,7 +49,7 @@ def test_logits_equal_full_recompute_and_each_unique_token_runs_once(tiny, stems
     assert r.stats.trie.stored_tokens == len(seen)
 
 
-def test_hidden_states_match_transformers(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_hidden_states_match_transformers(tiny) -> None:
     r = Runner(tiny)
     seq = list(range(3, 20))
     layers = list(range(tiny.hf.config.num_hidden_layers + 1))
@@ -60,7 +62,7 @@ def test_hidden_states_match_transformers(tiny) -> None:  # type: ignore[no-unty
         torch.testing.assert_close(got[0, i], ref[i][0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_eviction_under_a_tight_budget_keeps_results_exact(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_eviction_under_a_tight_budget_keeps_results_exact(tiny) -> None:
     r0 = Runner(tiny)
     r = Runner(tiny, budget_bytes=40 * r0.pool.bytes_per_token)
     g = torch.Generator().manual_seed(1)
@@ -72,7 +74,7 @@ def test_eviction_under_a_tight_budget_keeps_results_exact(tiny) -> None:  # typ
     assert r.stats.trie.evicted_tokens > 0 and r.stats.trie.stored_tokens <= 40
 
 
-def test_budget_and_input_errors(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_budget_and_input_errors(tiny) -> None:
     with pytest.raises(SaffronError, match="smaller than one token"):
         Runner(tiny, budget_bytes=10)
     r = Runner(tiny, budget_bytes=8 * Runner(tiny).pool.bytes_per_token)
@@ -86,7 +88,7 @@ def test_budget_and_input_errors(tiny) -> None:  # type: ignore[no-untyped-def]
         r.forward([[1, 2]], hidden_layers=[99])
 
 
-def test_flops_of_a_straight_sequence(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_flops_of_a_straight_sequence(tiny) -> None:
     r = Runner(tiny)
     r.forward([list(range(10))])
     assert r.flops == straight_flops(r.arch, 10, 0, 1)
@@ -95,7 +97,7 @@ def test_flops_of_a_straight_sequence(tiny) -> None:  # type: ignore[no-untyped-
     assert r.flops == straight_flops(r.arch, 10, 0, 1) + straight_flops(r.arch, 2, 10, 1)
 
 
-def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp_path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from saffron.device import Placement, placed
@@ -122,7 +124,7 @@ def test_unsupported_architecture_is_named_and_runs_uncached_only_on_request(tmp
     assert r.stats.computed_tokens == 7 and r.flops > 0
 
 
-def test_sparse_batches_gather_their_keys_and_stay_exact(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_sparse_batches_gather_their_keys_and_stay_exact(tiny) -> None:
     r = Runner(tiny)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 50, (15,), generator=g).tolist() for _ in range(8)]
@@ -140,7 +142,7 @@ def test_sparse_batches_gather_their_keys_and_stay_exact(tiny) -> None:  # type:
     assert r.stats.gathered_forwards == 8
 
 
-def test_truncated_runner_matches_the_full_stack_below_its_depth(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_truncated_runner_matches_the_full_stack_below_its_depth(tiny) -> None:
     seqs = [[5, 6, 7, 8, 9], [5, 6, 7, 10]]
     full, cut = Runner(tiny), Runner(tiny, depth=1)
     want = full.forward(seqs, logits=False, hidden_layers=(0, 1)).hidden
@@ -157,7 +159,7 @@ def test_truncated_runner_matches_the_full_stack_below_its_depth(tiny) -> None: 
         Runner(tiny, depth=0)
 
 
-def test_kept_prefix_is_computed_once_survives_reset_and_is_setup_not_flops(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_kept_prefix_is_computed_once_survives_reset_and_is_setup_not_flops(tiny) -> None:
     r = Runner(tiny)
     prefix = list(range(3, 23))
     assert r.keep(prefix) == 20
@@ -180,7 +182,7 @@ def test_kept_prefix_is_computed_once_survives_reset_and_is_setup_not_flops(tiny
     assert r.stats.setup_flops == setup
 
 
-def test_keep_charges_setup_only_for_what_was_not_cached(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_keep_charges_setup_only_for_what_was_not_cached(tiny) -> None:
     r = Runner(tiny)
     r.forward([list(range(3, 11))])
     paid = r.flops
@@ -189,7 +191,7 @@ def test_keep_charges_setup_only_for_what_was_not_cached(tiny) -> None:  # type:
     assert r.keep(list(range(3, 11))) == 8 and r.stats.setup_tokens == 4  # cached already: marked, not run
 
 
-def test_eviction_under_a_tight_budget_never_evicts_the_kept_prefix(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_eviction_under_a_tight_budget_never_evicts_the_kept_prefix(tiny) -> None:
     r = Runner(tiny, budget_bytes=40 * Runner(tiny).pool.bytes_per_token)
     prefix = list(range(60, 75))
     r.keep(prefix)
@@ -206,7 +208,7 @@ def test_eviction_under_a_tight_budget_never_evicts_the_kept_prefix(tiny) -> Non
         r.forward([list(range(100, 130))])  # 30 tokens fit the budget but not beside the 15 kept ones
 
 
-def test_a_runner_without_a_cache_keeps_nothing(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_a_runner_without_a_cache_keeps_nothing(tiny) -> None:
     r = Runner(tiny, cache=False)
     assert r.keep([5, 6, 7]) == 0
     assert r.stats.setup_flops == 0 and r.stats.computed_tokens == 0
@@ -215,7 +217,7 @@ def test_a_runner_without_a_cache_keeps_nothing(tiny) -> None:  # type: ignore[n
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_batches_under_eviction_pressure_match_a_large_cache_and_survive_a_refused_batch(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_batches_under_eviction_pressure_match_a_large_cache_and_survive_a_refused_batch(tiny) -> None:
     big = Runner(tiny)  # 4 GiB of cache: never evicts
     r = Runner(tiny, budget_bytes=30 * big.pool.bytes_per_token)
     g = torch.Generator().manual_seed(4)

@@ -28,7 +28,6 @@ from saffron.bench.serve import bench_serve, completion_problems, malformed_case
 from saffron.cli import main
 from saffron.data import Example
 from saffron.errors import BudgetError, IncompatibleError, SaffronError, UnavailableError
-from saffron.evaluate import prompt_seed
 from saffron.guards.base import GuardPrompt, LogitPairGuard
 from saffron.methods import METHODS, Stack
 from saffron.methods.base import MethodResult, RunContext
@@ -37,6 +36,7 @@ from saffron.methods.saffron import Saffron
 from saffron.model import Model
 from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
 from saffron.mrm.lora import LoraMrm
+from saffron.pipeline import prompt_seed
 from saffron.refusal import RefusalRulesJudge
 from saffron.runner import Runner
 from saffron.serve import Engine, ModelSet, ServeSettings, background_server, create_app
@@ -306,8 +306,8 @@ def test_every_judge_scores_the_answer_and_the_first_is_primary(tiny: Model) -> 
                           judges={"refusal-rules": RefusalRulesJudge, "tiny-guard": lambda: tiny_guard(tiny)}),
                  ServeSettings(method="none", default_max_tokens=4))
     try:
-        alone = one.run(one.prepare(ChatCompletionRequest(messages=ATTACK)))
-        both = two.run(two.prepare(ChatCompletionRequest(messages=ATTACK)))
+        alone = one.run(one.prepare(ChatCompletionRequest.model_validate({"messages": ATTACK})))
+        both = two.run(two.prepare(ChatCompletionRequest.model_validate({"messages": ATTACK})))
     finally:
         one.close()
         two.close()

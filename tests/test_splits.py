@@ -85,7 +85,7 @@ def test_assignment_is_cached_and_deterministic_across_processes(tmp_path: Path,
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == hashlib.sha256(json.dumps(here, sort_keys=True).encode()).hexdigest()
-    fractions = defaultdict(int)
+    fractions: defaultdict[str, int] = defaultdict(int)
     for s in here["clusters"].values():
         fractions[s] += 1
     assert fractions["train"] > fractions["test"] > fractions["dev"] > 0

@@ -26,7 +26,9 @@ def test_wilson_matches_newcombe(k: int, n: int, lo: float, hi: float) -> None:
 
 def test_wilson_edges() -> None:
     assert wilson(0, 0) is None
-    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0  # type: ignore[index]
+    none_of_5, all_of_5 = wilson(0, 5), wilson(5, 5)
+    assert none_of_5 is not None and none_of_5[0] == 0.0
+    assert all_of_5 is not None and all_of_5[1] == 1.0
     with pytest.raises(ValueError):
         wilson(6, 5)
 

@@ -20,13 +20,18 @@ def _rows() -> list[Example]:
     return rows
 
 
+def _response(row: Example) -> str:
+    assert row.response is not None  # every row here is a labelled (prompt, response) pair
+    return row.response
+
+
 def test_trained_probe_scores_the_same_at_inference_as_in_training(tmp_path: Path, tiny_dir: Path) -> None:
     rows = _rows()
     spec = train_guard(tmp_path / "g", seed=0, base_model=str(tiny_dir), layers=(1, 2), prefixes=(8,),
                        progress=False, rows=rows)
     assert spec.train is not None and spec.train["n_rows"] == 12 and spec.train["seed"] == 0
     guard = load_smol_guard(str(tmp_path / "g"))
-    rewards = np.array([guard.score(r.prompt, [r.response])[0] for r in rows])  # type: ignore[list-item]
+    rewards = np.array([guard.score(r.prompt, [_response(r)])[0] for r in rows])
     # the probe separates its own training rows: unsafe rows get lower rewards
     assert roc_auc_score([r.unsafe for r in rows], -rewards) == 1.0
     # the same seed trains the same probe, byte for byte
@@ -35,7 +40,7 @@ def test_trained_probe_scores_the_same_at_inference_as_in_training(tmp_path: Pat
     assert (tmp_path / "g" / "probe.safetensors").read_bytes() == (tmp_path / "g2" / "probe.safetensors").read_bytes()
 
 
-def test_views_are_prefixes_then_the_whole(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_views_are_prefixes_then_the_whole(tiny) -> None:
     ids = tiny.encode("abcdefghij")
     assert response_views(tiny, "abcdefghij", (4, 8, 16)) == [ids[:4], ids[:8], ids]
 

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,7 +188,7 @@ def _tuning_file(tmp_path: Path, chosen: dict[str, dict[str, object]], split: st
     return p
 
 
-def _fit(tiny_dir: Path, **over: object) -> dict[str, object]:
+def _fit(tiny_dir: Path, **over: object) -> dict[str, Any]:
     """The fit of the tiny eval runs below (lengths 2: min_new_tokens' default cut to max_new_tokens)."""
     guard = f"llama-guard-3:{tiny_dir}"
     return {"policy": str(tiny_dir), "reward": guard, "mrm": None, "min_new_tokens": 2, "max_new_tokens": 2, **over}

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_a_file_written_before_the_fit_reads_it_from_its_points(tmp_path: Path, 
     t["methods"]["best-of-n"]["configs"] = [{"records": f"elsewhere/tune/grid-0/points/{point.name}/records.jsonl"}]
     old.write_text(json.dumps(t))
     fit = _fit(tiny_dir)
-    cfg = {"policy": fit["policy"], "reward": fit["reward"], "mrm": None,
+    cfg: dict[str, Any] = {"policy": fit["policy"], "reward": fit["reward"], "mrm": None,
            "method_options": {"min_new_tokens": 16, "max_new_tokens": 2}}
     (point / "config.json").write_text(json.dumps(cfg))
     line = _line(capsys, _eval(tmp_path, tiny_dir, old), IncompatibleError.exit_code)
@@ -93,7 +94,7 @@ def test_a_file_written_before_the_fit_reads_it_from_its_points(tmp_path: Path, 
     (point / "config.json").write_text(json.dumps(cfg))
     _, record, _ = apply_tuning(old, ("best-of-n",), {}, _dataset(tmp_path, "test"), None)
     assert record["fit"]["best-of-n"] == fit
-    run = resolve(EvalConfig(method="best-of-n", policy=str(tiny_dir), reward=fit["reward"],  # type: ignore[arg-type]
+    run = resolve(EvalConfig(method="best-of-n", policy=str(tiny_dir), reward=fit["reward"],
                              method_options={"max_new_tokens": 2, "temperature": 1.0}, tuning=record))
     check_tuning_fit(run)  # fits: nothing raised
     with pytest.raises(IncompatibleError, match=r"reward llama-guard-3:.* \(this run: smol-guard\)"):  # the default

@@ -10,6 +10,38 @@ from typing import Any
 
 import typer
 
+from saffron.cli_options import (
+    AS_JSON,
+    BACKEND,
+    DATASET,
+    DEV_JUDGES,
+    DEV_PROMPTS,
+    DEVICE,
+    DTYPE,
+    JUDGE,
+    LIMIT,
+    MAX_NEW,
+    MAX_NEW_TOKENS,
+    MRM,
+    OPTS,
+    POLICY,
+    PREFILL,
+    PREFILL_TOKENS,
+    PRESET,
+    PROMPT_BATCH,
+    QUALITY,
+    RAY_ADDRESS,
+    RAY_GPUS,
+    RAY_WORKERS,
+    REWARD,
+    RUNNER,
+    SEED,
+    TEMP,
+    TFLOP_LIM,
+    TOP_P,
+    TUNED,
+)
+from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.extras import require
 
@@ -19,45 +51,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints the 
 app.add_typer(bench_app, name="bench")
 mrm_app = typer.Typer(no_args_is_help=True, help="Multifurcation reward models.")
 app.add_typer(mrm_app, name="mrm")
-
-POLICY = typer.Option("smollm2-135m-instruct", "--policy", help="Policy: embedded name, local folder or hub id.")
-JUDGE = typer.Option("smol-guard", "--judge", help="Judges, comma-separated (e.g. smol-guard,llama-guard-3); the "
-                     "first is the primary judge (the record's reward and the headline ASR), every one is reported.")
-QUALITY = typer.Option(False, "--quality/--no-quality", help="Score every output's quality (junk, relevance, "
-                       "refusal; needs saffron.quality) and report the means.")
-LIMIT = typer.Option(None, "--limit", help="Evaluate the first N prompts (default: all).")
-AS_JSON = typer.Option(False, "--json", help="Print JSON.")
-SEED = typer.Option(0, "--seed", help="Seed; the same seed gives the same records.")
-MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens to generate after the prefill.")
-TEMP = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (methods that sample).")
-TOP_P = typer.Option(None, "--top-p", help="Nucleus mass, in (0, 1] (methods that sample or expand a nucleus).")
-OPTS = typer.Option([], "--opt", "-o", help="Method option KEY=VALUE, repeatable (e.g. -o width=16 -o final=first).")
-REWARD = typer.Option(None, "--reward", help="Search-time reward model (default smol-guard for methods that use one).")
-MRM = typer.Option(None, "--mrm", help="MRM folder or an embedded MRM: smol-mrm-head (default, reads the policy's "
-                   "hidden states) or smol-mrm (the paper's LoRA form).")
-PRESET = typer.Option(None, "--preset", help="Options fixed by name; paper: Saffron-1 as published (LoRA MRM "
-                      "smol-mrm with EOS masked, search heuristics off, final=first, top-p 0.8, 16-32 new tokens for "
-                      "every method). An option that contradicts it is refused.")
-TUNED = typer.Option(None, "--tuned", help="A tuning.json from saffron tune: each tuned method runs with the "
-                     "options chosen on dev (refused if tuned on these prompts or not on dev).")
-PREFILL = typer.Option(None, "--prefill", help="Fixed attack prefill text (else: the reference response's start).")
-PREFILL_TOKENS = typer.Option(10, "--prefill-tokens", help="Tokens of the reference response to prefill.")
-BACKEND = typer.Option("local", "--backend", help="Where prompts run: local (this process) or ray (actors, one "
-                       "model set each; same records; docs/ray.md).")
-RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto); absent: start a local one.")
-RAY_WORKERS = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else one per CPU).")
-PROMPT_BATCH = typer.Option(1, "--prompt-batch", help="Prompts searched at a time in lockstep, their forwards "
-                            "merged (local backend; records as at 1, up to float summation order; docs/runner.md).")
-RAY_GPUS = typer.Option(None, "--ray-gpus-per-worker", help="GPUs per Ray actor (default: 1 if the cluster has GPUs, "
-                        "else 0).")
-DEVICE = typer.Option("auto", "--device", help="Where every model runs: auto (SAFFRON_DEVICE, else cuda if present, "
-                      "else cpu), cpu, cuda, cuda:N or mps (docs/devices.md).")
-DTYPE = typer.Option("auto", "--dtype", help="Weights' precision: auto (fp32 on cpu, bf16 elsewhere), fp32, bf16 "
-                     "or fp16.")
-RUNNER = typer.Option("auto", "--runner", help="auto: the cached tree runner where the architecture has one (Llama, "
-                      "Mistral, Qwen2), else full recompute with a note; cached: refuse other architectures; "
-                      "uncached: full recompute for every model.")
-
 
 def _place(device: str, dtype: str, runner: str) -> Any:
     """Check --device/--dtype/--runner and make them the process's placement (device.py), before any model loads:
@@ -135,7 +128,7 @@ def generate(
 def eval_cmd(
     method: str = typer.Option("none", "--method", help="Decoding method (defence): none, best-of-n, rejection, "
                                "rebase, deal-mcts, saffron."),
-    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
+    dataset: str = typer.Option(DATASET, "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
                                 "jsonl:PATH."),
     limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for records.jsonl and metrics.json."),
@@ -225,12 +218,12 @@ def compare_cmd(
                                 "width, simulations)."),
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B1,B2,... instead of --budgets "
                                              "for one method, repeatable (e.g. --method-budgets saffron=2,4)."),
-    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec."),
+    dataset: str = typer.Option(DATASET, "--dataset", help="Dataset spec."),
     limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for points, comparison.json, table, PNG."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32)."),
-    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in TFLOP per prompt, fixed "
+    tflop_lim: float = typer.Option(TFLOP_LIM, "--tflop-lim", help="ScalEff's TFLOP_lim in TFLOP per prompt, fixed "
                                     "before the run (default 2.0, about 3x Best-of-N-32 on the embedded stack); it "
                                     "must lie above the evaluated points."),
     seeds: str | None = typer.Option(None, "--seeds", help="Seeds for the sampling methods (best-of-n, rejection, "
@@ -342,20 +335,19 @@ def _method_options(opt: list[str], names: tuple[str, ...], verb: str) -> dict[s
 def tune_cmd(
     methods: str = typer.Option("best-of-n,rebase,deal-mcts,saffron", "--methods", help="Comma-separated methods "
                                 "to tune (each has a grid in saffron.methods.grids; none is never tuned)."),
-    dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
-                                "dev prompts (test, train and all are refused)."),
+    dataset: str = DEV_PROMPTS,
     limit: int | None = LIMIT,
     out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder for grid-i comparisons, tuning.json, "
                              "tuning.md (resumable)."),
-    judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
+    judge: str = typer.Option(DEV_JUDGES, "--judge", help="Judges, comma-separated; "
                               "the objective averages those that are no search-time reward of the method."),
     method_budgets: list[str] = typer.Option([], "--method-budgets", help="METHOD=B: the first budget its "
                                              "matching tries (default best-of-n=32 rebase=3 deal-mcts=5 "
                                              "saffron=44), repeatable."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32 under its first configuration)."),
-    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in each grid's comparison table "
-                                    "(not used by the choice)."),
+    tflop_lim: float = typer.Option(TFLOP_LIM, "--tflop-lim", help="ScalEff's TFLOP_lim in each grid's comparison "
+                                    "table (not used by the choice)."),
     policy: str = POLICY,
     reward: str | None = REWARD,
     mrm: str | None = MRM,
@@ -408,12 +400,11 @@ def tune_cmd(
 
 @app.command("ablate")
 def ablate_cmd(
-    dataset: str = typer.Option("harmful-pairs:dev", "--dataset", help="Dev prompts: NAME:dev, or a jsonl: file of "
-                                "dev prompts (test, train and all are refused)."),
+    dataset: str = DEV_PROMPTS,
     limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
     out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder for the comparison's points, ablation.json, "
                              "ablation.md (resumable)."),
-    judge: str = typer.Option("minilm-judge,refusal-rules,smol-guard", "--judge", help="Judges, comma-separated; "
+    judge: str = typer.Option(DEV_JUDGES, "--judge", help="Judges, comma-separated; "
                               "every row is reported under each."),
     rows: str | None = typer.Option(None, "--rows", help="Rows to run, comma-separated keys of "
                                     "saffron.methods.ablation (default: all; saffron@paper is always needed)."),
@@ -421,7 +412,7 @@ def ablate_cmd(
                                              "tries (default: its method's, as in tune), repeatable."),
     target_tflops: float | None = typer.Option(None, "--target-tflops", help="Matched compute per prompt "
                                                "(default: Best-of-N's at N=32 with the guard)."),
-    tflop_lim: float = typer.Option(2.0, "--tflop-lim", help="ScalEff's TFLOP_lim in the comparison table."),
+    tflop_lim: float = typer.Option(TFLOP_LIM, "--tflop-lim", help="ScalEff's TFLOP_lim in the comparison table."),
     policy: str = POLICY,
     reward: str | None = typer.Option(None, "--reward", help="The guard: reward model of the rows that use one "
                                       "(default smol-guard)."),
@@ -593,8 +584,8 @@ def bench_throughput_cmd(
     widths: str = typer.Option("44,4", "--widths", help="Saffron widths (its matched width, and a small one)."),
     n: int = typer.Option(32, "--n", help="Best-of-N samples."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Override every method's default."),
-    dataset: str = typer.Option("pyrit-harmful", "--dataset", help="Dataset spec the prompts come from."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    dataset: str = typer.Option(DATASET, "--dataset", help="Dataset spec the prompts come from."),
+    as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
@@ -684,7 +675,7 @@ def train_mrm_cmd(
                                    "mask (-1024 at inference, as the paper does; default for --kind lora, the "
                                    "paper's form); supervise: complete rows teach EOS the final reward, so a "
                                    "search can rank finished answers (default for --kind head)."),
-    base_model: str = typer.Option("smollm2-135m-instruct", "--base-model", help="Backbone (shares the policy's "
+    base_model: str = typer.Option(EMBEDDED_POLICY, "--base-model", help="Backbone (shares the policy's "
                                    "tokenizer); for --kind head and prm, the policy itself."),
     r: int | None = typer.Option(None, "--lora-r", min=1, help="LoRA rank (lora; default 4)."),
     alpha: int | None = typer.Option(None, "--lora-alpha", min=1, help="LoRA alpha (lora; default 4)."),
@@ -829,7 +820,8 @@ def serve_cmd(
     judge: str | None = typer.Option(None, "--judge", help="Judges that score every answer (off by default), "
                                      "comma-separated: guards, minilm-judge or refusal-rules; the first is primary "
                                      "(the response's reward), every verdict is under saffron.judges."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length when a request sets none."),
+    max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, "--max-new-tokens", min=1,
+                                       help="Length when a request sets none."),
     opt: list[str] = OPTS,
     seed: int = typer.Option(0, "--seed", help="Seed when a request sets none."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),

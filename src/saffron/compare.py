@@ -371,12 +371,10 @@ def degenerate_share(records: list[dict[str, Any]], n: int = 4) -> float:
 
 
 def compare_warning(cc: CompareConfig) -> str | None:
-    """The console line naming judges that some compared method also searches with (None if none does)."""
-    rewards: dict[str, str | None] = {}
-    for m in cc.methods:  # every method resolves the same defaults: the first name found per role is the one
-        for role, name in search_rewards(point_config(cc, m, budgets_of(cc, m)[0])).items():
-            rewards[role] = rewards.get(role) or name
-    return search_reward_warning(cc.base.judges, rewards)
+    """The console line naming judges that some compared method also searches with (None if none does): rows
+    may differ in reward and MRM (``-o best-of-n@prm:reward=head-prm``), so every row's are named."""
+    rewards = [search_rewards(point_config(cc, m, budgets_of(cc, m)[0])) for m in cc.methods]
+    return search_reward_warning(cc.base.judges, *rewards)
 
 
 def point_records(folder: Path, ids: list[str]) -> list[dict[str, Any]]:

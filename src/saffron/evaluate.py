@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -309,21 +309,37 @@ def _guard_name(spec: str) -> str:
     return spec.partition(":")[0]
 
 
-def judges_that_are_search_rewards(judges: Sequence[str], rewards: dict[str, str | None]) -> list[str]:
-    """The judges that share a model with a search-time reward: the same guard name (the part before ':'), so
-    a retrained smol-guard probe judging a search guided by the shipped one is flagged too: it shares the
-    backbone and the labels, which is what makes a judge a non-independent measurement."""
-    used = {_guard_name(r) for r in rewards.values() if r}
+def _judges_sharing(judges: Sequence[str], rewards: Iterable[str]) -> list[str]:
+    used = {_guard_name(r) for r in rewards}
     return [j for j in judges if _guard_name(j) in used]
 
 
-def search_reward_warning(judges: Sequence[str], rewards: dict[str, str | None]) -> str | None:
-    """One console line naming the judges that are also search rewards (None if there are none)."""
-    same = judges_that_are_search_rewards(judges, rewards)
+def judges_that_are_search_rewards(judges: Sequence[str], rewards: Mapping[str, str | None]) -> list[str]:
+    """The judges that share a model with a search-time reward: the same guard name (the part before ':'), so
+    a retrained smol-guard probe judging a search guided by the shipped one is flagged too: it shares the
+    backbone and the labels, which is what makes a judge a non-independent measurement."""
+    return _judges_sharing(judges, [r for r in rewards.values() if r])
+
+
+def _in_words(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def search_reward_warning(judges: Sequence[str], *rewards: Mapping[str, str | None]) -> str | None:
+    """One console line naming the judges that are also search rewards (None if there are none). ``rewards``:
+    one ``search_rewards`` per run compared (a compare's rows may search with different rewards: each role names
+    every one of them, in order)."""
+    by_role: dict[str, list[str]] = {}
+    for run in rewards:
+        for role, name in run.items():
+            if name and name not in by_role.setdefault(role, []):
+                by_role[role].append(name)
+    same = _judges_sharing(judges, [n for names in by_role.values() for n in names])
     if not same:
         return None
-    roles = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rewards.items() if v and _guard_name(v) in
-                      {_guard_name(j) for j in same})
+    shared = {_guard_name(j) for j in same}
+    named = {role: [n for n in names if _guard_name(n) in shared] for role, names in by_role.items()}
+    roles = ", ".join(f"{role.replace('_', ' ')} {_in_words(names)}" for role, names in named.items() if names)
     return (f"warning: judge {', '.join(same)} is also a search-time reward ({roles}): the search optimised its "
             "score, so its ASR is not independent evidence; add an independent judge with --judge")
 
