@@ -182,16 +182,19 @@ class Saffron(Method[SaffronOptions]):
 
     def __init__(self, config: SaffronOptions | None = None, /, **given: Any) -> None:
         super().__init__(config, **given)
-        self._checked: set[tuple[int, int]] = set()
+        self._checked: set[tuple[int, int, int]] = set()
 
     def run(self, ctx: RunContext) -> MethodResult:
         """Deterministic: the generator is not used (the search draws nothing at random)."""
         o, runner, limits, session = self.config, ctx.policy, ctx.limits, ctx.session
         mrm = ctx.mrm(self.name)
         reward = ctx.reward(f"{self.name} with final='rerank'") if o.final == "rerank" else None
-        if (id(mrm), id(runner.model)) not in self._checked:  # hashing a vocabulary is not free: once per pair
+        # hashing a vocabulary is not free: once per (MRM weights, manifest, policy), which forks of one MRM or
+        # policy (--prompt-batch, serve workers: shallow copies with their own runner) share
+        key = (id(mrm.model), id(mrm.manifest), id(runner.model))
+        if key not in self._checked:
             mrm.check_policy(runner.model)
-            self._checked.add((id(mrm), id(runner.model)))
+            self._checked.add(key)
         beam = [Node(())]
         steps = explored = 0
         parents_kept: list[int] = []  # per step, how many distinct nodes the kept children come from
