@@ -12,7 +12,8 @@ so none waits on another; a worker doing other work (decoding, judging) only del
 Per-prompt FLOPs stay each runner's own analytic count; ``Coordinator.stats`` counts the merged forwards (how
 many, how many parts and tokens each served) for throughput reporting.
 
-API (the harness uses it through ``lockstep_map``; the server can drive it directly):
+API (the harness uses it through ``lockstep_map``; the server through ``fork_holder``/``Runner.fork`` with a
+cancellable sink that wraps one coordinator, its request threads joining as workers):
 
 - ``coord = Coordinator()``; ``runner.fork(coord)`` (or ``fork_stack(stack, coord)``) makes batched runners;
 - a worker thread enters ``with coord.worker():`` (``join``/``leave``) around the work whose forwards may merge.
