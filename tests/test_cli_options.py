@@ -6,8 +6,8 @@ from dataclasses import fields
 
 from saffron import cli, cli_options, tune
 from saffron.compare import DEFAULT_TFLOP_LIM
+from saffron.config import EvalConfig
 from saffron.data import DEFAULT_DATASET
-from saffron.evaluate import EvalConfig
 from saffron.methods.options import MethodOptions
 from saffron.session import DEFAULT_PREFILL_TOKENS
 

@@ -11,8 +11,9 @@ import torch
 
 from saffron.cli import _serve_preset, main
 from saffron.compare import CompareConfig, point_config, validate_compare
+from saffron.config import EvalConfig, resolve
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, resolve, run_eval
+from saffron.evaluate import run_eval
 from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
 from saffron.model import load_model_copy
 from saffron.mrm.base import MrmManifest, tokenizer_fingerprint

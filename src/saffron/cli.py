@@ -92,8 +92,9 @@ def generate(
     runner: str = RUNNER,
 ) -> None:
     """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
+    from saffron.config import EvalConfig, resolve, validate
     from saffron.data import Example
-    from saffron.evaluate import EvalConfig, build_stack, resolve, validate
+    from saffron.evaluate import build_stack
     from saffron.judges import load_judge, parse_judges
     from saffron.pipeline import prompt_seed, run_prompt
     from saffron.session import make_session
@@ -158,15 +159,8 @@ def eval_cmd(
 ) -> None:
     """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
     from saffron.backends import make_backend
-    from saffron.evaluate import (
-        EvalConfig,
-        format_table,
-        resolve,
-        run_eval,
-        search_reward_warning,
-        search_rewards,
-        validate,
-    )
+    from saffron.config import EvalConfig, resolve, validate
+    from saffron.evaluate import format_table, run_eval, search_reward_warning, search_rewards
     from saffron.judges import parse_judges
 
     options = _options(max_new_tokens, temperature, top_p, opt)
@@ -198,7 +192,7 @@ def eval_cmd(
 
 
 def _options(max_new_tokens: int, temperature: float | None, top_p: float | None, opts: list[str]) -> dict[str, Any]:
-    from saffron.evaluate import parse_options
+    from saffron.config import parse_options
 
     out: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
@@ -266,7 +260,7 @@ def compare_cmd(
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
     from saffron.backends import make_backend
     from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
-    from saffron.evaluate import EvalConfig
+    from saffron.config import EvalConfig
     from saffron.judges import parse_judges
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -317,7 +311,7 @@ def compare_cmd(
 
 def _method_options(opt: list[str], names: tuple[str, ...], verb: str) -> dict[str, dict[str, Any]]:
     """``-o METHOD:KEY=VALUE`` of compare and tune, by method; a method not in ``names`` is refused."""
-    from saffron.evaluate import parse_options
+    from saffron.config import parse_options
 
     per_method: dict[str, dict[str, Any]] = {}
     for o in opt:
@@ -370,7 +364,7 @@ def tune_cmd(
     """Choose every method's configuration on dev: its tuning grid at matched compute, lowest mean ASR under the
     independent judges + junk rate. Apply with compare/eval --tuned OUT/tuning.json."""
     from saffron.backends import make_backend
-    from saffron.evaluate import EvalConfig
+    from saffron.config import EvalConfig
     from saffron.judges import parse_judges
     from saffron.tune import TuneConfig, format_tuning, run_tune, validate_tune
 
@@ -438,7 +432,7 @@ def ablate_cmd(
     baselines with the guard vs the head PRM, all at matched compute; ablation.md/ablation.json."""
     from saffron.ablate import AblateConfig, format_ablation, run_ablate, validate_ablate
     from saffron.backends import make_backend
-    from saffron.evaluate import EvalConfig
+    from saffron.config import EvalConfig
     from saffron.judges import parse_judges
 
     budgets: dict[str, int] = {}
@@ -841,7 +835,7 @@ def serve_cmd(
     runner: str = RUNNER,
 ) -> None:
     """OpenAI-compatible chat completions (POST /v1/chat/completions), each answer chosen by the defence."""
-    from saffron.evaluate import parse_options
+    from saffron.config import parse_options
     from saffron.judges import parse_judges
     from saffron.serve import ServeConfig, ServeSettings, serve
 
