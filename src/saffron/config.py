@@ -2,9 +2,9 @@
 defaults, the parsing of method options (``-o KEY=VALUE``), the presets and models ``resolve`` fills in, and
 ``validate``: every check that needs no model, so bad input is one line before anything loads.
 
-Below the harness (``evaluate.py``: records, metrics, the run) and beside the prompt pipeline (``pipeline.py``),
-which it names the default models of: the CLI, compare, tune and the server's verb read their options here
-without importing the harness.
+Layers: this module sits below the harness (``evaluate.py``: records, metrics, the run) and above the prompt
+pipeline (``pipeline.py``), whose default models ``resolve`` fills in. The CLI's verbs read their options here;
+``saffron serve`` does so without importing the harness.
 """
 
 from __future__ import annotations
