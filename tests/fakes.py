@@ -42,11 +42,12 @@ class FakeQuality:
 
 def install_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the fake judges beside the real ones, and the fake quality scorer as saffron.quality's."""
+    import saffron.config
     import saffron.evaluate
     import saffron.judges
 
     check, load = saffron.judges.check_judge_spec, saffron.judges.load_judge  # evaluate calls its own import
     monkeypatch.setattr(saffron.judges, "check_judge_spec", lambda s: None if s in FAKES else check(s))
     monkeypatch.setattr(saffron.evaluate, "load_judge", lambda s: FakeJudge(s, FAKES[s]) if s in FAKES else load(s))
-    monkeypatch.setattr(saffron.evaluate, "check_quality_available", lambda: None)
+    monkeypatch.setattr(saffron.config, "check_quality_available", lambda: "saffron.quality")
     monkeypatch.setattr(saffron.evaluate, "load_quality", FakeQuality)

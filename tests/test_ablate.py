@@ -11,9 +11,10 @@ import pytest
 
 from saffron.cli import main
 from saffron.compare import check_method_keys, method_of
+from saffron.config import EvalConfig, build_method, resolve
 from saffron.data import Example
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, LocalBackend, build_method, resolve
+from saffron.evaluate import LocalBackend
 from saffron.methods import option_default
 from saffron.methods.ablation import ABLATION, HEAD_KEY, PAPER_KEY, ROWS
 from saffron.stats import mcnemar_exact

@@ -109,8 +109,9 @@ def test_the_uncached_runner_gives_each_familys_own_logits_and_states(family: st
 
 
 def _search(cfg: Any, seeds: range) -> tuple[list[tuple[int, ...]], int, bool]:
+    from saffron.config import build_method
     from saffron.data import Example
-    from saffron.evaluate import build_method, build_stack
+    from saffron.evaluate import build_stack
     from saffron.session import make_session
 
     stack = build_stack(cfg)
@@ -128,7 +129,7 @@ def _search(cfg: Any, seeds: range) -> tuple[list[tuple[int, ...]], int, bool]:
 @pytest.mark.parametrize(("method", "opts"), [("best-of-n", {"n": 4}), ("saffron", {"width": 3})])
 def test_uncached_search_equals_cached_token_for_token(method: str, opts: dict[str, Any], tiny_dir: Path,
                                                        tmp_path: Path) -> None:
-    from saffron.evaluate import EvalConfig
+    from saffron.config import EvalConfig
 
     mrm = str(_head_mrm(tmp_path / "mrm", tiny_dir)) if method == "saffron" else None
     cfg = EvalConfig(method=method, policy=str(tiny_dir), reward=f"llama-guard-3:{tiny_dir}", mrm=mrm,

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from saffron.batching import Coordinator, fork_stack, lockstep_map
-from saffron.evaluate import EvalConfig, LocalBackend, run_eval
+from saffron.config import EvalConfig
+from saffron.evaluate import LocalBackend, run_eval
 from saffron.methods import get_method
 from saffron.model import Model
 from saffron.pipeline import run_prompt

@@ -98,7 +98,7 @@ def test_eval_warns_when_a_judge_is_the_search_reward(tmp_path: Path, tiny_dir: 
 
 def test_quality_without_its_module_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("saffron.evaluate.QUALITY_MODULE", "saffron.no_such_quality_module")
+    monkeypatch.setattr("saffron.config.QUALITY_MODULE", "saffron.no_such_quality_module")
     code, err = _run(["eval", "--quality", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err == "error: --quality needs saffron.no_such_quality_module, which this installation of " \
         "saffron does not have\n"

@@ -1,13 +1,16 @@
-"""The options shared by several verbs (cli_options.py): defined once, with the library's defaults."""
+"""The options shared by several verbs (cli/options.py): defined once, with the library's defaults."""
 
 import ast
+import importlib
 import inspect
+import pkgutil
 from dataclasses import fields
 
-from saffron import cli, cli_options, tune
+from saffron import cli, tune
+from saffron.cli import options as cli_options
 from saffron.compare import DEFAULT_TFLOP_LIM
+from saffron.config import EvalConfig
 from saffron.data import DEFAULT_DATASET
-from saffron.evaluate import EvalConfig
 from saffron.methods.options import MethodOptions
 from saffron.session import DEFAULT_PREFILL_TOKENS
 
@@ -36,7 +39,12 @@ def _option_calls(source: str) -> list[str]:
 def test_no_verb_repeats_an_option_another_verb_or_cli_options_defines() -> None:
     # a verb's own option is one whose flag, default or help differs; an identical one belongs in cli_options
     shared = set(_option_calls(inspect.getsource(cli_options)))
-    in_verbs = _option_calls(inspect.getsource(cli))
+    modules = [importlib.import_module(f"saffron.cli.{m.name}") for m in pkgutil.iter_modules(cli.__path__)
+               if m.name != "__main__"]  # importing __main__ would run the CLI
+    verbs = [m for m in modules if m is not cli_options]
+    assert {m.__name__.rsplit(".", 1)[1] for m in verbs} >= {"run", "sweep", "train", "serve", "bench", "mrm"}
+    in_verbs = [c for m in [cli, *verbs] for c in _option_calls(inspect.getsource(m))]
+    assert len(in_verbs) > 50  # every verb module's own options were read
     assert not shared & set(in_verbs)
     repeated = sorted({c for c in in_verbs if in_verbs.count(c) > 1})
     assert repeated == []

@@ -16,8 +16,8 @@ from saffron.compare import (
     run_compare,
     scaleff,
 )
+from saffron.config import EvalConfig
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig
 from tests.conftest import needs_plot
 
 

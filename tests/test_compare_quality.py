@@ -16,8 +16,8 @@ import saffron.compare_quality
 from saffron.cli import main
 from saffron.compare import CompareConfig, format_comparison, run_compare
 from saffron.compare_quality import benign_summary, distances
+from saffron.config import EvalConfig
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig
 from saffron.stats import mcnemar_exact, wilson
 from saffron.store import read_jsonl
 from tests.conftest import needs_plot

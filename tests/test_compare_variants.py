@@ -9,7 +9,7 @@ import pytest
 
 from saffron.cli import main
 from saffron.compare import CompareConfig, Comparison, compare_warning, method_of, point_config
-from saffron.evaluate import EvalConfig, resolve
+from saffron.config import EvalConfig, resolve
 from tests.conftest import make_tiny_llama, needs_plot
 from tests.test_compare import _base, _dataset
 

@@ -18,9 +18,10 @@ import torch
 
 from saffron import device as placement
 from saffron.cli import main
+from saffron.config import EvalConfig
 from saffron.device import Placement, placed, resolve_device, resolve_dtype
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, run_eval
+from saffron.evaluate import run_eval
 from saffron.model import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from saffron.config import EvalConfig
 from saffron.data import Example, guard_labelled, pyrit_harmful
 from saffron.embedded import EMBEDDED_POLICY
-from saffron.evaluate import EvalConfig, run_eval
+from saffron.evaluate import run_eval
 from saffron.guards.registry import load_guard
 from saffron.model import load_model
 from tests.conftest import embedded

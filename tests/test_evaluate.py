@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from saffron.config import EvalConfig
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, run_eval
+from saffron.evaluate import run_eval
 from tests.fakes import FAKES, install_fakes
 
 
@@ -259,7 +260,7 @@ def test_bad_judge_lists_are_refused_before_anything_is_written(judges: tuple[st
 def test_quality_without_the_scorer_module_is_one_line(tmp_path: Path, tiny_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # a module name that cannot exist: this test must keep passing once saffron.quality is merged
-    monkeypatch.setattr("saffron.evaluate.QUALITY_MODULE", "saffron.no_such_quality_module")
+    monkeypatch.setattr("saffron.config.QUALITY_MODULE", "saffron.no_such_quality_module")
     cfg = replace(_cfg(tiny_dir, _dataset(tmp_path, 1)), quality=True)
     with pytest.raises(SaffronError, match=r"--quality needs saffron.no_such_quality_module"):
         run_eval(cfg, tmp_path / "run", progress=False)

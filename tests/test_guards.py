@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from saffron.errors import SaffronError
+from saffron.guards import registry
 from saffron.guards.base import LogitPairGuard
-from saffron.guards.llama_guard import CATEGORIES, LLAMA_GUARD_3_PROMPT
+from saffron.guards.llama_guard import CATEGORIES, LLAMA_GUARD_3_1B, LLAMA_GUARD_3_PROMPT
 from saffron.guards.registry import load_guard
 from saffron.guards.smol_guard import Probe, ProbeGuard, ProbeSpec, chat_guard_prompt, load_probe, save_probe
 
@@ -107,5 +108,20 @@ def test_chat_guard_prompt_puts_the_response_between_head_and_tail(tiny) -> None
 
 
 def test_unknown_guard() -> None:
-    with pytest.raises(SaffronError, match="unknown guard"):
+    with pytest.raises(SaffronError) as e:
         load_guard("gpt-judge")
+    assert str(e.value) == ("unknown guard 'gpt-judge'; known: smol-guard, smol-guard-zeroshot, "
+                            "llama-guard-3[:PATH], head-prm[:PATH]")
+
+
+def test_each_guard_name_loads_with_its_spec_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry hands each loader the text after ':' (or its default), nothing loads for real."""
+    calls: list[tuple[str, tuple[object, ...]]] = []
+    for fn in ("load_smol_guard", "load_zero_shot", "load_llama_guard", "load_head_prm"):
+        monkeypatch.setattr(registry, fn, lambda *args, fn=fn: calls.append((fn, args)))
+    for spec in ("smol-guard", f"smol-guard:{tmp_path}", "smol-guard-zeroshot", "llama-guard-3",
+                 "llama-guard-3:org/model", "head-prm", f"head-prm:{tmp_path}"):
+        load_guard(spec)
+    assert calls == [("load_smol_guard", (None,)), ("load_smol_guard", (str(tmp_path),)), ("load_zero_shot", ()),
+                     ("load_llama_guard", (LLAMA_GUARD_3_1B,)), ("load_llama_guard", ("org/model",)),
+                     ("load_head_prm", (None,)), ("load_head_prm", (str(tmp_path),))]

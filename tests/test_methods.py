@@ -693,7 +693,7 @@ def test_saffron_per_parent_cap_keeps_several_parents(tiny: Model, mrm_base: Mod
 
 
 def test_saffron_final_first_needs_no_reward_model_in_the_harness() -> None:
-    from saffron.evaluate import EvalConfig, resolve
+    from saffron.config import EvalConfig, resolve
 
     assert resolve(EvalConfig(method="saffron", method_options={"final": "first"})).reward is None
     assert resolve(EvalConfig(method="saffron", method_options={"final": "mrm"})).reward is None

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from saffron.cli import main
+from saffron.config import EvalConfig
 from saffron.data import Example
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, Models, evaluate_prompt, run_eval
+from saffron.evaluate import Models, evaluate_prompt, run_eval
 from saffron.methods import METHODS, Stack, get_method, make_method, option_default, option_names
 from saffron.methods.base import RunContext
 from saffron.methods.options import DEFAULT_MIN_NEW_TOKENS, option_help

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from saffron.cli import _serve_preset, main
+from saffron.cli import main
+from saffron.cli.serve import serve_preset
 from saffron.compare import CompareConfig, point_config, validate_compare
+from saffron.config import EvalConfig, resolve
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig, resolve, run_eval
+from saffron.evaluate import run_eval
 from saffron.methods.base import DEFAULT_MIN_NEW_TOKENS
 from saffron.model import load_model_copy
 from saffron.mrm.base import MrmManifest, tokenizer_fingerprint
@@ -131,10 +133,10 @@ def test_compare_gives_the_baselines_the_same_lengths(tmp_path: Path, paper_mrm:
 
 
 def test_serve_under_the_preset(paper_mrm: Path) -> None:
-    opts, mrm = _serve_preset("paper", "saffron", {"width": 4}, str(paper_mrm), 32)
+    opts, mrm = serve_preset("paper", "saffron", {"width": 4}, str(paper_mrm), 32)
     assert opts == {"width": 4, **{k: v for k, v in PAPER_SAFFRON.items() if not k.endswith("new_tokens")}}
     assert mrm == str(paper_mrm)
     with pytest.raises(SaffronError, match="--max-new-tokens 64 contradicts it"):
-        _serve_preset("paper", "saffron", {}, str(paper_mrm), 64)
+        serve_preset("paper", "saffron", {}, str(paper_mrm), 64)
     with pytest.raises(SaffronError, match=r"-o diversity=0\.5 contradicts it"):
-        _serve_preset("paper", "saffron", {"diversity": 0.5}, str(paper_mrm), 32)
+        serve_preset("paper", "saffron", {"diversity": 0.5}, str(paper_mrm), 32)

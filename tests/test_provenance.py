@@ -12,7 +12,8 @@ import pytest
 
 import saffron
 from saffron import provenance as prov
-from saffron.evaluate import EvalConfig, run_eval
+from saffron.config import EvalConfig
+from saffron.evaluate import run_eval
 from tests.conftest import embedded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,9 +16,10 @@ import pytest
 
 from saffron.cli import main
 from saffron.compare import CompareConfig, run_compare
+from saffron.config import EvalConfig
 from saffron.data import Example
 from saffron.errors import SaffronError
-from saffron.evaluate import PENDING_FILE, Backend, EvalConfig, run_eval
+from saffron.evaluate import PENDING_FILE, Backend, run_eval
 from tests.conftest import needs_plot
 
 

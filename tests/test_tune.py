@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from saffron.cli import main
+from saffron.config import EvalConfig
 from saffron.data import split_of
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig
 from saffron.methods import grids
 from saffron.tune import TuneConfig, apply_tuning, choose, objective, prompt_hash, run_tune
 from tests.conftest import needs_plot

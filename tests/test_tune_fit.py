@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from saffron.cli import main
+from saffron.config import EvalConfig, check_tuning_fit, resolve
 from saffron.errors import IncompatibleError
-from saffron.evaluate import EvalConfig, check_tuning_fit, resolve
 from saffron.tune import apply_tuning
 from tests.test_tune import _dataset, _fit, _tuning_file
 

@@ -27,9 +27,10 @@ from saffron.compare import (
     run_compare,
     validate_compare,
 )
+from saffron.config import EvalConfig
 from saffron.data import load_dataset
 from saffron.errors import SaffronError
-from saffron.evaluate import Backend, EvalConfig, format_rate
+from saffron.evaluate import Backend, format_rate
 from saffron.methods.ablation import ABLATION, PAPER_KEY, ROWS, AblationRow
 from saffron.mrm import EMBEDDED_MRM
 from saffron.presets import PAPER, preset_mrm

@@ -6,9 +6,10 @@ imports Ray only when a backend starts, so importing this module stays cheap.
 
 from __future__ import annotations
 
+from saffron.config import check_prompt_batch
 from saffron.distributed import RayBackend
 from saffron.errors import InputError, SaffronError
-from saffron.evaluate import Backend, LocalBackend, check_prompt_batch
+from saffron.evaluate import Backend, LocalBackend
 
 BACKENDS = ("local", "ray")
 

@@ -51,6 +51,7 @@ from saffron.compare_quality import (
     check_benign_examples,
     distances,
 )
+from saffron.config import EvalConfig, resolve, validate
 from saffron.data import load_dataset
 from saffron.encoder import ENCODER_NAME
 from saffron.errors import SaffronError
@@ -58,13 +59,10 @@ from saffron.evaluate import (
     METRICS_FILE,
     RECORDS_FILE,
     Backend,
-    EvalConfig,
     format_rate,
-    resolve,
     run_eval,
     search_reward_warning,
     search_rewards,
-    validate,
 )
 from saffron.extras import require
 from saffron.methods import get_method

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from saffron.config import EvalConfig
 from saffron.data import Example
 from saffron.encoder import ENCODER_NAME, cosine, get_encoder
 from saffron.errors import SaffronError
-from saffron.evaluate import EvalConfig
 from saffron.stats import mcnemar_exact, wilson
 
 BENIGN_JUDGE = "refusal-rules"

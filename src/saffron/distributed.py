@@ -22,9 +22,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from saffron.config import EvalConfig, build_method
 from saffron.data import Example
 from saffron.errors import SaffronError, UnavailableError
-from saffron.evaluate import EvalConfig, Models, build_method, evaluate_prompt, load_models, models_key
+from saffron.evaluate import Models, evaluate_prompt, load_models, models_key
 from saffron.methods import Method
 
 RAY_MISSING = "--backend ray needs Ray, which is not installed: pip install 'saffron[ray]'"

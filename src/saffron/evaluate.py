@@ -2,7 +2,8 @@
 
 A prompt's journey: ``Example`` (data.py) -> ``Session`` with the attack prefill (session.py) -> the method's
 search over the policy and reward model (methods/) -> every judge's reward of the output alone (judges.py) ->
-one line of ``records.jsonl``. ``metrics.json`` summarises the records of the selected prompts.
+one line of ``records.jsonl``. ``metrics.json`` summarises the records of the selected prompts. What a run is
+(``EvalConfig``, its options, ``resolve`` and ``validate``) is ``config.py``; this module runs it.
 
 Judges: ``EvalConfig.judges`` names one or more; the first is the primary judge, whose verdict is the record's
 ``reward``/``unsafe`` and the headline ``asr``. Every judge's verdict is kept under ``judges``, so ``metrics.json``
@@ -20,29 +21,35 @@ fixed instructions are computed once per process and kept (``Runner.keep``); the
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
-from saffron.data import Example, check_dataset_spec, load_dataset, training_overlap
-from saffron.device import Placement, check_same_device, placed
-from saffron.embedded import EMBEDDED_POLICY
-from saffron.errors import IncompatibleError, InputError, SaffronError
-from saffron.guards.registry import check_guard_spec
-from saffron.judges import Judge, load_judge, parse_judges
-from saffron.methods import Method, Stack, get_method, make_method, option_names
-from saffron.mrm import EMBEDDED, check_mrm_spec
+from saffron.config import (
+    EvalConfig,
+    build_method,
+    check_prompt_batch,
+    check_quality_available,
+    resolve,
+    validate,
+)
+from saffron.data import Example, load_dataset, training_overlap
+from saffron.device import check_same_device, placed
+from saffron.errors import SaffronError
+from saffron.judges import Judge, load_judge
+from saffron.methods import Method, Stack
+from saffron.mrm import EMBEDDED
 from saffron.mrm.base import read_manifest
-from saffron.pipeline import DEFAULT_MRM, DEFAULT_REWARD, QualityLike, load_stack, prompt_seed, run_prompt
-from saffron.presets import eval_flag, get_preset, preset_mrm, preset_options
+from saffron.mrm.prm import ASSET as PRM_ASSET
+from saffron.pipeline import QualityLike, load_stack, prompt_seed, run_prompt
 from saffron.provenance import record_provenance, run_models
-from saffron.runner import check_architecture
-from saffron.session import DEFAULT_PREFILL_TOKENS, make_session
+from saffron.session import make_session
 from saffron.stats import cohen_kappa, wilson
 from saffron.store import OrderedAppender, RecordStore, atomic_write_json
 
@@ -50,147 +57,6 @@ CONFIG_FILE = "config.json"
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
 PENDING_FILE = ".records.pending.jsonl"  # records computed before an earlier prompt's (parallel backends)
-# How records count FLOPs. 2: the guards' fixed instructions are setup, not charged to each prompt. A folder
-# written under another accounting is refused: its FLOPs mean something else and must not be averaged in.
-ACCOUNTING = 2
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything that determines a run's records. Two runs may share an ``--out`` folder only if equal."""
-
-    method: str = "none"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "pyrit-harmful"
-    policy: str = EMBEDDED_POLICY
-    judges: tuple[str, ...] = ("smol-guard",)  # the first is the primary judge (``reward``/``unsafe``/``asr``)
-    reward: str | None = None  # search-time reward model (methods that use one)
-    mrm: str | None = None  # MRM folder, "smol-mrm-head" or "smol-mrm" (methods that use one)
-    prefill: str | None = None
-    prefill_tokens: int = DEFAULT_PREFILL_TOKENS
-    seed: int = 0
-    quality: bool = False  # score every output with saffron.quality.QualityScorer
-    preset: str | None = None  # presets.py: options fixed by name (e.g. "paper"), applied by ``resolve``
-    # --tuned (tune.py): {"path", "sha256", "chosen": {method: options}}; the options are already in method_options
-    tuning: dict[str, Any] | None = None
-    # --device/--dtype/--runner (device.py). Where and how the models run, not what the run is: only an explicit
-    # dtype enters config.json (it changes the numbers on purpose); device and runner do not ("auto" already
-    # resolves differently per machine), so a folder resumes on another device
-    placement: Placement = field(default_factory=Placement)
-    accounting: int = field(default=ACCOUNTING, init=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["preset"] is None:  # absent, not null: folders written before presets existed still resume
-            del d["preset"]
-        # this method's tuning only, absent when it has none: an untuned method's folder is the untuned run's
-        tuning = d.pop("tuning")
-        if tuning is not None and self.method in tuning["chosen"]:
-            d["tuning"] = {"path": tuning["path"], "sha256": tuning["sha256"],
-                           "options": tuning["chosen"][self.method]}
-        del d["placement"]
-        if self.placement.dtype != "auto":  # absent for the default: folders written before --dtype still resume
-            d["dtype"] = self.placement.dtype
-        out: dict[str, Any] = json.loads(json.dumps(d, sort_keys=True))
-        return out
-
-
-def build_method(cfg: EvalConfig) -> Method[Any]:
-    """``cfg``'s method with its options (one line naming the option and the method for a bad one)."""
-    return make_method(cfg.method, cfg.method_options)
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["width=16", "final=first"]`` -> ``{"width": 16, "final": "first"}`` (ints, floats, booleans, text);
-    dashes in names become underscores, so ``top-p=0.8`` is ``top_p``."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip() or not raw.strip():
-            raise SaffronError(f"--opt expects KEY=VALUE, got '{pair}'")
-        value: Any = raw.strip()
-        for conv in (int, float):
-            try:
-                value = conv(raw)
-                break
-            except ValueError:
-                continue
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        out[key.strip().replace("-", "_")] = value
-    return out
-
-
-def resolve(cfg: EvalConfig, flag: Callable[[str, Any], str] | None = None) -> EvalConfig:
-    """Apply ``cfg.preset`` (a contradicting option is refused, named as ``flag`` renders it), then fill in the
-    models the method needs and the user left out, so ``config.json`` names every model used; drop the ones it
-    does not use, so they cannot make two equal runs look different."""
-    if cfg.preset is not None:
-        preset = get_preset(cfg.preset)
-        opts = preset_options(preset, cfg.method, option_names(cfg.method), cfg.method_options,
-                              flag or eval_flag)
-        mrm = preset_mrm(preset, cfg.mrm) if "mrm" in get_method(cfg.method).models_for(opts) else cfg.mrm
-        cfg = replace(cfg, method_options=opts, mrm=mrm)
-    uses = get_method(cfg.method).models_for(cfg.method_options)
-    reward = (cfg.reward or DEFAULT_REWARD) if "reward" in uses else None
-    mrm = (cfg.mrm or DEFAULT_MRM) if "mrm" in uses else None
-    return replace(cfg, reward=reward, mrm=mrm)
-
-
-# What a tuned choice was made with besides its options (``saffron tune`` records it as ``fit``).
-FIT_KEYS = ("policy", "reward", "mrm", "min_new_tokens", "max_new_tokens")
-
-
-def run_fit(cfg: EvalConfig) -> dict[str, Any]:
-    """What a resolved evaluation's tuned options hold for besides themselves (``FIT_KEYS``)."""
-    opts = build_method(cfg).options()
-    return {"policy": cfg.policy, "reward": cfg.reward, "mrm": cfg.mrm,
-            "min_new_tokens": opts["min_new_tokens"], "max_new_tokens": opts["max_new_tokens"]}
-
-
-def check_tuning_fit(cfg: EvalConfig) -> None:
-    """Refuse a resolved evaluation under ``--tuned`` whose method runs with another policy, reward model, MRM or
-    length than its choice was made with (``IncompatibleError``: the options are tuned for something else)."""
-    t = cfg.tuning
-    if t is None or cfg.method not in t["chosen"]:
-        return
-    path = t["path"]
-    want = (t.get("fit") or {}).get(cfg.method)
-    if want is None or any(k not in want for k in FIT_KEYS):
-        raise SaffronError(f"--tuned {path} does not record the policy, models and lengths {cfg.method}'s choice was "
-                           "made with (written before tuning.json recorded them, and its point folders are gone): "
-                           "re-run the saffron tune command that wrote it (it resumes every finished point)")
-    mine = run_fit(cfg)
-    diff = [k for k in FIT_KEYS if want[k] != mine[k]]
-    if diff:
-        what = ", ".join(f"{k} {want[k]} (this run: {mine[k]})" for k in diff)
-        raise IncompatibleError(f"--tuned {path} chose {cfg.method}'s options with {what}: a choice made for another "
-                                "policy, model or length does not carry over; tune with this run's settings or drop "
-                                "--tuned")
-
-
-def validate(cfg: EvalConfig, limit: int | None) -> Method[Any]:
-    """Check everything that can be checked before a model is loaded; return the configured method."""
-    if limit is not None and limit <= 0:
-        raise SaffronError(f"--limit must be a positive number of prompts, got {limit}")
-    if cfg.prefill is not None and not cfg.prefill.strip():
-        raise SaffronError("--prefill is empty; omit it to prefill from the reference responses")
-    if cfg.prefill_tokens < 0:
-        raise SaffronError(f"--prefill-tokens must be >= 0, got {cfg.prefill_tokens}")
-    check_dataset_spec(cfg.dataset)
-    with placed(cfg.placement):
-        check_architecture(cfg.policy)  # --runner cached and a policy without a tree runner: refused now
-    if isinstance(cfg.judges, str):  # a Python caller's judges="a" would otherwise be read letter by letter
-        raise SaffronError(f"judges must be a tuple of judge names, got the string {cfg.judges!r}")
-    parse_judges(",".join(cfg.judges))  # empty, duplicate or unknown names: the same one-line errors as --judge
-    if cfg.quality:
-        check_quality_available()
-    if cfg.reward is not None:
-        check_guard_spec(cfg.reward)
-    if cfg.mrm is not None:
-        check_mrm_spec(cfg.mrm)
-    check_tuning_fit(cfg)  # --tuned: a choice made for another policy, model or length is refused
-    return build_method(cfg)
 
 
 def _claim_out_dir(out: Path, cfg: EvalConfig) -> None:
@@ -290,10 +156,7 @@ def reward_teacher(spec: str) -> str | None:
     name, _, path = spec.partition(":")
     if name != "head-prm":
         return None
-    from saffron.mrm.base import read_manifest
-    from saffron.mrm.prm import ASSET
-
-    manifest = read_manifest(Path(path) if path else ASSET)
+    manifest = read_manifest(Path(path) if path else PRM_ASSET)
     return manifest.reward_model if manifest is not None else None
 
 
@@ -344,23 +207,9 @@ def search_reward_warning(judges: Sequence[str], *rewards: Mapping[str, str | No
             "score, so its ASR is not independent evidence; add an independent judge with --judge")
 
 
-QUALITY_MODULE = "saffron.quality"
-
-
-def check_quality_available() -> None:
-    """One line, before any model loads, when quality scoring is asked for but this installation lacks it."""
-    import importlib.util
-
-    if importlib.util.find_spec(QUALITY_MODULE) is None:
-        raise SaffronError(f"--quality needs {QUALITY_MODULE}, which this installation of saffron does not have")
-
-
 def load_quality() -> QualityLike:
     # imported by name: the scorer lives in a module this harness must not require (quality is opt-in)
-    import importlib
-
-    check_quality_available()
-    return cast(QualityLike, importlib.import_module(QUALITY_MODULE).QualityScorer())
+    return cast(QualityLike, importlib.import_module(check_quality_available()).QualityScorer())
 
 
 def build_stack(cfg: EvalConfig) -> Stack:
@@ -456,13 +305,6 @@ class LocalBackend:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def check_prompt_batch(k: int, flag: str = "--prompt-batch") -> int:
-    """``--prompt-batch``: a positive number of prompts run in lockstep (one line naming ``flag`` otherwise)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"{flag} must be a positive number of prompts, got {k}")
-    return k
 
 
 def fork_models(models: Models, coord: Any, k: int) -> list[Models]:

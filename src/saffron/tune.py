@@ -25,7 +25,7 @@ Applying a choice (``saffron compare|eval --tuned out/tuning.json``): ``apply_tu
 chosen options, refuses a file not tuned on dev or tuned on any of the run's prompts, and records the file (path,
 sha256, the method's chosen options) in every ``config.json`` (``EvalConfig.tuning``). A choice holds for what it was
 made with: ``tuning.json`` records, per method, the policy, the search-time reward model and MRM and the min/max new
-tokens of its chosen configuration (``fit``), and ``evaluate.validate`` refuses (``check_tuning_fit``:
+tokens of its chosen configuration (``fit``), and ``config.validate`` refuses (``check_tuning_fit``:
 ``IncompatibleError``, exit 4) a run whose method differs in any of them. A file written before ``fit`` existed
 has it read from its chosen points' ``config.json``; where those folders are gone, the run is refused with the
 command that rewrites the file.
@@ -51,17 +51,10 @@ from saffron.compare import (
     run_compare,
     validate_compare,
 )
+from saffron.config import EvalConfig, build_method, run_fit
 from saffron.data import DEV_SPLIT, Example, load_dataset, normalise_prompt, split_of
 from saffron.errors import SaffronError
-from saffron.evaluate import (
-    Backend,
-    EvalConfig,
-    build_method,
-    format_rate,
-    judges_that_are_search_rewards,
-    run_fit,
-    search_rewards,
-)
+from saffron.evaluate import Backend, format_rate, judges_that_are_search_rewards, search_rewards
 from saffron.methods import get_method, grids
 from saffron.presets import get_preset
 from saffron.stats import wilson

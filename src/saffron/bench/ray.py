@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from saffron.config import EvalConfig
 from saffron.distributed import RayBackend
 from saffron.embedded import EMBEDDED_POLICY
-from saffron.evaluate import CONFIG_FILE, METRICS_FILE, RECORDS_FILE, EvalConfig, LocalBackend, run_eval
+from saffron.evaluate import CONFIG_FILE, METRICS_FILE, RECORDS_FILE, LocalBackend, run_eval
 
 
 def bench_ray(workers: int = 2, prompts: int = 6, n: int = 4, max_new_tokens: int = 32,

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from saffron.batching import Coordinator, fork_stack, lockstep_map
+from saffron.config import EvalConfig, build_method, check_prompt_batch, resolve, validate
 from saffron.data import load_dataset
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import InputError
-from saffron.evaluate import EvalConfig, build_method, build_stack, check_prompt_batch, resolve, validate
+from saffron.evaluate import build_stack
 from saffron.flops import ArchSpec
 from saffron.methods import MethodResult, Stack, get_method
 from saffron.pipeline import prompt_seed, run_prompt

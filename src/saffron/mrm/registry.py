@@ -1,17 +1,20 @@
 """Loading any MRM by name or folder: the embedded MRMs, a folder of any kind (its manifest's ``kind`` picks the
 loader), and ``saffron mrm inspect``'s view of a folder.
 
-Kinds: ``lora`` (``lora.py``; also a folder without a manifest, the authors' release), ``head`` (``head.py``);
-a ``prm`` folder (``prm.py``) is refused as an MRM and named as a reward model instead.
+Kinds, by the manifest's ``kind`` in ``KINDS``: ``lora`` (``lora.py``; also a folder without a manifest, the
+authors' release), ``head`` (``head.py``); a ``prm`` folder (``prm.py``) is refused as an MRM and named as a reward
+model instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from saffron.errors import SaffronError
-from saffron.mrm.base import Mrm, read_manifest
+from saffron.mrm.base import Mrm, MrmManifest, read_manifest
 from saffron.mrm.head import inspect_head_mrm, load_head_mrm
 from saffron.mrm.lora import inspect_lora_mrm, load_lora_mrm
 from saffron.mrm.prm import inspect_head_prm
@@ -28,16 +31,44 @@ EMBEDDED = {
 EMBEDDED_MRM = "smol-mrm-head"
 
 
+@dataclass(frozen=True)
+class MrmKind:
+    """How a folder of one kind loads and shows itself (``saffron mrm inspect``); both get the folder and its
+    manifest."""
+
+    load: Callable[[Path, MrmManifest | None, str | None, str | None], Mrm]  # (path, manifest, base_model, device)
+    inspect: Callable[[Path, MrmManifest | None], dict[str, Any]]
+
+
+def _refuse_prm(path: Path, manifest: MrmManifest | None, base_model: str | None, device: str | None) -> Mrm:
+    raise SaffronError(f"{path} is a head PRM (a reward model for the baselines), not an MRM: pass it as "
+                       f"--reward head-prm:{path}")
+
+
+def _known(manifest: MrmManifest | None) -> MrmManifest:
+    assert manifest is not None  # a head or PRM folder is known by its manifest's kind
+    return manifest
+
+
+# By the manifest's ``kind`` (the same shape as ``EMBEDDED`` and ``guards.registry.GUARDS``)
+KINDS: dict[str, MrmKind] = {
+    "lora": MrmKind(load_lora_mrm, inspect_lora_mrm),
+    "head": MrmKind(lambda path, _, base_model, device: load_head_mrm(path, base_model, device),
+                    lambda path, manifest: inspect_head_mrm(path, _known(manifest))),
+    "prm": MrmKind(_refuse_prm, lambda path, manifest: inspect_head_prm(path, _known(manifest))),
+}
+
+
+def _kind(manifest: MrmManifest | None) -> MrmKind:
+    """A folder's kind: no manifest is the authors' LoRA release, and a kind not in ``KINDS`` is tried as LoRA."""
+    return KINDS.get(manifest.kind if manifest is not None else "lora", KINDS["lora"])
+
+
 def load_mrm(path: str | Path, base_model: str | None = None, device: str | None = None) -> Mrm:
     """Load an MRM folder; ``base_model`` overrides where the base weights come from (e.g. a local copy)."""
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest is not None and manifest.kind == "head":
-        return load_head_mrm(path, base_model, device)
-    if manifest is not None and manifest.kind == "prm":
-        raise SaffronError(f"{path} is a head PRM (a reward model for the baselines), not an MRM: pass it as "
-                           f"--reward head-prm:{path}")
-    return load_lora_mrm(path, manifest, base_model, device)
+    return _kind(manifest).load(path, manifest, base_model, device)
 
 
 def load_mrm_spec(spec: str = EMBEDDED_MRM, device: str | None = None) -> Mrm:
@@ -61,8 +92,4 @@ def inspect_mrm(path: str | Path) -> dict[str, Any]:
     """What an MRM folder (or a head PRM's) holds, read from its files alone (no base model needed)."""
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest is not None and manifest.kind == "head":
-        return inspect_head_mrm(path, manifest)
-    if manifest is not None and manifest.kind == "prm":
-        return inspect_head_prm(path, manifest)
-    return inspect_lora_mrm(path, manifest)
+    return _kind(manifest).inspect(path, manifest)

@@ -1,0 +1,5 @@
+"""``python -m saffron.cli``: the same as the ``saffron`` command."""
+
+from saffron.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""``saffron generate`` and ``saffron eval``: one prompt, or a dataset under one defence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from saffron.cli.common import method_options, place, quiet_hf
+from saffron.cli.options import (
+    BACKEND,
+    DATASET,
+    DEVICE,
+    DTYPE,
+    JUDGE,
+    LIMIT,
+    MAX_NEW,
+    MRM,
+    OPTS,
+    POLICY,
+    PREFILL,
+    PREFILL_TOKENS,
+    PRESET,
+    PROMPT_BATCH,
+    QUALITY,
+    RAY_ADDRESS,
+    RAY_GPUS,
+    RAY_WORKERS,
+    REWARD,
+    RUNNER,
+    SEED,
+    TEMP,
+    TOP_P,
+    TUNED,
+)
+from saffron.errors import SaffronError
+
+
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="The user prompt."),
+    prefill: str | None = typer.Option(None, "--prefill", help="Text the assistant turn starts with."),
+    method: str = typer.Option("none", "--method", help="Decoding method (defence)."),
+    policy: str = POLICY,
+    judge: str = JUDGE,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    max_new_tokens: int = MAX_NEW,
+    temperature: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    opt: list[str] = OPTS,
+    seed: int = SEED,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of the text."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
+) -> None:
+    """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
+    from saffron.config import EvalConfig, resolve, validate
+    from saffron.data import Example
+    from saffron.evaluate import build_stack
+    from saffron.judges import load_judge, parse_judges
+    from saffron.pipeline import prompt_seed, run_prompt
+    from saffron.session import make_session
+
+    if not prompt.strip():
+        raise SaffronError("the prompt is empty")
+    judges = parse_judges(judge)
+    placement = place(device, dtype, runner)
+    cfg = resolve(EvalConfig(method=method, policy=policy, judges=judges, reward=reward, mrm=mrm, prefill=prefill,
+                             seed=seed, method_options=method_options(max_new_tokens, temperature, top_p, opt),
+                             placement=placement))
+    m = validate(cfg, None)
+    quiet_hf()
+    stack = build_stack(cfg)
+    ex = Example(id="cli", prompt=prompt, prefill=prefill)
+    session = make_session(stack.policy.model, ex, prefill_tokens=0, reserve=m.config.max_new_tokens)
+    # the same pipeline as eval and serve: the same prompt, options and seed give the same answer
+    run = run_prompt(m, stack, session, prompt_seed(seed, ex.id), judges={j: load_judge(j) for j in judges})
+    primary = run.verdicts[judges[0]]
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": run.output,
+                               "reward": primary["reward"], "unsafe": primary["unsafe"], "judges": run.verdicts,
+                               "new_tokens": len(run.result.output_ids), "method": method,
+                               "flops": run.result.flops}, ensure_ascii=False))
+    else:
+        typer.echo((prefill or "") + run.output)
+        for j, v in run.verdicts.items():
+            typer.echo(f"[judge {j}: reward {v['reward']:+.3f} -> {'UNSAFE' if v['unsafe'] else 'safe'}]", err=True)
+
+
+def eval_cmd(
+    method: str = typer.Option("none", "--method", help="Decoding method (defence): none, best-of-n, rejection, "
+                               "rebase, deal-mcts, saffron."),
+    dataset: str = typer.Option(DATASET, "--dataset", help="Dataset spec, e.g. pyrit-harmful, advbench, "
+                                "jsonl:PATH."),
+    limit: int | None = LIMIT,
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for records.jsonl and metrics.json."),
+    policy: str = POLICY,
+    judge: str = JUDGE,
+    reward: str | None = REWARD,
+    mrm: str | None = MRM,
+    prefill: str | None = PREFILL,
+    prefill_tokens: int = PREFILL_TOKENS,
+    max_new_tokens: int = MAX_NEW,
+    temperature: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    opt: list[str] = OPTS,
+    seed: int = SEED,
+    quality: bool = QUALITY,
+    preset: str | None = PRESET,
+    tuned: Path | None = TUNED,
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+    backend: str = BACKEND,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int | None = RAY_WORKERS,
+    ray_gpus_per_worker: float | None = RAY_GPUS,
+    prompt_batch: int = PROMPT_BATCH,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
+) -> None:
+    """Run the prefilling attack on a dataset under a defence; write records and metrics (resumable)."""
+    from saffron.backends import make_backend
+    from saffron.config import EvalConfig, resolve, validate
+    from saffron.evaluate import format_table, run_eval, search_reward_warning, search_rewards
+    from saffron.judges import parse_judges
+
+    options = method_options(max_new_tokens, temperature, top_p, opt)
+    tuning = None
+    if tuned is not None:
+        from saffron.presets import eval_flag
+        from saffron.tune import apply_tuning
+
+        per, tuning, _ = apply_tuning(tuned, (method,), {method: options}, dataset, limit, preset,
+                                      lambda m, k, v: eval_flag(k, v))
+        if method not in tuning["chosen"]:
+            raise SaffronError(f"--tuned {tuned} holds no choice for method '{method}'")
+        options = per[method]
+    cfg = EvalConfig(method=method, dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward,
+                     mrm=mrm, prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=quality, preset=preset,
+                     method_options=options, tuning=tuning, placement=place(device, dtype, runner))
+    cfg = resolve(cfg)
+    validate(cfg, limit)  # with --tuned, also refuses a choice made for another policy, model or length
+    quiet_hf()
+    with make_backend(backend, ray_address, ray_workers, ray_gpus_per_worker, prompt_batch) as be:
+        # after every option is checked: a run refused for bad input prints its error alone
+        warning = search_reward_warning(cfg.judges, search_rewards(cfg))
+        if warning:
+            typer.echo(warning, err=True)
+        metrics = run_eval(cfg, out, limit, backend=be)
+    typer.echo(json.dumps(metrics, indent=2) if as_json else format_table([metrics]))
+    if not as_json:
+        typer.echo(f"records: {out / 'records.jsonl'}  metrics: {out / 'metrics.json'}", err=True)
