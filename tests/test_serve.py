@@ -279,6 +279,11 @@ BAD: list[tuple[Any, int, str, str | None]] = [
     ({"messages": USER, "saffron": {"max_new_tokens": 4}}, 400, "set the length with max_tokens",
      "saffron.max_new_tokens"),
     ({"messages": USER, "saffron": {"judge": "yes"}}, 400, "saffron.judge must be true or false", "saffron.judge"),
+    # the param is the option the error names by type: this message also mentions final, which text matching picked
+    ({"messages": USER, "saffron": {"final": "mrm", "rerank_top": 2}}, 400, "rerank_top applies to final='rerank'",
+     "saffron.rerank_top"),
+    ({"messages": USER, "saffron": {"no_repeat_ngram": 1}}, 400, "no_repeat_ngram must be 0",
+     "saffron.no_repeat_ngram"),
     ({"messages": USER, "saffron": [1]}, 400, "saffron", "saffron"),
     ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools=", "tools"),
     ({"messages": USER, "presence_penalty": 0.5}, 400, "presence_penalty=0.5 is not supported", "presence_penalty"),

@@ -23,7 +23,13 @@ class SaffronError(Exception):
 
 
 class InputError(SaffronError):
-    """Bad user input: an option, a request field, a value out of range, a malformed file line."""
+    """Bad user input: an option, a request field, a value out of range, a malformed file line.
+
+    ``option``: the method option at fault, when there is one (the server names it as the error's ``param``)."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class ContextLengthError(InputError):

@@ -48,7 +48,8 @@ class MethodOptions:
         if self.min_new_tokens is not None:
             self.at_least("min_new_tokens", 0)
             if self.min_new_tokens > self.max_new_tokens:
-                self.fail(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+                self.fail(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})",
+                          "min_new_tokens")
         self.check()
 
     def check(self) -> None:
@@ -76,20 +77,22 @@ class MethodOptions:
         known = option_names(cls)
         unknown = sorted(set(given) - set(known), key=str)
         if unknown:
-            raise InputError(f"method '{cls.method}' has no option '{unknown[0]}'; its options: {', '.join(known)}")
+            raise InputError(f"method '{cls.method}' has no option '{unknown[0]}'; its options: {', '.join(known)}",
+                             option=str(unknown[0]))
         return cls(**given)
 
     # -- for ``check`` ----------------------------------------------------------------------------------------
 
-    def fail(self, message: str) -> None:
-        raise InputError(f"method '{self.method}': {message}")
+    def fail(self, message: str, option: str | None = None) -> None:
+        """Refuse these options: ``message`` names the problem, ``option`` the option at fault (if one is)."""
+        raise InputError(f"method '{self.method}': {message}", option=option)
 
     def at_least(self, name: str, lo: float, number: bool = False) -> None:
         """``name`` must be >= ``lo`` (a ``number`` says so in its message, as a float option's does)."""
         value = getattr(self, name)
         if not value >= lo:
             self.fail(f"{name} must be a number >= {float(lo)}, got {value!r}" if number else
-                      f"{name} must be >= {lo}, got {value}")
+                      f"{name} must be >= {lo}, got {value}", name)
 
     def as_float(self, *names: str) -> None:
         """Store these options as floats (an integer given for them is kept as its float, as in ``config.json``)."""
@@ -98,9 +101,9 @@ class MethodOptions:
 
     def check_sampling(self, temperature: float | None, top_p: float) -> None:
         if temperature is not None and temperature < 0:
-            self.fail(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+            self.fail(f"temperature must be >= 0 (0 = greedy), got {temperature}", "temperature")
         if not 0 < top_p <= 1:
-            self.fail(f"top_p must be in (0, 1], got {top_p}")
+            self.fail(f"top_p must be in (0, 1], got {top_p}", "top_p")
 
 
 def option_names(options_type: type[MethodOptions]) -> list[str]:
@@ -114,7 +117,7 @@ def option_default(options_type: type[MethodOptions], name: str) -> Any:
     for f in fields(options_type):
         if f.name == name:
             return None if f.default is MISSING else f.default
-    raise InputError(f"method '{options_type.method}' has no option '{name}'")
+    raise InputError(f"method '{options_type.method}' has no option '{name}'", option=name)
 
 
 def option_help(options_type: type[MethodOptions]) -> dict[str, str]:
@@ -147,7 +150,7 @@ def _check_type(method: str, name: str, value: Any, tp: Any) -> None:
         choices = get_args(tp)
         if value not in choices:
             raise InputError(f"method '{method}': {name} must be one of {', '.join(map(str, choices))}; "
-                               f"got {value!r}")
+                             f"got {value!r}", option=name)
         return
     ok, what = {
         int: (isinstance(value, int) and not isinstance(value, bool), "an integer"),
@@ -156,4 +159,4 @@ def _check_type(method: str, name: str, value: Any, tp: Any) -> None:
         str: (isinstance(value, str), "a string"),
     }[tp]
     if not ok:
-        raise InputError(f"method '{method}': {name} must be {what}, got {value!r}")
+        raise InputError(f"method '{method}': {name} must be {what}, got {value!r}", option=name)

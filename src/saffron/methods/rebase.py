@@ -78,12 +78,13 @@ class RebaseOptions(MethodOptions):
     def check(self) -> None:
         self.at_least("width", 1)
         if self.expansion == "balanced" and self.children is not None:
-            self.fail("children applies to expansion='beam' only; balanced expansion allots the width by reward")
+            self.fail("children applies to expansion='beam' only; balanced expansion allots the width by reward",
+                      "children")
         if self.children is not None:
             self.at_least("children", 1)
         self.at_least("balance_temperature", 0, number=True)
         if self.balance_temperature <= 0:
-            self.fail(f"balance_temperature must be > 0, got {self.balance_temperature}")
+            self.fail(f"balance_temperature must be > 0, got {self.balance_temperature}", "balance_temperature")
         self.as_float("balance_temperature")
         self.at_least("chunk_tokens", 1)
         self.check_sampling(self.temperature, self.top_p)

@@ -164,9 +164,10 @@ class SaffronOptions(MethodOptions):
         self.as_float("policy_weight", "diversity")
         self.at_least("rerank_top", 0)
         if self.rerank_top and self.final != "rerank":
-            self.fail(f"rerank_top applies to final='rerank' only; final is '{self.final}'")
+            self.fail(f"rerank_top applies to final='rerank' only; final is '{self.final}'", "rerank_top")
         if self.no_repeat_ngram == 1:
-            self.fail("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)")
+            self.fail("no_repeat_ngram must be 0 (off) or >= 2 (1 would forbid every repeated token)",
+                      "no_repeat_ngram")
 
 
 class Saffron(Method[SaffronOptions]):

@@ -46,7 +46,7 @@ from functools import partial
 from typing import Any
 
 from saffron.batching import Coordinator, fork_holder
-from saffron.errors import BusyError, SaffronError
+from saffron.errors import BusyError, InputError, SaffronError
 from saffron.guards.base import RewardModel
 from saffron.guards.registry import check_guard_spec, load_guard
 from saffron.judges import Judge, check_judge_spec, load_judge
@@ -113,7 +113,8 @@ def check_budget(method: str, opts: dict[str, Any], limit: int, flag: str, prefi
         return
     value = opts.get(budget, option_default(method, budget))
     if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-        raise SaffronError(f"{prefix}{budget}={value} for method '{method}' exceeds this server's {flag} of {limit}")
+        raise InputError(f"{prefix}{budget}={value} for method '{method}' exceeds this server's {flag} of {limit}",
+                         option=budget)
 
 
 class ModelSet:
@@ -411,11 +412,13 @@ class Engine:
             check_budget(method_name, opts, s.max_width, "--max-width", "saffron.")
             return self._method(method_name, opts), opts, ignored
         except SaffronError as e:
-            named = [*(f"saffron.{k}" for k in ext), *(k for k in ("temperature", "top_p") if k in given)]
             msg = str(e) if str(e).startswith(("method '", "bad option", "saffron.")) else \
                 f"method '{method_name}': {e}"
-            # the param is a hint for the client (which field to fix); the status comes from the error's type
-            param = next((p for p in named if p.split(".")[-1] in str(e)), "saffron")
+            # the param is a hint for the client (the field to fix), from the option the error names by type, not
+            # from its text; the status comes from the error's type
+            option = getattr(e, "option", None)
+            param = (f"saffron.{option}" if option in ext else
+                     option if option in ("temperature", "top_p") and option in given else "saffron")
             raise ApiError.of(e, param=param, code=e.api_code or "invalid_method_option", message=msg) from None
 
     def _session(self, req: ChatCompletionRequest, max_tokens: int) -> Session:
