@@ -53,6 +53,18 @@ def int_list(flag: str, text: str) -> tuple[int, ...]:
         raise SaffronError(f"{flag} must be comma-separated integers, got '{text}'") from None
 
 
+def single_budgets(method_budgets: list[str], verb: str, key: str) -> dict[str, int]:
+    """``--method-budgets KEY=B`` of tune (KEY a method) and ablate (KEY a row): one budget each, by key."""
+    budgets: dict[str, int] = {}
+    for mb in method_budgets:
+        k, sep, b = mb.partition("=")
+        bs = int_list("--method-budgets", b) if sep else ()
+        if len(bs) != 1:
+            raise SaffronError(f"--method-budgets for {verb} expects {key}=B (one budget), got '{mb}'")
+        budgets[k.strip()] = bs[0]
+    return budgets
+
+
 def method_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
                    opts: list[str]) -> dict[str, Any]:
     """One method's options from generate's and eval's flags: the length, the sampling flags given, then ``-o``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from saffron.cli.common import int_list, options_by_method, place, quiet_hf
+from saffron.cli.common import int_list, options_by_method, place, quiet_hf, single_budgets
 from saffron.cli.options import (
     BACKEND,
     DATASET,
@@ -186,13 +186,7 @@ def tune_cmd(
     from saffron.tune import TuneConfig, format_tuning, run_tune, validate_tune
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    budgets: dict[str, int] = {}
-    for mb in method_budgets:
-        m, sep, b = mb.partition("=")
-        bs = int_list("--method-budgets", b) if sep else ()
-        if len(bs) != 1:
-            raise SaffronError(f"--method-budgets for tune expects METHOD=B (one budget), got '{mb}'")
-        budgets[m.strip()] = bs[0]
+    budgets = single_budgets(method_budgets, "tune", "METHOD")
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, mrm=mrm,
                       prefill=prefill, prefill_tokens=prefill_tokens, seed=seed, quality=True,
                       method_options={"max_new_tokens": max_new_tokens}, placement=place(device, dtype, runner))
@@ -251,13 +245,7 @@ def ablate_cmd(
     from saffron.config import EvalConfig
     from saffron.judges import parse_judges
 
-    budgets: dict[str, int] = {}
-    for mb in method_budgets:
-        k, sep, b = mb.partition("=")
-        bs = int_list("--method-budgets", b) if sep else ()
-        if len(bs) != 1:
-            raise SaffronError(f"--method-budgets for ablate expects ROW=B (one budget), got '{mb}'")
-        budgets[k.strip()] = bs[0]
+    budgets = single_budgets(method_budgets, "ablate", "ROW")
     base = EvalConfig(dataset=dataset, policy=policy, judges=parse_judges(judge), reward=reward, prefill=prefill,
                       prefill_tokens=prefill_tokens, seed=seed, quality=True,
                       method_options={"max_new_tokens": max_new_tokens}, placement=place(device, dtype, runner))
