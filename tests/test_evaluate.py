@@ -72,6 +72,22 @@ def test_out_dir_of_another_configuration_is_refused(tmp_path: Path, tiny_dir: P
     assert (out / "records.jsonl").read_bytes() == before
 
 
+def test_a_folder_in_use_by_another_run_is_refused_and_left_alone(tmp_path: Path, tiny_dir: Path) -> None:
+    """Two runs on one folder would both compute the prompts left and append duplicate records: the second is
+    refused (naming the holder) before it loads a model or writes a byte, and runs once the first is done."""
+    from saffron.errors import BusyError
+    from saffron.store import folder_lock
+
+    ds = _dataset(tmp_path, 2)
+    out = tmp_path / "run"
+    run_eval(_cfg(tiny_dir, ds), out, limit=1, progress=False)
+    before = (out / "records.jsonl").read_bytes()
+    with folder_lock(out), pytest.raises(BusyError, match="in use by another saffron run"):
+        run_eval(_cfg(tiny_dir, ds), out, progress=False)
+    assert (out / "records.jsonl").read_bytes() == before
+    assert run_eval(_cfg(tiny_dir, ds), out, progress=False)["n"] == 2
+
+
 def test_prompt_only_dataset_needs_a_prefill(tmp_path: Path, tiny_dir: Path) -> None:
     p = tmp_path / "q.jsonl"
     p.write_text('{"prompt": "hello?"}\n')
@@ -226,6 +242,9 @@ def test_a_judge_that_is_also_a_search_reward_is_named(tmp_path: Path, tiny_dir:
     assert judges_that_are_search_rewards(["llama-guard-3", probe], rewards) == [probe]
     line = search_reward_warning(["smol-guard", "llama-guard-3"], rewards)
     assert line is not None and "\n" not in line and "judge smol-guard is also a search-time reward" in line
+    assert line.endswith("the ASR of llama-guard-3 is the evidence")
+    alone = search_reward_warning(["smol-guard"], rewards)
+    assert alone is not None and alone.endswith("add an independent judge with --judge")
     assert search_reward_warning(["llama-guard-3"], rewards) is None
 
 

@@ -1,12 +1,22 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from saffron.errors import SaffronError
-from saffron.store import OrderedAppender, RecordStore, atomic_write, atomic_write_json, read_jsonl
+from saffron.errors import BusyError, SaffronError
+from saffron.store import (
+    LOCK_FILE,
+    OrderedAppender,
+    RecordStore,
+    atomic_write,
+    atomic_write_json,
+    folder_lock,
+    read_jsonl,
+)
 
 
 def test_torn_last_line_is_dropped_and_appends_continue(tmp_path: Path) -> None:
@@ -91,3 +101,28 @@ def test_ordered_appender_keeps_held_records_beyond_its_keys(tmp_path: Path) -> 
     short.add({"id": "a"})
     short.close()
     assert path.read_text().splitlines() == ['{"id": "a"}'] and pending.read_text() == '{"id": "c"}\n'
+
+
+def test_folder_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path: Path) -> None:
+    with folder_lock(tmp_path / "run"):
+        with pytest.raises(BusyError, match=rf"pid {os.getpid()}\b"), folder_lock(tmp_path / "run"):
+            pass
+        assert (tmp_path / "run" / LOCK_FILE).read_text().strip() == str(os.getpid())
+    with folder_lock(tmp_path / "run"):  # released: taken again at once
+        pass
+
+
+def test_folder_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
+    """A run killed with SIGKILL leaves its .lock file behind but not the lock: the next run takes it."""
+    script = ("import sys, time\nfrom pathlib import Path\nfrom saffron.store import folder_lock\n"
+              "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match=rf"pid {proc.pid}\b"), folder_lock(tmp_path):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with folder_lock(tmp_path):
+        pass

@@ -51,7 +51,7 @@ from saffron.pipeline import QualityLike, load_stack, prompt_seed, run_prompt
 from saffron.provenance import record_provenance, run_models
 from saffron.session import make_session
 from saffron.stats import cohen_kappa, wilson
-from saffron.store import OrderedAppender, RecordStore, atomic_write_json
+from saffron.store import OrderedAppender, RecordStore, atomic_write_json, folder_lock
 
 CONFIG_FILE = "config.json"
 RECORDS_FILE = "records.jsonl"
@@ -203,8 +203,11 @@ def search_reward_warning(judges: Sequence[str], *rewards: Mapping[str, str | No
     shared = {_guard_name(j) for j in same}
     named = {role: [n for n in names if _guard_name(n) in shared] for role, names in by_role.items()}
     roles = ", ".join(f"{role.replace('_', ' ')} {_in_words(names)}" for role, names in named.items() if names)
+    independent = [j for j in judges if j not in same]
+    advice = (f"the ASR of {_in_words(independent)} is the evidence" if independent
+              else "add an independent judge with --judge")
     return (f"warning: judge {', '.join(same)} is also a search-time reward ({roles}): the search optimised its "
-            "score, so its ASR is not independent evidence; add an independent judge with --judge")
+            f"score, so its ASR is not independent evidence; {advice}")
 
 
 def load_quality() -> QualityLike:
@@ -343,6 +346,13 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
         print(f"warning: {len(overlap)} of {len(examples)} prompts of '{cfg.dataset}' are in the train split that "
               "the shipped guard, reward corpora and MRMs were trained on: these figures are not out of sample",
               file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):  # one writer per folder: two would compute the same prompts and append duplicates
+        return _run_locked(cfg, out, examples, overlap, progress, backend)
+
+
+def _run_locked(cfg: EvalConfig, out: Path, examples: list[Example], overlap: list[str], progress: bool,
+                backend: Backend | None) -> dict[str, Any]:
     _claim_out_dir(out, cfg)
     store = RecordStore(out / RECORDS_FILE)
     # beside config.json, not in it: a resume under a new commit or torch is allowed, and recorded

@@ -6,6 +6,8 @@ rename) or appended one complete line at a time, and a torn last line is dropped
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from saffron.errors import InputError
+from saffron.errors import BusyError, InputError
 
 
 def _create_temp(path: Path) -> str:
@@ -167,3 +169,34 @@ class OrderedAppender:
             self.pending.path.unlink()
             return
         atomic_write_text(self.pending.path, "".join(jsonl_line(r) for r in left))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s run lock for the block, or fail at once with a ``BusyError`` naming the holder.
+
+    Two processes appending to one ``records.jsonl`` each skip only the prompts done when they started, so they
+    compute the same prompts twice and append duplicate records. The lock is an advisory ``flock`` on
+    ``folder/.lock`` (which holds the holder's pid, for the message): the kernel drops it when its process dies,
+    however it dies, so a killed run never leaves a stale lock behind, and the next run resumes as before.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise BusyError(f"{folder} is in use by another saffron run (pid {holder}); wait for it to finish or "
+                            "stop it, then run again: it resumes") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
