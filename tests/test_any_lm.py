@@ -108,6 +108,25 @@ def test_the_uncached_runner_gives_each_familys_own_logits_and_states(family: st
         assert float(out.logits.abs().max()) <= 0.5
 
 
+@pytest.mark.parametrize("family", ["phi3"])
+def test_a_cancelled_request_stops_an_uncached_search_at_its_next_forward(family: str,
+                                                                          family_dir: Callable[[str], Path]) -> None:
+    """The uncached path never goes through the coordinator's merge, so ``serve`` could not stop a cancelled
+    request's search there; it asks the sink first (``ForwardSink.admit``)."""
+    from saffron.serve.engine import Cancelled, Sink
+
+    r = Runner(load_model(str(family_dir(family))))
+    assert not r.cached
+    sink = Sink(None)
+    r.batcher = sink
+    before = r.forward([[5, 6, 7]])
+    assert before.logits is not None and r.stats.forwards == 1
+    sink.cancel.set()
+    with pytest.raises(Cancelled):
+        r.forward([[5, 6, 7, 8]])
+    assert r.stats.forwards == 1  # stopped before computing anything
+
+
 def _search(cfg: Any, seeds: range) -> tuple[list[tuple[int, ...]], int, bool]:
     from saffron.config import build_method
     from saffron.data import Example

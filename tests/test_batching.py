@@ -123,6 +123,9 @@ def test_one_part_is_the_runners_own_forward_bit_for_bit(tiny: Model) -> None:
     got: list[ForwardPart] = []
 
     class Sink:  # a ForwardSink that runs each part alone, at once, and remembers it
+        def admit(self) -> None:
+            pass
+
         def submit(self, part: ForwardPart) -> None:
             run_parts([part])
             got.append(part)

@@ -125,6 +125,9 @@ class Coordinator:
 
     # -- forwards ---------------------------------------------------------------------------------------------
 
+    def admit(self) -> None:
+        """An uncached forward runs alone in its own thread: nothing to coordinate."""
+
     def submit(self, part: ForwardPart) -> None:
         """Have ``part`` computed, merged with the other workers' pending parts on its model; return once it is
         filled, or raise what its forward raised. From a thread that has not joined, it runs at once alone."""

@@ -125,6 +125,11 @@ class ForwardSink(Protocol):
 
     def submit(self, part: ForwardPart) -> None: ...
 
+    def admit(self) -> None:
+        """Called before each forward a runner computes itself (the uncached path, which cannot be merged):
+        raise to stop the search there, as ``submit`` may (a cancelled request in ``saffron serve``)."""
+        ...
+
 
 class KVPool:
     """Keys and values of every cached token: per layer ``[n_kv_heads, capacity, head_dim]``, grown on demand
@@ -378,6 +383,8 @@ class Runner:
         for i, s in enumerate(seqs):
             by_len.setdefault(len(s), []).append(i)
         for n, idx in by_len.items():
+            if self.batcher is not None:
+                self.batcher.admit()  # not merged with other searches, but a cancelled one still stops here
             t0 = time.perf_counter()
             ids = torch.tensor([seqs[i] for i in idx], device=self.model.device)
             with torch.inference_mode():

@@ -16,8 +16,8 @@ forward per model per round, each search's cache and tokens its own (``batching.
 the same tokens alone or beside others. The judge runs on the worker's own runner, unmerged.
 
 Cancellation: a request whose client disconnects or that runs past ``request_timeout`` is given up. Still
-queued, it never starts; searching, it stops at its next forward (``Cancelled``) and leaves the coordinator, so
-the others go on, and its worker returns to the pool as after any failed search.
+queued, it never starts; searching, it stops at its next forward (``Cancelled``; an uncached runner's forwards ask
+``Sink.admit`` first, as they are never merged) and leaves the coordinator, so the others go on, and its worker returns to the pool as after any failed search.
 
 The models a method needs besides the policy are loaded the first time a method needs them and kept: the
 server's own method is made ready at start; another method asked for through the ``saffron`` extension loads
@@ -226,9 +226,13 @@ class Sink:
         self.coord = coord
         self.cancel = threading.Event()  # the current request's; replaced by ``Engine.run`` per request
 
-    def submit(self, part: ForwardPart) -> None:
+    def admit(self) -> None:
+        """An uncached runner's forward (never merged): a cancelled request's search stops before it too."""
         if self.cancel.is_set():
             raise Cancelled("the request was given up")
+
+    def submit(self, part: ForwardPart) -> None:
+        self.admit()
         if self.coord is None:
             run_parts([part])
         else:
