@@ -367,6 +367,10 @@ def test_bench_throughput_at_a_tiny_size(tmp_path: Path, tiny_dir: Path) -> None
     res = finish_within(300, lambda: bench_throughput(["none"], ks=[1, 3], limit=3, max_new_tokens=3,
                                                       dataset=_dataset(tmp_path, 3), policy=str(tiny_dir)))
     assert res["peak_gflops"] > 0 and res["gemm"][1:] == [32, 64] and res["threads"] == torch.get_num_threads()
+    win = res["peak_windows"]
+    assert res["peak_gflops"] == max(win["before"]["best_gflops"], win["after"]["best_gflops"])
+    assert all(0 < w["median_gflops"] <= w["best_gflops"] for w in win.values())
+    assert all(r["fraction_of_peak"] == round(r["gflops"] / res["peak_gflops"], 4) for r in res["runs"])
     one, three = res["runs"]
     assert (one["k"], three["k"]) == (1, 3) and one["merged"] is None
     assert three["merged"]["max_parts"] > 1 and three["identical_share"] == 1.0

@@ -16,8 +16,9 @@ forward per model per round, each search's cache and tokens its own (``batching.
 the same tokens alone or beside others. The judge runs on the worker's own runner, unmerged.
 
 Cancellation: a request whose client disconnects or that runs past ``request_timeout`` is given up. Still
-queued, it never starts; searching, it stops at its next forward (``Cancelled``; an uncached runner's forwards ask
-``Sink.admit`` first, as they are never merged) and leaves the coordinator, so the others go on, and its worker returns to the pool as after any failed search.
+queued, it never starts; searching, it stops at its next forward (``Cancelled``; an uncached runner's forwards,
+never merged, ask ``Sink.admit`` first) and leaves the coordinator, so the others go on, and its worker returns
+to the pool as after any failed search.
 
 The models a method needs besides the policy are loaded the first time a method needs them and kept: the
 server's own method is made ready at start; another method asked for through the ``saffron`` extension loads
