@@ -11,11 +11,11 @@ from saffron.compare import (
     CompareConfig,
     budget_knob,
     degenerate_share,
-    format_comparison,
     paired_p,
     run_compare,
     scaleff,
 )
+from saffron.compare_report import format_comparison
 from saffron.config import EvalConfig
 from saffron.errors import SaffronError
 from tests.conftest import needs_plot

@@ -14,8 +14,9 @@ import pytest
 
 import saffron.compare_quality
 from saffron.cli import main
-from saffron.compare import CompareConfig, format_comparison, run_compare
+from saffron.compare import CompareConfig, run_compare
 from saffron.compare_quality import benign_summary, distances
+from saffron.compare_report import format_comparison
 from saffron.config import EvalConfig
 from saffron.errors import SaffronError
 from saffron.stats import mcnemar_exact, wilson

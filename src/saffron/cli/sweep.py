@@ -93,7 +93,8 @@ def compare_cmd(
 ) -> None:
     """Several defences on the same prompts at matched compute: table, comparison.json, asr_vs_tflop.png."""
     from saffron.backends import make_backend
-    from saffron.compare import CompareConfig, compare_warning, format_comparison, run_compare, validate_compare
+    from saffron.compare import CompareConfig, compare_warning, run_compare, validate_compare
+    from saffron.compare_report import format_comparison
     from saffron.config import EvalConfig
     from saffron.judges import parse_judges
 
