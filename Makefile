@@ -24,15 +24,16 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/embedded.txt
 # N=32), judged by two judges that no search optimises (minilm-judge, refusal-rules) and by smol-guard (the search
 # reward, so not evidence), with output-quality columns and 95 % intervals. The budgets are first guesses near
 # the match; compare moves them until each method's compute is within 10 % of Best-of-N-32's on the same prompts
-# (a choice of compute, never of ASR). Resumable.
+# (a choice of compute, never of ASR). Every method runs its dev-chosen configuration: the defaults, and Rebase's
+# balanced expansion (docs/benchmarks.md, "Tuning on dev"). Resumable.
 DEMO_LIMIT ?= 4
 DEMO_JUDGES ?= minilm-judge,refusal-rules,smol-guard
 demo: setup
 	$(SAFFRON) compare --out runs/demo --limit $(DEMO_LIMIT) --no-sweep --dataset pyrit-harmful:test \
 		--judge $(DEMO_JUDGES) --quality \
 		--methods none,best-of-n,rebase,deal-mcts,saffron \
-		--method-budgets best-of-n=32 --method-budgets rebase=3 --method-budgets deal-mcts=5 \
-		--method-budgets saffron=44
+		--method-budgets best-of-n=32 --method-budgets rebase=5 --method-budgets deal-mcts=5 \
+		--method-budgets saffron=44 -o rebase:expansion=balanced
 
 test: setup
 	$(VENV)/bin/ruff check src tests
