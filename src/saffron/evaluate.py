@@ -331,7 +331,8 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
     ``backend`` computes the records (default: this process); whichever it is, the records land in dataset
     order, so the files do not depend on it. Side effects: writes ``out/config.json`` (once), appends to
     ``out/records.jsonl`` (records finished out of order wait in ``out/.records.pending.jsonl``), rewrites
-    ``out/metrics.json``. Prompts already recorded are skipped, so a killed run resumes.
+    ``out/metrics.json``, and holds ``out/.lock`` while it runs (``store.folder_lock``: a second run on the
+    folder is refused). Prompts already recorded are skipped, so a killed run resumes.
     """
     cfg = resolve(cfg)  # a Python caller may leave the models the method needs to their defaults, as the CLI does
     # config.json holds every option, defaults included: a folder written under older defaults is refused, not
@@ -346,7 +347,6 @@ def run_eval(cfg: EvalConfig, out: Path, limit: int | None = None, progress: boo
         print(f"warning: {len(overlap)} of {len(examples)} prompts of '{cfg.dataset}' are in the train split that "
               "the shipped guard, reward corpora and MRMs were trained on: these figures are not out of sample",
               file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):  # one writer per folder: two would compute the same prompts and append duplicates
         return _run_locked(cfg, out, examples, overlap, progress, backend)
 
