@@ -113,6 +113,7 @@ def test_a_cancelled_request_stops_an_uncached_search_at_its_next_forward(family
                                                                           family_dir: Callable[[str], Path]) -> None:
     """The uncached path never goes through the coordinator's merge, so ``serve`` could not stop a cancelled
     request's search there; it asks the sink first (``ForwardSink.admit``)."""
+    pytest.importorskip("fastapi", reason="saffron serve's extra is not installed: pip install 'saffron[serve]'")
     from saffron.serve.engine import Cancelled, Sink
 
     r = Runner(load_model(str(family_dir(family))))

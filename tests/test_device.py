@@ -22,7 +22,7 @@ from saffron.config import EvalConfig
 from saffron.device import Placement, placed, resolve_device, resolve_dtype
 from saffron.errors import SaffronError
 from saffron.evaluate import run_eval
-from saffron.model import load_model
+from saffron.model import _load_memo, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,6 +143,9 @@ def test_weights_load_straight_to_the_device_in_the_dtype(tiny_dir: Path, monkey
         return real(*a, **kw)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    # an earlier test may have loaded this model at the default placement already (on a GPU that is bf16, the
+    # dtype asked for here), and load_model is memoised: start from an empty memo so this load is seen
+    _load_memo.cache_clear()
     dev = resolve_device()
     m = load_model(str(tiny_dir), dtype="bf16")
     assert seen == [{"dtype": torch.bfloat16, "device_map": dev}]  # no load on the host, then a move

@@ -81,6 +81,35 @@ def test_guard_keeps_its_fixed_instructions_once_and_charges_prompts_only_for_th
     assert guard.setup_flops == st.setup_flops  # paid once
 
 
+def test_the_probe_moves_to_the_device_of_its_model(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The probe loads on the CPU; a policy on a GPU returns its hidden states there, so a probe left behind fails
+    # with "two devices" on the first score (found by the device check on an H200). The meta device stands in
+    # for the accelerator: a probe left on the CPU is on a different device from it.
+    from saffron.model import Model
+
+    monkeypatch.setattr(Model, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(ProbeGuard, "keep_fixed_prefix", lambda self: None)  # it would run the CPU model
+    probe = Probe(2 * tiny.hf.config.hidden_size, 0)
+    g = ProbeGuard(tiny, ProbeSpec(base_model="unused", layers=(1, 2), hidden=0), probe)
+    assert {t.device.type for t in g.probe.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.device
+def test_smol_guard_scores_on_the_default_device(tiny_dir: Path) -> None:
+    # on the device check's GPU (SAFFRON_DEVICE=cuda) the model loads there and the probe must follow it
+    from saffron.model import load_model
+
+    model = load_model(str(tiny_dir))
+    probe = Probe(2 * model.hf.config.hidden_size, 0)
+    assert isinstance(probe.net, torch.nn.Linear)
+    torch.nn.init.normal_(probe.net.weight)
+    g = ProbeGuard(model, ProbeSpec(base_model="unused", layers=(1, 2), hidden=0), probe)
+    r = g.score("q", ["x", "y"])
+    feats = g.features([g.guard_ids("q", "x")])
+    assert feats.device == model.device
+    assert r[0] == pytest.approx(float(g.probe(feats)[0].detach()), abs=1e-3)
+
+
 def test_probe_roundtrip_and_corruption(tmp_path: Path, tiny) -> None:
     spec = ProbeSpec(base_model="unused", layers=(1, 2), hidden=0)
     probe = Probe(2 * tiny.hf.config.hidden_size, 0)

@@ -98,7 +98,7 @@ class ProbeGuard(RewardModel):
         self.name = name
         self.model = model
         self.spec = spec
-        self.probe = probe.eval()
+        self.probe = probe.to(model.device).eval()  # the hidden states it reads live on the policy's device
         self.prompt = chat_guard_prompt(model, spec.instructions, spec.closing)
         self.runner = Runner(model, depth=max(1, *spec.layers))  # the blocks above the probe never run
         self.keep_fixed_prefix()
