@@ -49,12 +49,12 @@ skip() { echo "$2" > "$WORK/$1.skip"; echo "device-check: $1: skipped ($2)" >&2;
 
 SAFFRON=("$PY" -m saffron.cli)
 if [ "$GPU" = yes ] || [ "$DRY" = 1 ]; then
-  SAFFRON_DEVICE=cuda step tests 150 "$PY" -m pytest -q -m device -p no:cacheprovider tests
-  step compare 240 "${SAFFRON[@]}" compare --limit 2 --device cuda --no-sweep --methods none,best-of-n,saffron \
+  SAFFRON_DEVICE=cuda step tests 120 "$PY" -m pytest -q -m device -p no:cacheprovider tests
+  step compare 150 "${SAFFRON[@]}" compare --limit 2 --device cuda --no-sweep --methods none,best-of-n,saffron \
     --method-budgets best-of-n=32 --method-budgets saffron=44 --out "$WORK/compare" --json
   step cache 60 "${SAFFRON[@]}" bench cache --device cuda --repeats 2 --json
   if [ "$DRY" = 1 ] || "${SAFFRON[@]}" bench throughput --help > /dev/null 2>&1; then
-    step throughput 120 "${SAFFRON[@]}" bench throughput --device cuda --json
+    step throughput 180 "${SAFFRON[@]}" bench throughput --device cuda --json
   else
     skip throughput "this installation has no 'saffron bench throughput'"
   fi

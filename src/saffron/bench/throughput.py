@@ -6,9 +6,11 @@ K > 1 runs K at a time in lockstep (``batching.py``, ``--prompt-batch K``). Only
 judges). Per run:
 
 - ``prompts_per_s``; ``gflops``: the sum of the prompts' own analytic FLOPs (what K = 1 would count) over the
-  wall time, and ``fraction_of_peak`` against ``peak_gflops``, an fp32 (the model's dtype) matrix product of
-  the model's MLP shape at the same thread count, timed here before and after the runs (``peak_windows``: best
-  and median of each window; the peak is the better best), each point after one untimed warm-up search;
+  wall time, and ``fraction_of_peak`` against ``peak_gflops``, a matrix product in the model's dtype, of
+  the model's MLP shape at the same thread count on the model's device, timed here before and after the runs
+  (``peak_windows``: best and median of each window; the peak is the better best), each point after one
+  untimed warm-up search; on an accelerator also ``square_peak_gflops`` (a 4096-cube product, the hardware's
+  limit, where the model's small GEMM is launch-bound) and each run's ``fraction_of_square_peak``;
 - ``identical_share``: the share of prompts whose output tokens and FLOPs equal the first K's (K = 1 when it is
   in ``ks``); any difference comes from float summation order (``batching.py``);
 - ``merged``: the coordinator's counts (merged forwards, parts and query tokens per forward).
@@ -40,21 +42,32 @@ WIDTHS = (44, 4)  # Saffron's matched width, and a small one
 N_SAMPLES = 32
 
 
-def matmul_peak(d_in: int, d_out: int, dtype: torch.dtype, rows: int = 512, seconds: float = 1.0) -> dict[str, Any]:
-    """GFLOP/s of ``[rows, d_in] @ [d_in, d_out]`` in ``dtype`` at torch's current thread count: the best and the
-    median of the batches timed in ``seconds`` after a warm-up."""
-    x, w = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(d_in: int, d_out: int, dtype: torch.dtype, rows: int = 512, seconds: float = 1.0,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """GFLOP/s of ``[rows, d_in] @ [d_in, d_out]`` in ``dtype`` on ``device`` (at torch's current thread count
+    on the CPU): the best and the median of the batches timed in ``seconds`` after a warm-up. On an accelerator
+    each batch ends with a synchronisation, so the clock sees the kernels finish, not just their launch."""
+    dev = torch.device(device)
+    x, w = torch.randn(rows, d_in, dtype=dtype, device=dev), torch.randn(d_in, d_out, dtype=dtype, device=dev)
     for _ in range(3):
         x @ w
+    _sync(dev)
+    batch = 5 if dev.type == "cpu" else 50  # a GPU product of this size takes microseconds: amortise the sync
     flops, rates, t_end = 2 * rows * d_in * d_out, [], time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        for _ in range(5):
+        for _ in range(batch):
             x @ w
-        rates.append(5 * flops / (time.perf_counter() - t0))
+        _sync(dev)
+        rates.append(batch * flops / (time.perf_counter() - t0))
     return {"best_gflops": round(max(rates) / 1e9, 2), "median_gflops": round(statistics.median(rates) / 1e9, 2),
             "gemm": [rows, d_in, d_out], "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": str(dev)}
 
 
 def run_points(methods: Sequence[str], widths: Sequence[int], n: int, max_new_tokens: int | None
@@ -92,6 +105,25 @@ def search_all(cfg: EvalConfig, stack: Stack, sessions: Sequence[tuple[str, Sess
     return [got[i] for i in range(len(sessions))], time.perf_counter() - t0, coord.stats.as_dict()
 
 
+def _peaks(machine: dict[str, Any], gemm: tuple[int, int, torch.dtype], runs: list[dict[str, Any]]
+           ) -> tuple[float, dict[str, dict[str, Any]], float | None]:
+    """The peak after the runs too, and each run's fraction of it (the better window's best). A busy or throttled
+    machine moves the peak, and a fraction of a peak taken in a quiet moment only would understate every run.
+    On an accelerator the model's GEMM is small (launch-bound), so a large square product, the hardware's own
+    limit, is reported beside it and each run gets its fraction of that too."""
+    after = matmul_peak(*gemm, device=machine["device"])
+    windows = {"before": machine, "after": after}
+    peak = max(machine["best_gflops"], after["best_gflops"])
+    square = None
+    if machine["device"] != "cpu":
+        square = matmul_peak(4096, 4096, gemm[2], rows=4096, device=machine["device"])["best_gflops"]
+    for r in runs:
+        r["fraction_of_peak"] = round(r["gflops"] / peak, 4)
+        if square:
+            r["fraction_of_square_peak"] = round(r["gflops"] / square, 5)
+    return peak, windows, square
+
+
 def bench_throughput(methods: Sequence[str] = METHODS, ks: Sequence[int] = KS, limit: int = 16,
                      widths: Sequence[int] = WIDTHS, n: int = N_SAMPLES, max_new_tokens: int | None = None,
                      dataset: str = "pyrit-harmful", policy: str = EMBEDDED_POLICY) -> dict[str, Any]:
@@ -115,7 +147,7 @@ def bench_throughput(methods: Sequence[str] = METHODS, ks: Sequence[int] = KS, l
         if machine is None:
             arch = ArchSpec.from_config(policy_model.hf.config)
             gemm = (arch.d_model, arch.d_ff, next(policy_model.hf.parameters()).dtype)
-            machine = matmul_peak(*gemm)
+            machine = matmul_peak(*gemm, device=policy_model.device)
         sessions = [(ex.id, make_session(policy_model, ex, None, cfg.prefill_tokens,
                                          reserve=method.config.max_new_tokens))
                     for ex in load_dataset(cfg.dataset)[:limit]]
@@ -138,17 +170,11 @@ def bench_throughput(methods: Sequence[str] = METHODS, ks: Sequence[int] = KS, l
                          "speedup_vs_first_k": round(rate / base_rate, 3), "tflops_per_prompt": flops / len(
                              sessions) / 1e12, "identical_share": same / len(sessions), "merged": merged})
     assert machine is not None
-    # measured again after the runs: a busy or throttled machine moves the peak, and a fraction of a peak taken
-    # in a quiet moment only would understate every run; the better of the two windows is the peak
-    after = matmul_peak(*gemm)
-    windows = {"before": machine, "after": after}
-    peak = max(machine["best_gflops"], after["best_gflops"])
-    for r in runs:
-        r["fraction_of_peak"] = round(r["gflops"] / peak, 4)
+    peak, windows, square = _peaks(machine, gemm, runs)
     return {"peak_gflops": peak, "peak_windows": {w: {"best_gflops": m["best_gflops"],
                                                      "median_gflops": m["median_gflops"]}
                                                  for w, m in windows.items()},
-            **{k: machine[k] for k in ("gemm", "dtype", "threads")},
+            **{k: machine[k] for k in ("gemm", "dtype", "threads", "device")}, "square_peak_gflops": square,
             "policy": policy, "dataset": dataset, "prompts": limit, "ks": list(ks),
             "max_new_tokens": max_new_tokens, "runs": runs}
 
@@ -159,7 +185,9 @@ def format_throughput(res: dict[str, Any]) -> str:
     lines = [f"matmul peak: {res['peak_gflops']} GFLOP/s ({res['dtype']}, {res['threads']} threads, GEMM "
              f"{'x'.join(map(str, res['gemm']))}; best / median before the runs {win['before']['best_gflops']} / "
              f"{win['before']['median_gflops']}, after {win['after']['best_gflops']} / "
-             f"{win['after']['median_gflops']})", "",
+             f"{win['after']['median_gflops']}; {res.get('device', 'cpu')})"
+             + (f"; square 4096 GEMM: {res['square_peak_gflops']} GFLOP/s" if res.get("square_peak_gflops") else ""),
+             "",
              "| method | options | K | prompts/s | GFLOP/s | of peak | speed-up | identical |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
