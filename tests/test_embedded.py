@@ -76,3 +76,59 @@ def test_shipped_mrm_defends_on_the_embedded_stack(tmp_path: Path, spec: str) ->
         assert rec["flops"]["mrm"] < rec["flops"]["policy"] / 10
     else:
         assert rec["flops"]["mrm"] > rec["flops"]["policy"] / 4
+
+
+def _tiny_gguf(path: Path, eos: int) -> Path:
+    """A GGUF holding only a byte-level BPE tokenizer's metadata (no tensors): 3 control tokens, the 256 byte
+    symbols, one merge."""
+    from gguf import GGUFWriter
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = [*specials, *sorted(ByteLevel.alphabet()), "ab"]
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(eos)
+    w.add_pad_token_id(eos)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("eos", [2, 1])
+def test_the_tokenizer_comes_from_the_gguf_metadata(tmp_path: Path, eos: int) -> None:
+    # transformers' own GGUF converter made a different tokenizer in 5.17 than in 5.25 (end of sequence
+    # <|im_start|>, a byte-fallback decoder); the embedded model's tokenizer is built from the metadata instead
+    from saffron.embedded import gguf_tokenizer
+
+    tok = gguf_tokenizer(_tiny_gguf(tmp_path / "t.gguf", eos))
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) == (eos, eos, 1, 0)
+    assert tok.eos_token == names[eos]
+    assert {i for i, t in tok.added_tokens_decoder.items() if t.special} == {0, 1, 2}
+    ids = tok("ab a<|im_end|>", add_special_tokens=True)["input_ids"]
+    assert ids[0] == len(tok) - 1 and ids[-1] == 2  # the merge applies, no BOS is added, the special stays one id
+    assert tok.decode(ids) == "ab a<|im_end|>"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "<|im_start|>x<|im_end|>"
+
+
+@embedded
+def test_the_embedded_tokenizer_is_the_one_the_shipped_mrms_were_trained_with() -> None:
+    from saffron.embedded import converted_dir, gguf_path, gguf_tokenizer
+    from saffron.mrm.base import tokenizer_fingerprint
+
+    shipped = {json.loads((Path(__file__).parents[1] / "src/saffron/assets" / a / "saffron.json").read_text())[
+        "tokenizer_sha256"] for a in ("smol_mrm", "smol_mrm_head", "smol_prm_head")}
+    tok = gguf_tokenizer(gguf_path())
+    assert {tokenizer_fingerprint(tok)} == shipped
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+    saved = json.loads((converted_dir() / "tokenizer.json").read_text())
+    assert saved["decoder"]["type"] == "ByteLevel" and saved["model"]["byte_fallback"] is False
