@@ -4,6 +4,7 @@
 #   2. `saffron compare --limit 2 --device cuda` on the embedded stack (none, best-of-n, saffron; no sweep);
 #   3. `saffron bench cache --device cuda`;
 #   4. `saffron bench throughput --json`, where this installation has that benchmark;
+#   5. `saffron bench parity --device cuda --json`: every method on the GPU and on the CPU in fp32, token for token;
 # then prints ONE JSON line: {"gpu": ..., "device": ..., "ok": ..., "seconds": ..., "steps": {name: {ok, seconds,
 # rc, figures...}}}. Each step has its own time limit; a step that fails does not stop the others.
 #
@@ -53,6 +54,7 @@ if [ "$GPU" = yes ] || [ "$DRY" = 1 ]; then
   step compare 150 "${SAFFRON[@]}" compare --limit 2 --device cuda --no-sweep --methods none,best-of-n,saffron \
     --method-budgets best-of-n=32 --method-budgets saffron=44 --out "$WORK/compare" --json
   step cache 60 "${SAFFRON[@]}" bench cache --device cuda --repeats 2 --json
+  step parity 120 "${SAFFRON[@]}" bench parity --device cuda --json
   if [ "$DRY" = 1 ] || "${SAFFRON[@]}" bench throughput --help > /dev/null 2>&1; then
     step throughput 180 "${SAFFRON[@]}" bench throughput --device cuda --json
   else
@@ -61,7 +63,7 @@ if [ "$GPU" = yes ] || [ "$DRY" = 1 ]; then
 else
   # the CPU-meaningful part: the same tests, which must pass on the CPU as well
   step tests 300 "$PY" -m pytest -q -m device -p no:cacheprovider tests
-  for s in compare cache throughput; do skip "$s" "no GPU: it measures an accelerator"; done
+  for s in compare cache parity throughput; do skip "$s" "no GPU: it measures an accelerator"; done
 fi
 
 "$PY" - "$WORK" "$GPU" "${DEVICE_NAME:-}" <<'EOF'
@@ -97,6 +99,11 @@ def figures(name: str, out: str) -> dict:
         return {"target_tflops": data.get("target_tflops"),
                 "methods": {m: {k: d.get(k) for k in ("asr", "tflops_per_prompt", "budget", "n")}
                             for m, d in methods.items()}}
+    if name == "parity":
+        return {"ran": data.get("ran"), "cases": data.get("cases"), "equal_share": data.get("equal_share"),
+                "rows": {r["case"]: {"equal": r.get("equal"), "first_difference": r.get("first_difference"),
+                                     **{w: r[w].get("error", "ok") for w in ("device", "device_auto")}}
+                         for r in data.get("rows", [])}}
     if name == "cache":
         keep = ("runner_seconds", "nocache_seconds", "speedup_vs_nocache", "speedup_vs_copies", "kv_bytes",
                 "overhead_fraction", "runner_tflops")
@@ -105,7 +112,7 @@ def figures(name: str, out: str) -> dict:
 
 
 steps, total, ok = {}, 0, True
-for s in ("tests", "compare", "cache", "throughput"):
+for s in ("tests", "compare", "cache", "parity", "throughput"):
     skipped = read(work / f"{s}.skip").strip()
     if skipped:
         steps[s] = {"ok": None, "skipped": skipped}

@@ -71,6 +71,31 @@ def bench_cache_cmd(
     emit(bench_cache(prompt_tokens, width, steps, nocache=nocache, repeats=repeats), as_json)
 
 
+def bench_parity_cmd(
+    tokens: int = typer.Option(8, "--tokens", min=1, help="New tokens per search."),
+    cases: str = typer.Option("", "--cases", help="Cases to run, comma-separated (default: every method)."),
+    as_json: bool = AS_JSON,
+    device: str = DEVICE,
+) -> None:
+    """Every method on --device and on the CPU in fp32 (token for token), and in the device's default dtype."""
+    from saffron.bench.parity import bench_parity
+    from saffron.device import Placement, resolve_device
+
+    Placement(device=device).check()
+    dev = resolve_device(device)
+    quiet_hf()
+    res = bench_parity(dev, tokens, tuple(c.strip() for c in cases.split(",") if c.strip()))
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    typer.echo(f"device {res['device']}: {res['ran']}/{res['cases']} cases ran there; fp32 tokens equal to the "
+               f"CPU's in {res['equal_share']}")
+    for r in res["rows"]:
+        errs = [f"{w}: {r[w]['error']}" for w in ("cpu", "device", "device_auto") if not r[w]["ok"]]
+        typer.echo(f"  {r['case']:<20} equal={r.get('equal')} first_difference={r.get('first_difference')} "
+                   + ("; ".join(errs) if errs else f"{r['device']['seconds']} s on the device"))
+
+
 def bench_throughput_cmd(
     methods: str = typer.Option("none,best-of-n,saffron", "--methods", help="Methods to time (comma-separated)."),
     k: str = typer.Option("1,4,16", "--k", help="Prompt batches K to time (comma-separated; 1 = one at a time)."),
