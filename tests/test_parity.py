@@ -59,3 +59,17 @@ def test_the_default_device_writes_the_cpus_tokens_in_fp32() -> None:
     res = parity.bench_parity(resolve_device(), tokens=4, cases=("best-of-n", "saffron"))
     assert res["ran"] == 2, res["rows"]
     assert res["equal_share"] == 1.0, [(r["case"], r.get("first_difference")) for r in res["rows"]]
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["--device", "gpu"], "--device must be auto|cpu|cuda|cuda:N|mps, got 'gpu'"),
+    (["--device", "cpu", "--cases", "none,beam"], "unknown parity case 'beam'"),
+])
+def test_bad_input_is_one_line(argv: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from saffron.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "parity", *argv])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
