@@ -3,8 +3,8 @@
 #   1. the tests marked `device` (pytest -m device) with SAFFRON_DEVICE=cuda, so `auto` is the GPU;
 #   2. `saffron compare --limit 2 --device cuda` on the embedded stack (none, best-of-n, saffron; no sweep);
 #   3. `saffron bench cache --device cuda`;
-#   4. `saffron bench throughput --json`, where this installation has that benchmark;
-#   5. `saffron bench parity --device cuda --json`: every method on the GPU and on the CPU in fp32, token for token;
+#   4. `saffron bench parity --device cuda --json`: every method on the GPU and on the CPU in fp32, token for token;
+#   5. `saffron bench throughput --k 1,16 --json`, where this installation has that benchmark;
 # then prints ONE JSON line: {"gpu": ..., "device": ..., "ok": ..., "seconds": ..., "steps": {name: {ok, seconds,
 # rc, figures...}}}. Each step has its own time limit; a step that fails does not stop the others.
 #
@@ -50,13 +50,13 @@ skip() { echo "$2" > "$WORK/$1.skip"; echo "device-check: $1: skipped ($2)" >&2;
 
 SAFFRON=("$PY" -m saffron.cli)
 if [ "$GPU" = yes ] || [ "$DRY" = 1 ]; then
-  SAFFRON_DEVICE=cuda step tests 120 "$PY" -m pytest -q -m device -p no:cacheprovider tests
-  step compare 150 "${SAFFRON[@]}" compare --limit 2 --device cuda --no-sweep --methods none,best-of-n,saffron \
+  SAFFRON_DEVICE=cuda step tests 60 "$PY" -m pytest -q -m device -p no:cacheprovider tests
+  step compare 120 "${SAFFRON[@]}" compare --limit 2 --device cuda --no-sweep --methods none,best-of-n,saffron \
     --method-budgets best-of-n=32 --method-budgets saffron=44 --out "$WORK/compare" --json
   step cache 60 "${SAFFRON[@]}" bench cache --device cuda --repeats 2 --json
-  step parity 120 "${SAFFRON[@]}" bench parity --device cuda --json
+  step parity 90 "${SAFFRON[@]}" bench parity --device cuda --json
   if [ "$DRY" = 1 ] || "${SAFFRON[@]}" bench throughput --help > /dev/null 2>&1; then
-    step throughput 180 "${SAFFRON[@]}" bench throughput --device cuda --json
+    step throughput 150 "${SAFFRON[@]}" bench throughput --device cuda --k 1,16 --json
   else
     skip throughput "this installation has no 'saffron bench throughput'"
   fi

@@ -268,3 +268,21 @@ def test_every_command_a_message_suggests_names_flags_that_verb_has() -> None:
                     assert flag in known, f"`saffron {hint}`: {cmd.name} has no {flag}"
                     checked += 1
     assert checked > 10
+
+
+def test_the_device_check_plans_every_step_and_prints_one_json_line() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    proc = subprocess.run(["bash", str(root / "scripts" / "device-check.sh"), "--dry-run"], capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(out["steps"]) == ["tests", "compare", "cache", "parity", "throughput"]
+    assert all(s == {"ok": None, "skipped": "dry run"} for s in out["steps"].values())
+    assert "bench parity --device cuda" in proc.stderr and "--k 1,16" in proc.stderr
+    bad = subprocess.run(["bash", str(root / "scripts" / "device-check.sh"), "--fast"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "device-check: unknown argument '--fast' (known: " \
+                                                          "--dry-run, --help)"
