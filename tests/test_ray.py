@@ -22,6 +22,11 @@ from saffron.errors import SaffronError
 from saffron.evaluate import PENDING_FILE, Backend, run_eval
 from tests.conftest import needs_plot
 
+# Every local reference run here uses one torch thread, as each Ray actor does (it reserves one CPU, and Ray sets
+# OMP_NUM_THREADS=1). On some CPUs one and two threads sum floats in another order: on the 2026-12-04 CI machine a
+# reward differed in its 8th digit, and byte-identity is a claim about equal thread counts.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _dataset(tmp_path: Path, n: int = 5, long: int | None = None) -> str:
     p = tmp_path / "ds.jsonl"
@@ -100,19 +105,6 @@ def test_unreachable_ray_address_fails_fast() -> None:
 
 
 # --- on a local Ray instance -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_like_the_actors() -> Iterator[None]:
-    """Every local reference run here uses one torch thread, as each Ray actor does (it reserves one CPU, and Ray
-    sets OMP_NUM_THREADS=1). On some CPUs one and two threads sum floats in another order: on the 2026-12-04 CI
-    machine a reward differed in its 8th digit, and byte-identity is a claim about equal thread counts."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[Any]:
