@@ -40,7 +40,9 @@ case "${1:-}" in
     cp -r "$A"/data/. "$SAFFRON_HOME/data/"
     # no index: a file that is missing there (the MiniLM encoder) is reported at once, not after pip's retries
     export PIP_NO_INDEX=1 PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -c "from saffron import embedded; embedded.convert()" 2> /dev/null
+    # the conversion's progress bars go to a log; on failure its last lines are shown, not swallowed
+    "$PY" -c "from saffron import embedded; embedded.convert()" 2> "$SAFFRON_HOME/convert.log" \
+      || { tail -3 "$SAFFRON_HOME/convert.log" >&2; exit 1; }
     echo "export PIP_NO_INDEX=1 SAFFRON_HOME=$SAFFRON_HOME PYTHONPATH=$PYTHONPATH"
     ;;
   *) echo "offline-stage: say pack or unpack A B" >&2; exit 2 ;;
