@@ -47,6 +47,8 @@ def _one(method: str, opts: dict[str, Any], models: dict[str, str], placement: P
                              placement=placement, **models))  # type: ignore[arg-type]  # reward= / mrm= strings
     m = validate(cfg, None)
     t0 = time.perf_counter()
+    # build_stack places what it loads itself; the block also covers anything loaded lazily during the search,
+    # which would otherwise land on the process's default device (the GPU, for the CPU reference run)
     with placed(placement):
         stack = build_stack(cfg)
         ex = Example(id="parity", prompt=PROMPT, prefill=PREFILL)
