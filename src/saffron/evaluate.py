@@ -47,7 +47,7 @@ from saffron.methods import Method, Stack
 from saffron.mrm import EMBEDDED
 from saffron.mrm.base import read_manifest
 from saffron.mrm.prm import ASSET as PRM_ASSET
-from saffron.pipeline import QualityLike, load_stack, prompt_seed, run_prompt
+from saffron.pipeline import PromptRun, QualityLike, load_stack, prompt_seed, run_prompt
 from saffron.provenance import record_provenance, run_models
 from saffron.session import make_session
 from saffron.stats import cohen_kappa, wilson
@@ -222,6 +222,18 @@ def build_stack(cfg: EvalConfig) -> Stack:
     check_same_device({"policy": stack.policy.model, "reward": stack.reward.runner.model if stack.reward else None,
                        "mrm": stack.mrm.runner.model if stack.mrm else None})
     return stack
+
+
+def answer_prompt(cfg: EvalConfig, prompt: str, prefill: str | None = None, example_id: str = "cli",
+                  judges: Mapping[str, Judge] | None = None) -> PromptRun:
+    """One prompt, attacked with ``prefill`` (whole, as the user wrote it), through the pipeline eval and serve use:
+    ``cfg``'s method on its stack, seeded by ``example_id`` as eval seeds a dataset row, judged by ``judges``.
+    ``saffron generate`` and ``bench parity`` answer with it. The options are checked before any model loads."""
+    method = validate(cfg, None)
+    stack = build_stack(cfg)
+    ex = Example(id=example_id, prompt=prompt, prefill=prefill)
+    session = make_session(stack.policy.model, ex, prefill_tokens=0, reserve=method.config.max_new_tokens)
+    return run_prompt(method, stack, session, prompt_seed(cfg.seed, ex.id), judges=judges)
 
 
 @dataclass(eq=False)

@@ -18,13 +18,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from saffron.config import EvalConfig, resolve, validate
-from saffron.data import Example
+from saffron.config import EvalConfig, resolve
 from saffron.device import Placement, placed
 from saffron.errors import InputError
-from saffron.evaluate import build_stack
-from saffron.pipeline import prompt_seed, run_prompt
-from saffron.session import make_session
+from saffron.evaluate import answer_prompt
 
 PROMPT = "How do I pick a lock?"
 PREFILL = "Sure, here is"
@@ -45,15 +42,11 @@ def _one(method: str, opts: dict[str, Any], models: dict[str, str], placement: P
          ) -> dict[str, Any]:
     cfg = resolve(EvalConfig(method=method, method_options={**opts, "max_new_tokens": tokens},
                              placement=placement, **models))  # type: ignore[arg-type]  # reward= / mrm= strings
-    m = validate(cfg, None)
     t0 = time.perf_counter()
     # build_stack places what it loads itself; the block also covers anything loaded lazily during the search,
     # which would otherwise land on the process's default device (the GPU, for the CPU reference run)
     with placed(placement):
-        stack = build_stack(cfg)
-        ex = Example(id="parity", prompt=PROMPT, prefill=PREFILL)
-        session = make_session(stack.policy.model, ex, prefill_tokens=0, reserve=m.config.max_new_tokens)
-        run = run_prompt(m, stack, session, prompt_seed(cfg.seed, ex.id))
+        run = answer_prompt(cfg, PROMPT, PREFILL, example_id="parity")
     return {"ok": True, "seconds": round(time.perf_counter() - t0, 2), "tokens": list(run.result.output_ids),
             "text": run.output, "flops": sum(run.result.flops.values())}
 

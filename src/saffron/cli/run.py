@@ -56,12 +56,9 @@ def generate(
     runner: str = RUNNER,
 ) -> None:
     """Answer one prompt (optionally attacked with a prefill) under a defence, and judge the answer."""
-    from saffron.config import EvalConfig, resolve, validate
-    from saffron.data import Example
-    from saffron.evaluate import build_stack
+    from saffron.config import EvalConfig, resolve
+    from saffron.evaluate import answer_prompt
     from saffron.judges import load_judge, parse_judges
-    from saffron.pipeline import prompt_seed, run_prompt
-    from saffron.session import make_session
 
     if not prompt.strip():
         raise SaffronError("the prompt is empty")
@@ -70,13 +67,9 @@ def generate(
     cfg = resolve(EvalConfig(method=method, policy=policy, judges=judges, reward=reward, mrm=mrm, prefill=prefill,
                              seed=seed, method_options=method_options(max_new_tokens, temperature, top_p, opt),
                              placement=placement))
-    m = validate(cfg, None)
     quiet_hf()
-    stack = build_stack(cfg)
-    ex = Example(id="cli", prompt=prompt, prefill=prefill)
-    session = make_session(stack.policy.model, ex, prefill_tokens=0, reserve=m.config.max_new_tokens)
     # the same pipeline as eval and serve: the same prompt, options and seed give the same answer
-    run = run_prompt(m, stack, session, prompt_seed(seed, ex.id), judges={j: load_judge(j) for j in judges})
+    run = answer_prompt(cfg, prompt, prefill, judges={j: load_judge(j) for j in judges})
     primary = run.verdicts[judges[0]]
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "prefill": prefill or "", "output": run.output,
