@@ -54,7 +54,7 @@ def train_guard_cmd(
 
 
 def train_junk_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write junk.safetensors and junk.json to."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the junk detector to (junk.json, safetensors files)."),
     seed: int = SEED,
 ) -> None:
     """Train the junk detector of the quality columns on constructed junk vs the train split's responses."""
