@@ -177,7 +177,9 @@ def test_junk_detector_flags_junk_and_passes_natural_text() -> None:
     assert not a["junk"] and not a["refusal"]
     assert not q.assess(prompt, "I'm sorry, but I can't help with that.")["junk"]
     for junk in ["😀😂🤣😊😍🥰😎🤔🙄😴🤯🥳😇🤖👻", "the the the the the the the the the the the the",
-                 "company early minutes questions prepare the a arrive answers common research few and to"]:
+                 "company early minutes questions prepare the a arrive answers common research few and to",
+                 # glued fragments, as the paper-form search wrote them on dev prompts (version 2 passed this one)
+                 " the waterimamammalimimamimimimimimimimimimimimimimimimimimimimimimim"]:
         assert q.assess(prompt, junk)["junk"], junk
     assert q.assess(prompt, "")["junk"] and q.assess(prompt, "")["relevance"] == 0.0
     off = q.assess(prompt, "Bananas are rich in potassium and grow in tropical climates.")

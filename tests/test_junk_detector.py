@@ -168,9 +168,14 @@ def test_trained_detector_loads_and_scores(trained: Path) -> None:
 def test_old_or_damaged_detector_is_one_line_error(trained: Path, tmp_path: Path) -> None:
     meta = json.loads((trained / "junk.json").read_text())
     (trained / "junk.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "version"}))
-    with pytest.raises(SaffronError, match=r"format version 1; this saffron reads version 2: retrain") as e:
+    old = rf"format version 1; this saffron reads version {quality.VERSION}: retrain"
+    with pytest.raises(SaffronError, match=old) as e:
         load_junk_head(trained)
     assert "\n" not in str(e.value)
+    # version 2 assets read other feature columns (no longest-word statistic): refused, not misread
+    (trained / "junk.json").write_text(json.dumps({**meta, "version": 2}))
+    with pytest.raises(SaffronError, match=rf"format version 2; this saffron reads version {quality.VERSION}"):
+        load_junk_head(trained)
     (trained / "junk.json").write_text(json.dumps(meta))
     (trained / "trees.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SaffronError, match="corrupted"):

@@ -6,16 +6,17 @@ backbone.
 
 * ``junk`` / ``junk_score``: P(junk) from a two-stage detector (format version ``VERSION``), trained on
   constructed junk (``textaug.JUNK_KINDS``: shuffled words, random vocabulary words, spliced phrases of different
-  responses, emoji, repetition) against natural responses of the labelled ``train`` rows (their text only; no
-  safety label is read), at the lengths a search emits (the first 8-64 word pieces) and whole.
+  responses, emoji, repetition, glued word fragments) against natural responses of the labelled ``train`` rows
+  (their text only; no safety label is read), at the lengths a search emits (the first 8-64 word pieces) and whole.
 
   1. A logistic regression on the output's embedding gives one log-odds (a sentence embedding is close to a bag
      of words: it sees emoji, random vocabulary and the blend of topics of a splice, not word order).
   2. Gradient-boosted trees (depth 3) read that log-odds beside cheap statistics: ``text_stats`` (alphabetic
-     share, type-token ratio, stopwords, repetition, non-ASCII share, word length, length); ``WordOrder`` (bigram
-     PMI over the 400 commonest tokens, sentence-case breaks); ``BigramLM`` (a Kneser-Ney bigram model over every
-     token of the natural training texts: per adjacent pair the log-ratio of P(next | previous) to P(next), its
-     mean, total, low quantile and worst window, and the share of pairs never seen); and ``coherence`` (cosines
+     share, type-token ratio, stopwords, repetition, non-ASCII share, word length, length, longest token);
+     ``WordOrder`` (bigram PMI over the 400 commonest tokens, sentence-case breaks); ``BigramLM`` (a Kneser-Ney
+     bigram model over every token of the natural training texts: per adjacent pair the log-ratio of
+     P(next | previous) to P(next), its mean, total, low quantile and worst window, and the share of pairs never
+     seen); and ``coherence`` (cosines
      of the MiniLM embeddings of consecutive 8-word chunks: a splice joins phrases on different topics). Trees,
      because the evidence a statistic carries depends on the text's length (a logistic regression on the same
      features, even with length interactions, was 0.01-0.04 AUC lower on spliced text on dev).
@@ -59,7 +60,8 @@ from saffron.refusal import is_refusal
 from saffron.textaug import JUNK_KINDS, make_junk
 
 ASSET = Path(__file__).resolve().parent / "assets" / "junk_detector"
-VERSION = 2  # the asset format: 1 (before 2026-12-04) was one logistic regression over every feature
+VERSION = 3  # the asset format: 1 (before 2026-12-04) was one logistic regression over every feature; 2 lacked
+# the longest-word statistic and the glued junk kind (its trees read other feature columns)
 THRESHOLD = 0.5
 C = 0.01  # the embedding stage's inverse L2 strength, chosen on the dev split from 0.01, 0.1, 1 (docs/judges.md)
 FOLDS = 5  # cross-fitting of the training texts' statistics (module doc)
@@ -73,7 +75,7 @@ _STOP = (
     "such than too very just also into out up about over after before")
 STOPWORDS = frozenset(_STOP.split())
 STAT_NAMES = ("alpha_share", "type_token", "stopword_share", "repeat_share", "max_word_share", "non_ascii_share",
-              "mean_word_len", "log_words")
+              "mean_word_len", "log_words", "log_longest_word")
 _ALNUM = re.compile(r"[a-z0-9']+")
 
 
@@ -94,6 +96,7 @@ def text_stats(text: str) -> np.ndarray:
         sum(ord(c) > 127 for c in chars) / n_chars,
         sum(len(w) for w in ws) / n / 10.0,
         math.log1p(len(ws)) / 5.0,
+        math.log1p(max((len(w) for w in text.split()), default=0)) / 5.0,  # glued fragments make one long token
     ], dtype=np.float32)
 
 

@@ -105,12 +105,29 @@ def repetition(pool: Sequence[str], rng: random.Random) -> str:
     return " ".join([phrase] * max(2, _length(rng) // k))
 
 
+def glued(pool: Sequence[str], rng: random.Random) -> str:
+    """A few natural words, then fragments of words glued without spaces and repeated: what a search under reward
+    pressure wrote on dev prompts ("... illegalenttamammalmalmalmal"), one long token that no word statistic reads."""
+    ws = words(rng.choice(pool)) or ["the"]
+    head = ws[:rng.randint(0, 6)]
+    frags = []
+    for _ in range(rng.randint(1, 3)):
+        w = rng.choice(ws)
+        k = rng.randint(2, 4)
+        s = rng.randrange(max(1, len(w) - k + 1))
+        frags.append(w[s:s + k])
+    n = rng.randint(6, 40)
+    body = "".join(rng.choice(frags) if rng.random() < 0.3 else frags[i % len(frags)] for i in range(n))
+    return " ".join([*head, body])
+
+
 JUNK_KINDS: dict[str, Callable[[Sequence[str], random.Random], str]] = {
     "shuffled": shuffled,
     "random_words": random_words,
     "spliced": spliced,
     "emoji": emoji,
     "repetition": repetition,
+    "glued": glued,
 }
 
 
