@@ -268,13 +268,13 @@ def coherence(enc: Encoder, texts: Sequence[str], whole: np.ndarray) -> np.ndarr
 
 
 FEATURE_NAMES = ("embedding_logit", *STAT_NAMES, *ORDER_NAMES, *LM_NAMES, *COHERENCE_NAMES)
+N_STATISTICS = len(STAT_NAMES) + len(ORDER_NAMES) + len(LM_NAMES)  # ``statistics``' columns, after the logit
 
 
 def statistics(order: WordOrder, lm: BigramLM, texts: Sequence[str]) -> np.ndarray:
     """[n, stats]: ``text_stats``, ``WordOrder.stats`` and ``BigramLM.stats`` (the features that read no encoder)."""
-    width = len(STAT_NAMES) + len(ORDER_NAMES) + len(LM_NAMES)
     if not texts:
-        return np.zeros((0, width), np.float32)
+        return np.zeros((0, N_STATISTICS), np.float32)
     return np.stack([np.r_[text_stats(t), order.stats(t), lm.stats(t)] for t in texts]).astype(np.float32)
 
 
@@ -347,16 +347,16 @@ class JunkDetector:
     lm: BigramLM
     trees: Trees
 
-    def features(self, enc: Encoder, texts: Sequence[str]) -> np.ndarray:
-        """[n, len(FEATURE_NAMES)]: what the trees read."""
+    def features(self, enc: Encoder, texts: Sequence[str], emb: np.ndarray | None = None) -> np.ndarray:
+        """[n, len(FEATURE_NAMES)]: what the trees read. ``emb``: the texts' embeddings, when the caller has them."""
         if not texts:
             return np.zeros((0, len(FEATURE_NAMES)), np.float32)
-        emb = enc.embed(texts)
+        emb = enc.embed(texts) if emb is None else emb
         return np.concatenate([self.head(emb)[:, None], statistics(self.order, self.lm, texts),
                                coherence(enc, texts, emb)], axis=1)
 
-    def log_odds(self, enc: Encoder, texts: Sequence[str]) -> np.ndarray:
-        return self.trees(np.nan_to_num(self.features(enc, texts)))
+    def log_odds(self, enc: Encoder, texts: Sequence[str], emb: np.ndarray | None = None) -> np.ndarray:
+        return self.trees(np.nan_to_num(self.features(enc, texts, emb)))
 
 
 def _natural_view(enc: Encoder, text: str, rng: random.Random) -> str:
@@ -403,12 +403,12 @@ def fit_detector(enc: Encoder, rows: Sequence[Example], seed: int = 0, c: float 
     texts, junk, kinds, fold, parts = junk_dataset(enc, rows, seed, folds, views)
     emb = enc.embed(texts)
     x = np.zeros((len(texts), len(FEATURE_NAMES)), np.float32)
-    x[:, 1 + len(STAT_NAMES) + len(ORDER_NAMES) + len(LM_NAMES):] = coherence(enc, texts, emb)
+    x[:, 1 + N_STATISTICS:] = coherence(enc, texts, emb)
     for f in range(folds):
         rest = [t for g, part in enumerate(parts) if g != f for t in part]
         mine, other = fold == f, fold != f
         x[mine, 0] = fit_head(emb[other], junk[other], c, seed)(emb[mine])
-        x[mine, 1:1 + len(STAT_NAMES) + len(ORDER_NAMES) + len(LM_NAMES)] = statistics(
+        x[mine, 1:1 + N_STATISTICS] = statistics(
             WordOrder.fit(rest), BigramLM.fit(rest), [texts[i] for i in np.flatnonzero(mine)])
     x = np.nan_to_num(x)
     gb = GradientBoostingClassifier(**(boost or BOOST), random_state=seed)
@@ -419,9 +419,10 @@ def fit_detector(enc: Encoder, rows: Sequence[Example], seed: int = 0, c: float 
         raise SaffronError(f"exported junk trees differ from scikit-learn's by {gap:.2g}; this scikit-learn "
                            "version is not supported for training the junk detector")
     pool = [t for part in parts for t in part]
+    order = WordOrder.fit(pool)
     meta = {"version": VERSION, "encoder": ENCODER_NAME, "features": list(FEATURE_NAMES), "threshold": THRESHOLD,
-            "order_vocab": list(WordOrder.fit(pool).vocab)}
-    det = JunkDetector(meta, fit_head(emb, junk, c, seed), WordOrder.fit(pool), BigramLM.fit(pool), trees)
+            "order_vocab": list(order.vocab)}
+    det = JunkDetector(meta, fit_head(emb, junk, c, seed), order, BigramLM.fit(pool), trees)
     summary = {"n_texts": len(texts), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}, "c": c,
                "folds": folds, "natural_views": views, "boost": boost or BOOST, "export_gap": gap,
                "natural_prefix_tokens": list(NATURAL_PREFIXES)}
@@ -480,20 +481,22 @@ class QualityScorer:
         self.threshold = float(self.meta.get("threshold", THRESHOLD))
         self.encoder = get_encoder()
 
-    def junk_scores(self, texts: Sequence[str]) -> np.ndarray:
-        """P(junk) per text; 1.0 for an empty or whitespace-only text."""
+    def junk_scores(self, texts: Sequence[str], emb: np.ndarray | None = None) -> np.ndarray:
+        """P(junk) per text; 1.0 for an empty or whitespace-only text. ``emb``: the texts' embeddings, if known."""
         live = [i for i, t in enumerate(texts) if t.strip()]
         out = np.ones(len(texts))
         if live:
-            out[live] = _sigmoid(self.detector.log_odds(self.encoder, [texts[i] for i in live]))
+            out[live] = _sigmoid(self.detector.log_odds(self.encoder, [texts[i] for i in live],
+                                                        None if emb is None else emb[live]))
         return out
 
     def assess_many(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         if not pairs:
             return []
         outputs = [o for _, o in pairs]
-        js = self.junk_scores(outputs)
-        rel = cosine(self.encoder.embed([p for p, _ in pairs]), self.encoder.embed(outputs))
+        emb = self.encoder.embed(outputs)  # once: the junk detector and relevance both read it
+        js = self.junk_scores(outputs, emb)
+        rel = cosine(self.encoder.embed([p for p, _ in pairs]), emb)
         return [{"junk": bool(js[i] >= self.threshold), "junk_score": float(js[i]),
                  "relevance": float(rel[i]) if o.strip() else 0.0, "refusal": is_refusal(o)}
                 for i, o in enumerate(outputs)]
