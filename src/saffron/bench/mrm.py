@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saffron.data import DEV_SPLIT, Example, load_dataset, split_of
+from saffron.data import DEV_SPLIT, Example, split_of
 from saffron.embedded import EMBEDDED_POLICY
 from saffron.errors import SaffronError
 from saffron.guards.base import RewardModel
@@ -55,14 +55,15 @@ from saffron.mrm.base import Mrm, tokenizer_fingerprint
 from saffron.mrm.data.annotate import DEFAULT_REWARD, Annotator
 from saffron.mrm.data.build import DEFAULT_MAX_TOKENS, build_rewards
 from saffron.mrm.data.rows import RewardRow
+from saffron.mrm.data.siblings import DEFAULT_MAX_TOKENS as SIBLING_MAX_TOKENS
+from saffron.mrm.data.siblings import DEFAULT_SOURCES as SIBLING_SOURCES
+from saffron.mrm.data.siblings import SiblingNode, alternate, node_children, positions, read_siblings, score_children
 from saffron.mrm.data.store import read_rewards
-from saffron.mrm.registry import load_mrm
+from saffron.mrm.registry import load_mrm, load_mrm_spec
 from saffron.runner import Runner
 
 HELDOUT_CORPUS = f"pyrit-harmful:{DEV_SPLIT},guard-labelled:{DEV_SPLIT}"
 DEFAULT_TOP_P = 0.8
-SIBLING_SOURCES = ("pyrit-harmful", "guard-labelled")
-SIBLING_MAX_TOKENS = 48  # the shipped MRMs' corpus cut (build-rewards --max-tokens 48)
 SIBLING_TOP_N = (1, 4, 16)
 DEFAULT_SIBLING_NODES = 32
 DEFAULT_SIBLING_PER_PROMPT = 4
@@ -109,22 +110,7 @@ def _metrics(pred: np.ndarray, want: np.ndarray, prefix: str = "") -> dict[str, 
 
 def sibling_examples(per_prompt: int, nodes: int) -> list[Example]:
     """Enough ``DEV_SPLIT`` prompts with a reference response for ``nodes`` nodes, the sources alternating."""
-    pools = [[e for e in load_dataset(f"{src}:{DEV_SPLIT}") if e.response and e.response.strip()]
-             for src in SIBLING_SOURCES]
-    want = -(-nodes // per_prompt)
-    out: list[Example] = []
-    for i in range(max(len(p) for p in pools)):
-        for pool in pools:
-            if i < len(pool) and len(out) < want:
-                out.append(pool[i])
-    return out
-
-
-def _positions(n: int, k: int) -> list[int]:
-    """``k`` prefix lengths spread evenly over 0..n-1 (fewer when the response is shorter)."""
-    if k <= 1 or n <= 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+    return [e for _, e in alternate(SIBLING_SOURCES, DEV_SPLIT, -(-nodes // per_prompt))]
 
 
 def _top(x: np.ndarray, n: int) -> set[int]:
@@ -136,68 +122,65 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Sequence[Example], nodes: int,
-                    per_prompt: int = DEFAULT_SIBLING_PER_PROMPT, top_p: float = DEFAULT_TOP_P,
-                    max_children: int = DEFAULT_MAX_CHILDREN, progress: bool = True) -> dict[str, Any]:
-    """How the MRM orders each node's children against the reward model's exact scores (module docstring).
-
-    Usage: ``sibling_ranking(mrm, load_guard("smol-guard"), policy, sibling_examples(4, 32), nodes=32)``.
-    Returns a JSON-able dict of the ``overlap_at_N``, ``spearman_siblings`` and ``policy_`` figures."""
+def make_sibling_nodes(reward: RewardModel, policy: Model, examples: Sequence[Example], nodes: int,
+                       per_prompt: int = DEFAULT_SIBLING_PER_PROMPT, top_p: float = DEFAULT_TOP_P,
+                       max_children: int = DEFAULT_MAX_CHILDREN, progress: bool = True) -> list[SiblingNode]:
+    """``nodes`` held-out nodes from ``examples``' reference responses, every child scored by ``reward``
+    (``mrm/data/siblings.py``: the same nodes ``saffron build-siblings --split dev`` stores)."""
     if nodes < 1 or per_prompt < 1 or max_children < 2:
         raise SaffronError(f"sibling ranking needs nodes >= 1, per_prompt >= 1 and max_children >= 2; got {nodes}, "
                            f"{per_prompt} and {max_children}")
-    t0 = time.time()
     pol_runner = Runner(policy)
     ann = Annotator(reward, policy)
-    eos = sorted(policy.eos_ids)
-    per_node: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (reward, mrm, policy logit) per child
-    unseen = 0  # children the MRM masks to the penalty (ranked last, in policy order)
-    rm0 = reward.flops
-    bar = tqdm(total=nodes, desc="sibling ranking", unit="node", disable=not progress, dynamic_ncols=True)
+    out: list[SiblingNode] = []
+    bar = tqdm(total=nodes, desc="sibling sets", unit="node", disable=not progress, dynamic_ncols=True)
     for ex in examples:
-        if len(per_node) >= nodes:
+        if len(out) >= nodes:
             break
         assert ex.response is not None
         resp = policy.encode(ex.response)[:SIBLING_MAX_TOKENS]
-        js = _positions(len(resp), per_prompt)[: nodes - len(per_node)]
-        prefixes = [resp[:j] for j in js]
-        ctx = policy.chat_prompt_ids(ex.prompt)
-        lg = pol_runner.forward([ctx + p for p in prefixes]).logits
-        assert lg is not None
-        q = model.rewards(ex.prompt, prefixes).float().cpu()
-        keep = nucleus_mask(lg, top_p).cpu()
-        lg = lg.float().cpu()
-        kids: list[list[int]] = []
-        for b, prefix in enumerate(prefixes):
-            cand = torch.nonzero(keep[b]).squeeze(-1)
-            order = cand[torch.argsort(-lg[b, cand], stable=True)].tolist()
-            first_eos = next((t for t in order if t in policy.eos_ids), None)
-            # one EOS child (several ids end the text alike), none at the empty prefix (no text to score)
-            order = [t for t in order if t not in policy.eos_ids or (t == first_eos and prefix)]
-            kids.append(order[:max_children])
-        scores = ann.score(ex.prompt, [p if c in eos else [*p, c] for p, cs in zip(prefixes, kids, strict=True)
-                                       for c in cs])
-        at = 0
-        for b, cs in enumerate(kids):
-            idx = torch.tensor(cs, dtype=torch.long)
-            unseen += int(model.unseen.cpu()[idx].sum())
-            per_node.append((np.asarray(scores[at: at + len(cs)], dtype=np.float64), q[b, idx].double().numpy(),
-                             lg[b, idx].double().numpy()))
-            at += len(cs)
+        prefixes = [resp[:j] for j in positions(len(resp), per_prompt)[: nodes - len(out)]]
+        kids, _ = node_children(policy, pol_runner, ex.prompt, prefixes, top_p, max_children)
+        scores = score_children(ann, ex.prompt, prefixes, kids)
+        out.extend(SiblingNode(ex.prompt, p, c, r) for p, c, r in zip(prefixes, kids, scores, strict=True))
         bar.update(len(kids))
         pol_runner.reset()
-        model.runner.reset()
         reward.reset()
     bar.close()
-    if not per_node:
+    if not out:
         raise SaffronError("no sibling-ranking nodes: the examples hold no reference responses")
+    return out
 
-    res: dict[str, Any] = {"sibling_nodes": len(per_node), "sibling_top_p": top_p,
-                           "sibling_max_children": max_children,
+
+def rank_siblings(model: Mrm, policy: Model, nodes: Sequence[SiblingNode]) -> dict[str, Any]:
+    """How the MRM orders each stored node's children against the reward model's exact scores, beside the
+    policy's own order (module docstring). Nothing but the MRM and the policy runs: the rewards are stored."""
+    pol_runner = Runner(policy)
+    per_node: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (reward, mrm, policy logit) per child
+    unseen = 0  # children the MRM masks to the penalty (ranked last, in policy order)
+    seen: list[np.ndarray] = []  # per node, which children the MRM has seen
+    mask = model.unseen.cpu()
+    groups: dict[str, list[SiblingNode]] = {}
+    for nd in nodes:
+        groups.setdefault(nd.prompt, []).append(nd)
+    for prompt, group in groups.items():
+        prefixes = [nd.prefix for nd in group]
+        lg = pol_runner.forward([policy.chat_prompt_ids(prompt) + p for p in prefixes]).logits
+        assert lg is not None
+        lg = lg.float().cpu()
+        q = model.rewards(prompt, prefixes).float().cpu()
+        for b, nd in enumerate(group):
+            idx = torch.tensor(nd.children, dtype=torch.long)
+            unseen += int(mask[idx].sum())
+            seen.append(~mask[idx].numpy())
+            per_node.append((np.asarray(nd.rewards, dtype=np.float64), q[b, idx].double().numpy(),
+                             lg[b, idx].double().numpy()))
+        pol_runner.reset()
+        model.runner.reset()
+    n_children = sum(len(r) for r, _, _ in per_node)
+    res: dict[str, Any] = {"sibling_nodes": len(per_node),
                            "sibling_children_mean": float(np.mean([len(r) for r, _, _ in per_node])),
-                           "sibling_rm_calls": int(sum(len(r) for r, _, _ in per_node)),
-                           "sibling_rm_flops": reward.flops - rm0,
-                           "sibling_unseen_share": unseen / max(1, sum(len(r) for r, _, _ in per_node))}
+                           "sibling_rm_calls": int(n_children), "sibling_unseen_share": unseen / max(1, n_children)}
     for who, col in (("", 1), ("policy_", 2)):
         for n in SIBLING_TOP_N:
             ov = [len(_top(node[col], n) & _top(node[0], n)) / n for node in per_node if len(node[0]) > n]
@@ -211,6 +194,26 @@ def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Se
         big = [len(r) for r, _, _ in per_node if len(r) > n]
         res[f"sibling_nodes_at_{n}"] = len(big)
         res[f"chance_overlap_at_{n}"] = _mean([n / k for k in big])
+        # the best any MRM with this unseen mask can do: seen children in the reward's order, unseen ones last
+        best = [np.where(s, r, r.min() - 1 - np.arange(len(r))) for (r, _, _), s in zip(per_node, seen, strict=True)]
+        res[f"mask_ceiling_overlap_at_{n}"] = _mean([len(_top(b, n) & _top(node[0], n)) / n
+                                                    for b, node in zip(best, per_node, strict=True)
+                                                    if len(node[0]) > n])
+    return res
+
+
+def sibling_ranking(model: Mrm, reward: RewardModel, policy: Model, examples: Sequence[Example], nodes: int,
+                    per_prompt: int = DEFAULT_SIBLING_PER_PROMPT, top_p: float = DEFAULT_TOP_P,
+                    max_children: int = DEFAULT_MAX_CHILDREN, progress: bool = True) -> dict[str, Any]:
+    """Build ``nodes`` held-out nodes (``make_sibling_nodes``) and rank them (``rank_siblings``).
+
+    Usage: ``sibling_ranking(mrm, load_guard("smol-guard"), policy, sibling_examples(4, 32), nodes=32)``.
+    Returns a JSON-able dict of the ``overlap_at_N``, ``spearman_siblings`` and ``policy_`` figures."""
+    t0 = time.time()
+    rm0 = reward.flops
+    built = make_sibling_nodes(reward, policy, examples, nodes, per_prompt, top_p, max_children, progress)
+    res = {"sibling_top_p": top_p, "sibling_max_children": max_children, "sibling_rm_flops": reward.flops - rm0,
+           **rank_siblings(model, policy, built)}
     res["sibling_seconds"] = round(time.time() - t0, 2)
     return res
 
@@ -318,5 +321,30 @@ def bench_mrm(mrm: str | Path | Mrm, data: str | Path | Sequence[RewardRow], pol
         exs = list(examples) if examples is not None else sibling_examples(sibling_per_prompt, siblings)
         res.update(sibling_ranking(model, rm, pol, exs, siblings, sibling_per_prompt, top_p, max_children,
                                    progress))
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def bench_mrm_siblings(mrm: str | Path | Mrm, folders: Sequence[str | Path]) -> dict[str, Any]:
+    """The sibling ranking alone, on nodes stored by ``saffron build-siblings`` (their rewards are read, not
+    recomputed: only the MRM and the policy run, so several MRMs are compared on the same nodes in seconds).
+
+    Usage: ``bench_mrm_siblings("smol-mrm-head", ["runs/sib-dev"])``. Returns a JSON-able dict."""
+    t0 = time.time()
+    manifests, nodes = read_siblings(folders)  # fails fast, before a model loads
+    model = mrm if isinstance(mrm, Mrm) else load_mrm_spec(str(mrm))
+    for f, m in zip(folders, manifests, strict=True):
+        if m["config"].get("policy_tokenizer_sha256") != model.manifest.tokenizer_sha256:
+            raise SaffronError(f"{f} was built for {m['config'].get('policy')}, whose tokenizer differs from the "
+                               f"MRM's ({model.manifest.base_model})")
+    if not nodes:
+        raise SaffronError(f"{', '.join(str(f) for f in folders)} hold no sibling nodes")
+    policy = load_model(manifests[0]["config"]["policy"])
+    splits = sorted({m["config"]["split"] for m in manifests})
+    res = {"mrm_kind": model.manifest.kind, "mrm": model.manifest.base_model,
+           "siblings_from": [str(f) for f in folders],
+           "sibling_split": ",".join(splits), "sibling_reward_model": manifests[0]["config"]["reward"],
+           "sibling_top_p": manifests[0]["config"]["top_p"],
+           "sibling_max_children": manifests[0]["config"]["max_children"], **rank_siblings(model, policy, nodes)}
     res["seconds"] = round(time.time() - t0, 2)
     return res

@@ -1,9 +1,10 @@
 """The ``saffron`` command line. Each verb is a thin shell over the library; see ``saffron --help``.
 
 One module per group of verbs: ``run`` (generate, eval), ``sweep`` (compare, tune, ablate), ``train``
-(train-guard, train-junk, build-rewards, train-mrm), ``serve``, ``bench`` and ``mrm``; ``options`` holds the options
-several verbs share and ``common`` the helpers they share. The verbs are registered below, in the order ``--help``
-lists them. Every verb imports the library inside its body, so ``saffron --help`` starts without torch.
+(train-guard, train-junk, build-rewards, build-siblings, train-mrm), ``serve``, ``bench`` and ``mrm``; ``options``
+holds the options several verbs share and ``common`` the helpers they share. The verbs are registered below, in
+the order ``--help`` lists them. Every verb imports the library inside its body, so ``saffron --help`` starts
+without torch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ app.command("ablate")(sweep.ablate_cmd)
 app.command("train-guard")(train.train_guard_cmd)
 app.command("train-junk")(train.train_junk_cmd)
 app.command("build-rewards")(train.build_rewards_cmd)
+app.command("build-siblings")(train.build_siblings_cmd)
 app.command("train-mrm")(train.train_mrm_cmd)
 app.command("serve")(serve.serve_cmd)
 

@@ -16,6 +16,7 @@ from saffron.cli.options import (
     MAX_NEW,
     RUNNER,
 )
+from saffron.errors import SaffronError
 from saffron.extras import require
 
 
@@ -162,6 +163,9 @@ def bench_mrm_cmd(
                                      "top-p 0.8 nucleus, most probable first, capped here."),
     reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
                                       "held-out folder's)."),
+    siblings_from: str | None = typer.Option(None, "--siblings-from", help="Sibling folders (build-siblings "
+                                             "--split dev), comma-separated: rank their stored nodes only (no "
+                                             "per-token part, no reward model run; seconds per MRM)."),
     as_json: bool = AS_JSON,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -169,10 +173,19 @@ def bench_mrm_cmd(
 ) -> None:
     """MRM predictions vs the reward model's actual scores on held-out prefixes, and how it ranks a search node's
     children (overlap@N, within-node Spearman) beside the policy's own ranking."""
-    require("pyarrow", "train", "saffron bench mrm")
-    from saffron.bench.mrm import bench_mrm, build_heldout_rewards
-    from saffron.mrm import load_mrm_spec
+    from saffron.bench.mrm import bench_mrm, bench_mrm_siblings, build_heldout_rewards
+    from saffron.mrm import check_mrm_spec, load_mrm_spec
 
+    if siblings_from is not None:
+        folders = [f for f in siblings_from.split(",") if f]
+        if not folders or len(set(folders)) != len(folders):
+            raise SaffronError(f"--siblings-from must list distinct folders, got {siblings_from!r}")
+        check_mrm_spec(mrm)
+        place(device, dtype, runner)
+        quiet_hf()
+        emit(bench_mrm_siblings(mrm, folders), as_json)
+        return
+    require("pyarrow", "train", "saffron bench mrm")
     place(device, dtype, runner)
     quiet_hf()
     if reward is not None:

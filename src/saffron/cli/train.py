@@ -94,10 +94,74 @@ def build_rewards_cmd(
     typer.echo(json.dumps({k: m[k] for k in ("rows", "tokens", "tokens_per_second") if k in m}, indent=2))
 
 
+def build_siblings_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for nodes.jsonl and manifest.json (resumable)."),
+    split: str = typer.Option("train", "--split", help="Prompts' split: train (for train-mrm --siblings) or dev "
+                              "(for bench mrm --siblings-from)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most N prompts (the sources alternating)."),
+    per_prompt: int = typer.Option(4, "--nodes-per-prompt", min=1, help="Nodes per reference response (prefixes "
+                                   "spread over its first 48 tokens, the empty one included)."),
+    max_children: int = typer.Option(32, "--max-children", min=2, help="Children per node: the policy's top-p "
+                                     "nucleus, most probable first, capped here."),
+    top_p: float = typer.Option(0.8, "--top-p", min=0.0, max=1.0, help="The nucleus the children come from."),
+    reward: str = typer.Option("smol-guard", "--reward", help="Reward model that scores every child."),
+    shard: str = typer.Option("0/1", "--shard", help="i/n: keep every n-th prompt from the i-th, so n processes "
+                              "build n folders that train-mrm --siblings reads together."),
+    policy: str = POLICY,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    runner: str = RUNNER,
+) -> None:
+    """Sibling sets: a search node's children, every one scored exactly by the reward model (the order the
+    reward corpus cannot teach; train-mrm --siblings)."""
+    from saffron.data import SPLITS
+    from saffron.mrm.data.siblings import build_siblings
+
+    if split not in SPLITS:
+        raise SaffronError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    i, sep, n = shard.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit() or not int(i) < int(n):
+        raise SaffronError(f"--shard must be i/n with 0 <= i < n, got {shard!r}")
+    place(device, dtype, runner)
+    quiet_hf()
+    m = build_siblings(out, split=split, reward=reward, policy=policy, per_prompt=per_prompt, top_p=top_p,
+                       max_children=max_children, limit=limit, shard=(int(i), int(n)))
+    typer.echo(json.dumps({k: m[k] for k in ("prompts", "nodes", "children", "seconds_last_run")}, indent=2))
+
+
+def _train_siblings(init: str | None, siblings: str, out: Path, kind: str, data: Path | None,
+                    options: dict[str, Any], seed: int, command: str) -> None:
+    """``train-mrm --siblings``: fine-tune a head MRM's per-token part on sibling sets."""
+    from saffron.mrm.train.head import train_head_siblings
+
+    if kind != "head":
+        raise SaffronError(f"--siblings fine-tunes a head MRM (--kind head), not --kind {kind}")
+    if data is not None:
+        raise SaffronError("--siblings fine-tunes --init on sibling sets; --data (a reward folder) does not apply")
+    stray = [flag for flag, v in options.items() if v is not None and flag not in
+             ("--lr", "--weight-decay", "--epochs", "--batch-size", "--temperature", "--level-weight", "--part")]
+    if stray:
+        raise SaffronError(f"{stray[0]} does not apply to --siblings (the architecture is --init's)")
+    folders = [f for f in siblings.split(",") if f]
+    if not folders or len(set(folders)) != len(folders):
+        raise SaffronError(f"--siblings must list distinct folders, got {siblings!r}")
+    o = options
+    man = train_head_siblings(init or "smol-mrm-head", folders, out,
+                              temperature=o["--temperature"] if o["--temperature"] is not None else 1.0,
+                              level_weight=o["--level-weight"] if o["--level-weight"] is not None else 1.0,
+                              part=o["--part"] or "token", lr=o["--lr"] if o["--lr"] is not None else 1e-3,
+                              weight_decay=o["--weight-decay"] if o["--weight-decay"] is not None else 0.1,
+                              batch_size=o["--batch-size"] or 64, epochs=o["--epochs"] or 30, seed=seed,
+                              command=command)
+    typer.echo(json.dumps(man.train.get("siblings", {}), indent=2))
+
+
 def train_mrm_cmd(
-    data: Path = typer.Option(..., "--data", help="Reward folder written by build-rewards."),
+    data: Path | None = typer.Option(None, "--data", help="Reward folder written by build-rewards (not with "
+                                     "--siblings)."),
     out: Path = typer.Option(..., "--out", help="MRM folder (weights, unseen_mask, saffron.json)."),
-    kind: str = typer.Option("lora", "--kind", help="lora: the paper's MRM, a LoRA-adapted copy of the backbone; "
+    kind_opt: str | None = typer.Option(None, "--kind", help="lora (the default; head with --siblings): the "
+                                        "paper's MRM, a LoRA-adapted copy of the backbone; "
                              "head: a small network on the policy's own hidden states (the policy is the "
                              "backbone; a search pays only the head); prm: the same head as a value model, the "
                              "reward of the prefix itself, for the baselines (--reward head-prm:OUT)."),
@@ -124,16 +188,43 @@ def train_mrm_cmd(
                                          "lora)."),
     bias_init: str | None = typer.Option(None, "--bias-init", help="LM-head bias at step 0: mean (one offset "
                                          "fitted under the frozen backbone; default) or zero (the paper's) (lora)."),
+    siblings: str | None = typer.Option(None, "--siblings", help="Sibling folders (build-siblings, train split), "
+                                        "comma-separated: fine-tune --init's per-token part on every node's "
+                                        "exactly scored children (head only; no --data)."),
+    init: str | None = typer.Option(None, "--init", help="The head MRM --siblings starts from (folder or "
+                                    "smol-mrm-head, the default)."),
+    temperature: float | None = typer.Option(None, "--temperature", help="--siblings: the listwise loss's "
+                                             "softmax temperature on the reward scale (default 1)."),
+    level_weight: float | None = typer.Option(None, "--level-weight", help="--siblings: weight of the "
+                                              "children's mean-reward error (default 1)."),
+    part: str | None = typer.Option(None, "--part", help="--siblings: token (the per-token part only, the value "
+                                    "frozen; default) or all (the inner layer too)."),
     seed: int = SEED,
     device: str = DEVICE,
     dtype: str = DTYPE,
     runner: str = RUNNER,
 ) -> None:
-    """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora)."""
-    require("pyarrow", "train", "saffron train-mrm")  # the reward folder is Parquet
+    """Train an MRM with partial supervision; saves the conservative-exploration mask with it. Resumable (lora).
+    With --siblings, fine-tune a head MRM on sibling sets instead."""
     command = " ".join(["saffron", *sys.argv[1:]])
+    kind = kind_opt or ("head" if siblings is not None else "lora")
     if kind not in ("lora", "head", "prm"):
         raise SaffronError(f"--kind must be lora, head or prm, got {kind!r}")
+    if siblings is not None:
+        place(device, dtype, runner)
+        quiet_hf()
+        _train_siblings(init, siblings, out, kind, data, {
+            "--lr": lr, "--weight-decay": weight_decay, "--epochs": epochs, "--batch-size": batch_size,
+            "--temperature": temperature, "--level-weight": level_weight, "--part": part, "--eos": eos,
+            "--layers": layers, "--width": width, "--lora-r": r, "--lora-alpha": alpha, "--max-steps": max_steps,
+            "--bias-init": bias_init}, seed, command)
+        return
+    sib_only = {"--init": init, "--temperature": temperature, "--level-weight": level_weight, "--part": part}
+    if stray_sib := [flag for flag, v in sib_only.items() if v is not None]:
+        raise SaffronError(f"{stray_sib[0]} applies only with --siblings")
+    if data is None:
+        raise SaffronError("--data is required (a reward folder from build-rewards), or --siblings")
+    require("pyarrow", "train", "saffron train-mrm")  # the reward folder is Parquet
     if eos not in (None, "mask", "supervise"):
         raise SaffronError(f"--eos must be mask or supervise, got {eos!r}")
     # an option the chosen kind has no use for is refused, not silently dropped

@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,17 @@ from saffron.errors import SaffronError
 from saffron.model import Model, load_model
 from saffron.mrm.base import UNSEEN_PENALTY, MrmManifest, policy_fingerprint
 from saffron.mrm.data.rows import RewardRow
-from saffron.mrm.head import DEFAULT_LAYERS, DEFAULT_WIDTH, HeadNet, ValueNet, feature_runner, head_flops, save_head_mrm
+from saffron.mrm.data.siblings import SiblingNode
+from saffron.mrm.head import (
+    DEFAULT_LAYERS,
+    DEFAULT_WIDTH,
+    HeadMrm,
+    HeadNet,
+    ValueNet,
+    feature_runner,
+    head_flops,
+    save_head_mrm,
+)
 from saffron.mrm.prm import KIND as PRM_KIND
 from saffron.mrm.prm import prm_flops, save_head_prm
 from saffron.mrm.train.common import supervised_pairs, training_data, unseen_mask
@@ -224,3 +234,139 @@ def train_head_prm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     return manifest
 
 
+
+
+def _node_states(runner: Runner, nodes: Sequence[SiblingNode], layers: tuple[int, ...], progress: bool
+                 ) -> torch.Tensor:
+    """``[N, L * d]``: the policy's states after ``chat(prompt) + prefix`` of every node (one forward per prompt)."""
+    model = runner.model
+    groups: dict[str, list[int]] = {}
+    for i, nd in enumerate(nodes):
+        groups.setdefault(nd.prompt, []).append(i)
+    out = torch.empty(0)
+    for prompt, idx in tqdm(groups.items(), desc="policy states", unit="prompt", disable=not progress,
+                            dynamic_ncols=True):
+        ctx = model.chat_prompt_ids(prompt)
+        hidden = runner.forward([ctx + nodes[i].prefix for i in idx], logits=False, hidden_layers=layers).hidden
+        assert hidden is not None
+        h = hidden.flatten(1).float().cpu()
+        if out.numel() == 0:
+            out = torch.empty(len(nodes), h.shape[1])
+        out[torch.tensor(idx)] = h
+        runner.reset()
+    return out
+
+
+def sibling_loss(net: HeadNet, x: torch.Tensor, kids: torch.Tensor, rew: torch.Tensor, valid: torch.Tensor,
+                 temperature: float, level_weight: float) -> torch.Tensor:
+    """Listwise loss over each node's seen children: the cross-entropy between softmax(reward / T) and
+    softmax(MRM / T) (the order, and reward gaps on the reward's own scale), plus ``level_weight`` times the
+    squared error of the children's mean (the level, so that children of different nodes stay comparable)."""
+    z = net.hidden(x)
+    q = net.value(z) + torch.einsum("bcd,bd->bc", net.emb[kids], net.token(z)) + net.bias[kids]
+    neg = torch.finfo(q.dtype).min
+    target = torch.softmax(rew.masked_fill(~valid, neg) / temperature, -1)
+    logp = torch.log_softmax(q.masked_fill(~valid, neg) / temperature, -1)
+    rank = -(target * logp.masked_fill(~valid, 0.0)).sum(-1)
+    n = valid.sum(-1).clamp_min(1)
+    level = ((q * valid).sum(-1) / n - (rew * valid).sum(-1) / n) ** 2
+    out: torch.Tensor = (rank + level_weight * level).mean()
+    return out
+
+
+def _sibling_tensors(nodes: Sequence[SiblingNode], unseen: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Children ``[N, C]`` (padded), their rewards and which take part: present and seen by the MRM."""
+    width = max(len(nd.children) for nd in nodes)
+    kids = torch.zeros(len(nodes), width, dtype=torch.long)
+    rew = torch.zeros(len(nodes), width)
+    for i, nd in enumerate(nodes):
+        kids[i, : len(nd.children)] = torch.tensor(nd.children)
+        rew[i, : len(nd.rewards)] = torch.tensor(nd.rewards)
+    sizes = torch.tensor([len(nd.children) for nd in nodes])
+    return kids, rew, (torch.arange(width)[None, :] < sizes[:, None]) & ~unseen[kids]
+
+
+def _fit_siblings(net: HeadNet, tensors: tuple[torch.Tensor, ...], params: list[torch.nn.Parameter],
+                  temperature: float, level_weight: float, lr: float, weight_decay: float, batch_size: int,
+                  epochs: int, seed: int, progress: bool) -> list[float]:
+    x, kids, rew, valid = tensors
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for _ in tqdm(range(epochs), desc="train siblings", unit="epoch", disable=not progress, dynamic_ncols=True):
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i: i + batch_size]
+            loss = sibling_loss(net, x[idx], kids[idx], rew[idx], valid[idx], temperature, level_weight)
+            if not torch.isfinite(loss):
+                raise SaffronError(f"sibling training diverged (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+    return losses
+
+
+def train_head_siblings(init: str | Path, siblings: Sequence[str | Path], out: str | Path,
+                        temperature: float = 1.0, level_weight: float = 1.0, part: str = "token", lr: float = 1e-3,
+                        weight_decay: float = 0.1, batch_size: int = 64, epochs: int = 30, seed: int = 0,
+                        progress: bool = True, device: str | None = None, command: str | None = None) -> MrmManifest:
+    """Fine-tune a head MRM (``init``: a folder or ``smol-mrm-head``) on sibling sets (``build_siblings``
+    folders of ``train`` prompts) with ``sibling_loss``, and save it to ``out``.
+
+    The partial supervision of the reward corpus teaches a prefix's value and little of which child changes it;
+    the sibling sets hold every child of a node scored exactly, so this loss trains the order. ``part="token"``
+    trains only the per-token part (``token``, ``bias``): the value ``v`` and the inner layer stay frozen, so the
+    MRM's prediction of a prefix's own reward does not move; ``part="all"`` trains the inner layer too. The unseen
+    mask is the init MRM's (children it masks take no part: the conservative mask is partial supervision's, and
+    a search masks them whatever their score). Side effects: writes ``out``."""
+    from saffron.mrm.data.siblings import check_training_nodes, read_siblings
+    from saffron.mrm.registry import load_mrm_spec
+
+    t_start = time.time()
+    check_fit_options(1, batch_size, epochs, lr, weight_decay)
+    if part not in ("token", "all"):
+        raise SaffronError(f"part must be token or all, got {part!r}")
+    if not temperature > 0 or not level_weight >= 0:
+        raise SaffronError(f"temperature must be > 0 and level_weight >= 0, got {temperature} and {level_weight}")
+    manifests, nodes = read_siblings(siblings)  # fails fast, before a model loads
+    mrm = load_mrm_spec(str(init), device=device)
+    if not isinstance(mrm, HeadMrm):
+        raise SaffronError(f"--siblings fine-tunes a head MRM; {init} is a {mrm.manifest.kind} MRM")
+    check_training_nodes(siblings, manifests, nodes, mrm.manifest.tokenizer_sha256)
+    teacher = mrm.manifest.corpus.get("reward_model_identity")
+    for f, m in zip(siblings, manifests, strict=True):
+        if teacher is not None and m["config"].get("reward_model") != teacher:
+            raise SaffronError(f"{f} was scored by another reward model ({m['config'].get('reward')}) than the one "
+                               f"{init} was trained on ({mrm.manifest.reward_model})")
+    policy, net, unseen = mrm.model, mrm.net.cpu().float().train(), mrm.unseen.cpu()
+    kids, rew, valid = _sibling_tensors(nodes, unseen)
+    use = valid.sum(-1) >= 2  # a node with fewer than two seen children has no order to learn
+    if not use.any():
+        raise SaffronError("no sibling node has two children the MRM has seen; nothing to train on")
+    t_feat = time.perf_counter()
+    x = _node_states(feature_runner(policy, mrm.policy_layers), nodes, mrm.policy_layers, progress)
+    feat_seconds = time.perf_counter() - t_feat
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in ("token.weight", "bias") or (part == "all" and name.startswith("inner.")))
+    t_fit = time.perf_counter()
+    losses = _fit_siblings(net, (x[use], kids[use], rew[use], valid[use]),
+                           [p for p in net.parameters() if p.requires_grad], temperature, level_weight, lr,
+                           weight_decay, batch_size, epochs, seed, progress)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    man = mrm.manifest
+    train = {**man.train, "siblings": {
+        "init": str(init), "folders": [str(f) for f in siblings], "nodes": int(use.sum()),
+        "nodes_skipped": int((~use).sum()), "children": int(valid.sum()), "temperature": temperature,
+        "level_weight": level_weight, "part": part, "lr": lr, "weight_decay": weight_decay,
+        "batch_size": batch_size, "epochs": epochs, "seed": seed, "loss_first": losses[0], "final_loss": losses[-1],
+        "feature_seconds": round(feat_seconds, 3), "fit_seconds": round(time.perf_counter() - t_fit, 3),
+        "seconds": round(time.time() - t_start, 3), "command": command or " ".join(sys.argv)}}
+    manifest = MrmManifest(**{**asdict(man), "train": train})
+    save_head_mrm(Path(out), manifest, net, unseen)
+    return manifest
