@@ -141,3 +141,28 @@ def test_sibling_finetune_learns_the_order_and_keeps_the_value(tmp_path: Path, t
         train_head_siblings(init, [dev], tmp_path / "x", progress=False, device="cpu")
     with pytest.raises(SaffronError, match="part must be"):
         train_head_siblings(init, [sib], tmp_path / "x", part="value", progress=False)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["build-siblings", "--out", "x", "--shard", "2/2"], "--shard must be i/n"),
+    (["build-siblings", "--out", "x", "--split", "holdout"], "--split must be one of"),
+    (["train-mrm", "--out", "x", "--siblings", "a", "--kind", "lora"], "fine-tunes a head MRM"),
+    (["train-mrm", "--out", "x", "--siblings", "a", "--data", "d"], "--data (a reward folder) does not apply"),
+    (["train-mrm", "--out", "x", "--siblings", "a", "--width", "3"], "--width does not apply to --siblings"),
+    (["train-mrm", "--out", "x", "--siblings", "a,a"], "distinct folders"),
+    (["train-mrm", "--out", "x", "--data", "d", "--temperature", "2"], "--temperature applies only with --siblings"),
+    (["train-mrm", "--out", "x"], "--data is required"),
+    (["train-mrm", "--out", "x", "--siblings", "nowhere"], "holds no sibling sets"),
+    (["bench", "mrm", "--siblings-from", "nowhere"], "holds no sibling sets"),
+])
+def test_sibling_cli_refuses_bad_input_in_one_line(tmp_path: Path, argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from saffron.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
