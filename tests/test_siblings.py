@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_build_siblings_stores_the_bench_nodes_resumes_and_shards(tmp_path: Path
     policy = load_model(str(tiny_dir))
     guard = CountingGuard(policy)
     exs = _examples(3)
-    opts = {"reward": guard, "policy": str(tiny_dir), "per_prompt": 2, "max_children": 5, "progress": False}
+    opts: dict[str, Any] = {"reward": guard, "policy": str(tiny_dir), "per_prompt": 2, "max_children": 5,
+                            "progress": False}
     m = build_siblings(tmp_path / "all", examples=exs, **opts)
     assert (m["format"], m["prompts"], m["nodes"]) == (FORMAT, 3, 6)
     _, nodes = read_siblings([tmp_path / "all"])
@@ -166,3 +168,21 @@ def test_sibling_cli_refuses_bad_input_in_one_line(tmp_path: Path, argv: list[st
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_sibling_cli_trains_and_ranks(tmp_path: Path, tiny_dir: Path, prm_data: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from saffron.cli import main
+
+    init = tmp_path / "init"
+    train_head_mrm(prm_data, init, base_model=str(tiny_dir), **OPTS)
+    sib = _hand_siblings(tmp_path / "sib", tiny_dir, _prompts(3, "train", tag="hc"), "train")
+    dev = _hand_siblings(tmp_path / "dev", tiny_dir, _prompts(2, "dev", tag="hv"), "dev")
+    main(["train-mrm", "--siblings", str(sib), "--init", str(init), "--out", str(tmp_path / "m"), "--epochs", "3",
+          "--temperature", "0.5", "--part", "all"])
+    rec = json.loads(capsys.readouterr().out)
+    assert (rec["nodes"], rec["epochs"], rec["temperature"], rec["part"]) == (9, 3, 0.5, "all")
+    main(["bench", "mrm", "--mrm", str(tmp_path / "m"), "--siblings-from", str(dev), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["sibling_nodes"] == 6 and res["sibling_split"] == "dev" and res["overlap_at_4"] is not None
+    assert res["mask_ceiling_overlap_at_4"] == 1.0  # every child is a token the MRM has seen

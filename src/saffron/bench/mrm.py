@@ -57,7 +57,15 @@ from saffron.mrm.data.build import DEFAULT_MAX_TOKENS, build_rewards
 from saffron.mrm.data.rows import RewardRow
 from saffron.mrm.data.siblings import DEFAULT_MAX_TOKENS as SIBLING_MAX_TOKENS
 from saffron.mrm.data.siblings import DEFAULT_SOURCES as SIBLING_SOURCES
-from saffron.mrm.data.siblings import SiblingNode, alternate, node_children, positions, read_siblings, score_children
+from saffron.mrm.data.siblings import (
+    SiblingNode,
+    alternate,
+    check_tokenizer,
+    node_children,
+    positions,
+    read_siblings,
+    score_children,
+)
 from saffron.mrm.data.store import read_rewards
 from saffron.mrm.registry import load_mrm, load_mrm_spec
 from saffron.runner import Runner
@@ -333,18 +341,15 @@ def bench_mrm_siblings(mrm: str | Path | Mrm, folders: Sequence[str | Path]) -> 
     t0 = time.time()
     manifests, nodes = read_siblings(folders)  # fails fast, before a model loads
     model = mrm if isinstance(mrm, Mrm) else load_mrm_spec(str(mrm))
-    for f, m in zip(folders, manifests, strict=True):
-        if m["config"].get("policy_tokenizer_sha256") != model.manifest.tokenizer_sha256:
-            raise SaffronError(f"{f} was built for {m['config'].get('policy')}, whose tokenizer differs from the "
-                               f"MRM's ({model.manifest.base_model})")
+    check_tokenizer(folders, manifests, model.manifest.tokenizer_sha256)
     if not nodes:
         raise SaffronError(f"{', '.join(str(f) for f in folders)} hold no sibling nodes")
     policy = load_model(manifests[0]["config"]["policy"])
-    splits = sorted({m["config"]["split"] for m in manifests})
+    splits = sorted({str(m["config"].get("split")) for m in manifests})
     res = {"mrm_kind": model.manifest.kind, "mrm": model.manifest.base_model,
            "siblings_from": [str(f) for f in folders],
-           "sibling_split": ",".join(splits), "sibling_reward_model": manifests[0]["config"]["reward"],
-           "sibling_top_p": manifests[0]["config"]["top_p"],
-           "sibling_max_children": manifests[0]["config"]["max_children"], **rank_siblings(model, policy, nodes)}
+           "sibling_split": ",".join(splits), "sibling_reward_model": manifests[0]["config"].get("reward"),
+           "sibling_top_p": manifests[0]["config"].get("top_p"),
+           "sibling_max_children": manifests[0]["config"].get("max_children"), **rank_siblings(model, policy, nodes)}
     res["seconds"] = round(time.time() - t0, 2)
     return res

@@ -13,7 +13,9 @@ from saffron.cli.options import (
     DATASET,
     DEVICE,
     DTYPE,
+    MAX_CHILDREN,
     MAX_NEW,
+    NODES_PER_PROMPT,
     RUNNER,
 )
 from saffron.errors import SaffronError
@@ -157,10 +159,8 @@ def bench_mrm_cmd(
     rows: int = typer.Option(24, "--rows", min=1, help="Held-out rows per source when building the folder."),
     nodes: int = typer.Option(32, "--nodes", min=0, help="Held-out search nodes whose children are ranked "
                               "(sibling ranking; 0 = skip it)."),
-    per_prompt: int = typer.Option(4, "--nodes-per-prompt", min=1, help="Nodes per held-out response (prefixes "
-                                   "spread over its first 48 tokens)."),
-    max_children: int = typer.Option(32, "--max-children", min=2, help="Children ranked per node: the policy's "
-                                     "top-p 0.8 nucleus, most probable first, capped here."),
+    per_prompt: int = NODES_PER_PROMPT,
+    max_children: int = MAX_CHILDREN,
     reward: str | None = typer.Option(None, "--reward", help="Reward model that scores every child (default: the "
                                       "held-out folder's)."),
     siblings_from: str | None = typer.Option(None, "--siblings-from", help="Sibling folders (build-siblings "

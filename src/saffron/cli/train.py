@@ -14,6 +14,8 @@ from saffron.cli.common import int_list, place, quiet_hf
 from saffron.cli.options import (
     DEVICE,
     DTYPE,
+    MAX_CHILDREN,
+    NODES_PER_PROMPT,
     POLICY,
     RUNNER,
     SEED,
@@ -99,10 +101,8 @@ def build_siblings_cmd(
     split: str = typer.Option("train", "--split", help="Prompts' split: train (for train-mrm --siblings) or dev "
                               "(for bench mrm --siblings-from)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="At most N prompts (the sources alternating)."),
-    per_prompt: int = typer.Option(4, "--nodes-per-prompt", min=1, help="Nodes per reference response (prefixes "
-                                   "spread over its first 48 tokens, the empty one included)."),
-    max_children: int = typer.Option(32, "--max-children", min=2, help="Children per node: the policy's top-p "
-                                     "nucleus, most probable first, capped here."),
+    per_prompt: int = NODES_PER_PROMPT,
+    max_children: int = MAX_CHILDREN,
     top_p: float = typer.Option(0.8, "--top-p", min=0.0, max=1.0, help="The nucleus the children come from."),
     reward: str = typer.Option("smol-guard", "--reward", help="Reward model that scores every child."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: keep every n-th prompt from the i-th, so n processes "

@@ -182,6 +182,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise SaffronError(f"{path} is unreadable ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise SaffronError(f"{path} is not a sibling-set manifest")
+    cfg = obj.get("config")
+    missing = [k for k in ("policy", "policy_tokenizer_sha256", "split") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise SaffronError(f"{path} lacks config.{missing[0]}; rebuild it with `saffron build-siblings`")
     return obj
 
 
@@ -201,13 +205,19 @@ def read_siblings(folders: Sequence[str | Path]) -> tuple[list[dict[str, Any]], 
     return manifests, nodes
 
 
-def check_training_nodes(folders: Sequence[str | Path], manifests: Sequence[dict[str, Any]],
-                         nodes: Sequence[SiblingNode], tokenizer_sha256: str) -> None:
-    """Refuse sibling sets a training run must not read: another tokenizer, or a prompt outside ``train``."""
+def check_tokenizer(folders: Sequence[str | Path], manifests: Sequence[dict[str, Any]], tokenizer_sha256: str
+                    ) -> None:
+    """Refuse sibling sets built for a policy whose tokenizer is not the MRM's (their token ids mean other text)."""
     for f, m in zip(folders, manifests, strict=True):
         if m["config"].get("policy_tokenizer_sha256") != tokenizer_sha256:
             raise SaffronError(f"{f} was built for {m['config'].get('policy')}, whose tokenizer differs from the "
                                f"MRM's")
+
+
+def check_training_nodes(folders: Sequence[str | Path], manifests: Sequence[dict[str, Any]],
+                         nodes: Sequence[SiblingNode], tokenizer_sha256: str) -> None:
+    """Refuse sibling sets a training run must not read: another tokenizer, or a prompt outside ``train``."""
+    check_tokenizer(folders, manifests, tokenizer_sha256)
     for nd in nodes:
         if (s := split_of(nd.prompt)) != TRAIN_SPLIT:
             raise SaffronError(f"a sibling set holds a {s}-split prompt; refusing to train on it (build with "

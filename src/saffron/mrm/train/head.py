@@ -96,6 +96,28 @@ def read_features(data_dir: Path, base_model: str, layers: Sequence[int], device
                     runner.flops)
 
 
+def run_epochs(n: int, loss_of: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+               batch_size: int, epochs: int, seed: int, progress: bool, what: str) -> list[float]:
+    """``epochs`` passes over ``n`` items in seeded shuffles, one ``opt`` step per batch of ``loss_of(indices)``.
+    Returns the per-epoch mean losses; a non-finite batch loss is an error."""
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for _ in tqdm(range(epochs), desc=f"train {what}", unit="epoch", disable=not progress, dynamic_ncols=True):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            loss = loss_of(idx)
+            if not torch.isfinite(loss):
+                raise SaffronError(f"{what} training diverged (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / n)
+    return losses
+
+
 def fit(net: ValueNet, x: torch.Tensor, y: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor],
         lr: float, weight_decay: float, batch_size: int, epochs: int, seed: int, progress: bool, what: str
         ) -> tuple[list[float], float]:
@@ -107,22 +129,9 @@ def fit(net: ValueNet, x: torch.Tensor, y: torch.Tensor, predict: Callable[[torc
         net.std.copy_(x.std(0).clamp_min(1e-4))
         net.value.bias.fill_(float(y.mean()))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
     t0 = time.perf_counter()
-    for _ in tqdm(range(epochs), desc=f"train {what}", unit="epoch", disable=not progress, dynamic_ncols=True):
-        perm = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = ((predict(idx) - y[idx]) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise SaffronError(f"{what} training diverged (loss {float(loss)}); lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(y))
+    losses = run_epochs(len(y), lambda idx: ((predict(idx) - y[idx]) ** 2).mean(), opt, batch_size, epochs, seed,
+                        progress, what)
     if not math.isfinite(losses[-1]):
         raise SaffronError(f"{what} training ended with a non-finite loss")
     return losses, time.perf_counter() - t0
@@ -292,22 +301,9 @@ def _fit_siblings(net: HeadNet, tensors: tuple[torch.Tensor, ...], params: list[
                   epochs: int, seed: int, progress: bool) -> list[float]:
     x, kids, rew, valid = tensors
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    for _ in tqdm(range(epochs), desc="train siblings", unit="epoch", disable=not progress, dynamic_ncols=True):
-        perm = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            idx = perm[i: i + batch_size]
-            loss = sibling_loss(net, x[idx], kids[idx], rew[idx], valid[idx], temperature, level_weight)
-            if not torch.isfinite(loss):
-                raise SaffronError(f"sibling training diverged (loss {float(loss)}); lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(x))
-    return losses
+    return run_epochs(len(x), lambda idx: sibling_loss(net, x[idx], kids[idx], rew[idx], valid[idx], temperature,
+                                                       level_weight), opt, batch_size, epochs, seed, progress,
+                      "siblings")
 
 
 def train_head_siblings(init: str | Path, siblings: Sequence[str | Path], out: str | Path,
