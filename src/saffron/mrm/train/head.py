@@ -25,7 +25,7 @@ from saffron.errors import SaffronError
 from saffron.model import Model, load_model
 from saffron.mrm.base import UNSEEN_PENALTY, MrmManifest, policy_fingerprint
 from saffron.mrm.data.rows import RewardRow
-from saffron.mrm.data.siblings import SiblingNode
+from saffron.mrm.data.siblings import SiblingNode, check_training_nodes, read_siblings
 from saffron.mrm.head import (
     DEFAULT_LAYERS,
     DEFAULT_WIDTH,
@@ -38,6 +38,7 @@ from saffron.mrm.head import (
 )
 from saffron.mrm.prm import KIND as PRM_KIND
 from saffron.mrm.prm import prm_flops, save_head_prm
+from saffron.mrm.registry import load_mrm_spec
 from saffron.mrm.train.common import supervised_pairs, training_data, unseen_mask
 from saffron.runner import Runner
 
@@ -319,9 +320,6 @@ def train_head_siblings(init: str | Path, siblings: Sequence[str | Path], out: s
     MRM's prediction of a prefix's own reward does not move; ``part="all"`` trains the inner layer too. The unseen
     mask is the init MRM's (children it masks take no part: the conservative mask is partial supervision's, and
     a search masks them whatever their score). Side effects: writes ``out``."""
-    from saffron.mrm.data.siblings import check_training_nodes, read_siblings
-    from saffron.mrm.registry import load_mrm_spec
-
     t_start = time.time()
     check_fit_options(1, batch_size, epochs, lr, weight_decay)
     if part not in ("token", "all"):
