@@ -95,10 +95,14 @@ def test_cuda_where_there_is_none_is_one_line(tmp_path: Path, capsys: pytest.Cap
 
 def test_a_half_precision_the_device_cannot_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(placement, "supports", lambda device, dtype: dtype != "fp16")  # a torch without fp16 on cpu
     err = _fail(["eval", "--device", "cpu", "--dtype", "fp16", "--out", str(tmp_path / "o")], capsys)
-    assert "--dtype fp16 is not supported on cpu" in err
+    assert "--dtype fp16 is refused on the CPU" in err  # whether or not this torch computes it (issue 15)
     assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(placement, "supports", lambda device, dtype: dtype != "bf16")  # a torch without bf16 on cpu
+    err = _fail(["eval", "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path / "o")], capsys)
+    assert "--dtype bf16 is not supported on cpu" in err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16  # the others still pass
 
 

@@ -111,7 +111,8 @@ def resolve_device(spec: str | None = None) -> str:
 
 def resolve_dtype(spec: str | None, device: str) -> Any:
     """The torch dtype for ``spec`` on ``device`` (None: the current placement's). ``auto`` is fp32 on the CPU
-    and bf16 elsewhere; a half precision the device cannot compute in is refused in one line."""
+    and bf16 elsewhere; fp16 on the CPU, and a half precision the device cannot compute in, are refused in one
+    line."""
     import torch
 
     spec = spec or _current.dtype
@@ -120,6 +121,9 @@ def resolve_dtype(spec: str | None, device: str) -> Any:
     if spec == "auto":
         spec = "fp32" if device == "cpu" else "bf16"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+    if spec == "fp16" and device == "cpu":  # some torch builds compute it, but about 10x slower than fp32 here
+        raise UnavailableError("--dtype fp16 is refused on the CPU (its kernels there are slow or missing); use "
+                               "--dtype fp32, or bf16")
     if dtype != torch.float32 and not supports(device, spec):
         raise UnavailableError(f"--dtype {spec} is not supported on {device} by this torch ({torch.__version__}); "
                            "use --dtype fp32")
