@@ -60,11 +60,10 @@ from saffron.mrm.data.siblings import DEFAULT_SOURCES as SIBLING_SOURCES
 from saffron.mrm.data.siblings import (
     SiblingNode,
     alternate,
+    by_prompt,
     check_tokenizer,
-    node_children,
-    positions,
     read_siblings,
-    score_children,
+    response_nodes,
 )
 from saffron.mrm.data.store import read_rewards
 from saffron.mrm.registry import load_mrm, load_mrm_spec
@@ -145,13 +144,10 @@ def make_sibling_nodes(reward: RewardModel, policy: Model, examples: Sequence[Ex
     for ex in examples:
         if len(out) >= nodes:
             break
-        assert ex.response is not None
-        resp = policy.encode(ex.response)[:SIBLING_MAX_TOKENS]
-        prefixes = [resp[:j] for j in positions(len(resp), per_prompt)[: nodes - len(out)]]
-        kids, _ = node_children(policy, pol_runner, ex.prompt, prefixes, top_p, max_children)
-        scores = score_children(ann, ex.prompt, prefixes, kids)
-        out.extend(SiblingNode(ex.prompt, p, c, r) for p, c, r in zip(prefixes, kids, scores, strict=True))
-        bar.update(len(kids))
+        got = response_nodes(pol_runner, ann, ex, per_prompt, top_p, max_children, SIBLING_MAX_TOKENS,
+                             cap=nodes - len(out))
+        out.extend(got)
+        bar.update(len(got))
         pol_runner.reset()
         reward.reset()
     bar.close()
@@ -165,13 +161,10 @@ def rank_siblings(model: Mrm, policy: Model, nodes: Sequence[SiblingNode]) -> di
     policy's own order (module docstring). Nothing but the MRM and the policy runs: the rewards are stored."""
     pol_runner = Runner(policy)
     per_node: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (reward, mrm, policy logit) per child
-    unseen = 0  # children the MRM masks to the penalty (ranked last, in policy order)
-    seen: list[np.ndarray] = []  # per node, which children the MRM has seen
+    seen: list[np.ndarray] = []  # per node, which children the MRM has seen (the others sit at the penalty)
     mask = model.unseen.cpu()
-    groups: dict[str, list[SiblingNode]] = {}
-    for nd in nodes:
-        groups.setdefault(nd.prompt, []).append(nd)
-    for prompt, group in groups.items():
+    for prompt, at in by_prompt(nodes).items():
+        group = [nodes[i] for i in at]
         prefixes = [nd.prefix for nd in group]
         lg = pol_runner.forward([policy.chat_prompt_ids(prompt) + p for p in prefixes]).logits
         assert lg is not None
@@ -179,7 +172,6 @@ def rank_siblings(model: Mrm, policy: Model, nodes: Sequence[SiblingNode]) -> di
         q = model.rewards(prompt, prefixes).float().cpu()
         for b, nd in enumerate(group):
             idx = torch.tensor(nd.children, dtype=torch.long)
-            unseen += int(mask[idx].sum())
             seen.append(~mask[idx].numpy())
             per_node.append((np.asarray(nd.rewards, dtype=np.float64), q[b, idx].double().numpy(),
                              lg[b, idx].double().numpy()))
@@ -188,7 +180,8 @@ def rank_siblings(model: Mrm, policy: Model, nodes: Sequence[SiblingNode]) -> di
     n_children = sum(len(r) for r, _, _ in per_node)
     res: dict[str, Any] = {"sibling_nodes": len(per_node),
                            "sibling_children_mean": float(np.mean([len(r) for r, _, _ in per_node])),
-                           "sibling_rm_calls": int(n_children), "sibling_unseen_share": unseen / max(1, n_children)}
+                           "sibling_rm_calls": int(n_children),
+                           "sibling_unseen_share": int(sum((~s).sum() for s in seen)) / max(1, n_children)}
     for who, col in (("", 1), ("policy_", 2)):
         for n in SIBLING_TOP_N:
             ov = [len(_top(node[col], n) & _top(node[0], n)) / n for node in per_node if len(node[0]) > n]
@@ -340,10 +333,10 @@ def bench_mrm_siblings(mrm: str | Path | Mrm, folders: Sequence[str | Path]) -> 
     Usage: ``bench_mrm_siblings("smol-mrm-head", ["runs/sib-dev"])``. Returns a JSON-able dict."""
     t0 = time.time()
     manifests, nodes = read_siblings(folders)  # fails fast, before a model loads
-    model = mrm if isinstance(mrm, Mrm) else load_mrm_spec(str(mrm))
-    check_tokenizer(folders, manifests, model.manifest.tokenizer_sha256)
     if not nodes:
         raise SaffronError(f"{', '.join(str(f) for f in folders)} hold no sibling nodes")
+    model = mrm if isinstance(mrm, Mrm) else load_mrm_spec(str(mrm))
+    check_tokenizer(folders, manifests, model.manifest.tokenizer_sha256)
     policy = load_model(manifests[0]["config"]["policy"])
     splits = sorted({str(m["config"].get("split")) for m in manifests})
     res = {"mrm_kind": model.manifest.kind, "mrm": model.manifest.base_model,

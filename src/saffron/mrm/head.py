@@ -98,6 +98,13 @@ class HeadNet(ValueNet):
         out: torch.Tensor = self.value(z).squeeze(-1) + (self.token(z) * self.emb[tokens]).sum(-1) + self.bias[tokens]
         return out
 
+    def among(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` predicted rewards of each row's own ``C`` tokens (``tokens`` ``[B, C]``: a node's children)."""
+        z = self.hidden(feats)
+        out: torch.Tensor = (self.value(z) + torch.einsum("bcd,bd->bc", self.emb[tokens], self.token(z))
+                             + self.bias[tokens])
+        return out
+
     def over(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, len(tokens)]`` predicted rewards of the given tokens after each row."""
         z = self.hidden(feats)

@@ -113,6 +113,26 @@ def score_children(ann: Annotator, prompt: str, prefixes: Sequence[Sequence[int]
     return out
 
 
+def response_nodes(runner: Runner, ann: Annotator, ex: Example, per_prompt: int, top_p: float, max_children: int,
+                   max_tokens: int, cap: int | None = None) -> list[SiblingNode]:
+    """The nodes of one reference response (``positions`` over its first ``max_tokens`` tokens, at most ``cap``),
+    each with its children (``node_children``, through ``runner``: the policy) scored by ``ann``."""
+    assert ex.response is not None
+    resp = runner.model.encode(ex.response)[:max_tokens]
+    prefixes = [resp[:j] for j in positions(len(resp), per_prompt)[:cap]]
+    kids, _ = node_children(runner.model, runner, ex.prompt, prefixes, top_p, max_children)
+    scores = score_children(ann, ex.prompt, prefixes, kids)
+    return [SiblingNode(ex.prompt, p, c, r) for p, c, r in zip(prefixes, kids, scores, strict=True)]
+
+
+def by_prompt(nodes: Sequence[SiblingNode]) -> dict[str, list[int]]:
+    """The nodes' indices grouped by prompt, in first-seen order (one policy forward serves a prompt's nodes)."""
+    groups: dict[str, list[int]] = {}
+    for i, nd in enumerate(nodes):
+        groups.setdefault(nd.prompt, []).append(i)
+    return groups
+
+
 def _key(source: str, ex: Example) -> str:
     text = ex.prompt + "\x00" + (ex.response or "")
     return f"{source}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -156,14 +176,10 @@ def build_siblings(out: str | Path, sources: Sequence[str] = DEFAULT_SOURCES, sp
         ann = Annotator(rm, pol)
         todo = [(s, e) for s, e in chosen if _key(s, e) not in store]
         for s, ex in tqdm(todo, desc="sibling sets", unit="prompt", disable=not progress, dynamic_ncols=True):
-            assert ex.response is not None
-            resp = pol.encode(ex.response)[:max_tokens]
-            prefixes = [resp[:j] for j in positions(len(resp), per_prompt)]
-            kids, _ = node_children(pol, runner, ex.prompt, prefixes, top_p, max_children)
-            scores = score_children(ann, ex.prompt, prefixes, kids)
+            nodes = response_nodes(runner, ann, ex, per_prompt, top_p, max_children, max_tokens)
             store.append({"id": _key(s, ex), "prompt": ex.prompt, "source": s,
-                          "nodes": [{"prefix": p, "children": c, "rewards": r}
-                                    for p, c, r in zip(prefixes, kids, scores, strict=True)]})
+                          "nodes": [{"prefix": nd.prefix, "children": nd.children, "rewards": nd.rewards}
+                                    for nd in nodes]})
             runner.reset()
             getattr(rm, "reset", lambda: None)()
         manifest = {"format": FORMAT, "config": config, "prompts": len(store),

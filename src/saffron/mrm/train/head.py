@@ -25,7 +25,7 @@ from saffron.errors import SaffronError
 from saffron.model import Model, load_model
 from saffron.mrm.base import UNSEEN_PENALTY, MrmManifest, policy_fingerprint
 from saffron.mrm.data.rows import RewardRow
-from saffron.mrm.data.siblings import SiblingNode, check_training_nodes, read_siblings
+from saffron.mrm.data.siblings import SiblingNode, by_prompt, check_training_nodes, read_siblings
 from saffron.mrm.head import (
     DEFAULT_LAYERS,
     DEFAULT_WIDTH,
@@ -207,7 +207,6 @@ def train_head_mrm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     return manifest
 
 
-
 def train_head_prm(data_dir: str | Path, out: str | Path, base_model: str = EMBEDDED_POLICY,
                    layers: Sequence[int] = DEFAULT_LAYERS, width: int = DEFAULT_WIDTH, lr: float = 1e-3,
                    weight_decay: float = 0.1, batch_size: int = 256, epochs: int = 20, seed: int = 0,
@@ -244,27 +243,21 @@ def train_head_prm(data_dir: str | Path, out: str | Path, base_model: str = EMBE
     return manifest
 
 
-
-
 def _node_states(runner: Runner, nodes: Sequence[SiblingNode], layers: tuple[int, ...], progress: bool
                  ) -> torch.Tensor:
     """``[N, L * d]``: the policy's states after ``chat(prompt) + prefix`` of every node (one forward per prompt)."""
     model = runner.model
-    groups: dict[str, list[int]] = {}
-    for i, nd in enumerate(nodes):
-        groups.setdefault(nd.prompt, []).append(i)
-    out = torch.empty(0)
+    groups = by_prompt(nodes)
+    states, order = [], []
     for prompt, idx in tqdm(groups.items(), desc="policy states", unit="prompt", disable=not progress,
                             dynamic_ncols=True):
         ctx = model.chat_prompt_ids(prompt)
         hidden = runner.forward([ctx + nodes[i].prefix for i in idx], logits=False, hidden_layers=layers).hidden
         assert hidden is not None
-        h = hidden.flatten(1).float().cpu()
-        if out.numel() == 0:
-            out = torch.empty(len(nodes), h.shape[1])
-        out[torch.tensor(idx)] = h
+        states.append(hidden.flatten(1).float().cpu())
+        order.extend(idx)
         runner.reset()
-    return out
+    return torch.cat(states)[torch.argsort(torch.tensor(order))]  # back to the nodes' order
 
 
 def sibling_loss(net: HeadNet, x: torch.Tensor, kids: torch.Tensor, rew: torch.Tensor, valid: torch.Tensor,
@@ -272,8 +265,7 @@ def sibling_loss(net: HeadNet, x: torch.Tensor, kids: torch.Tensor, rew: torch.T
     """Listwise loss over each node's seen children: the cross-entropy between softmax(reward / T) and
     softmax(MRM / T) (the order, and reward gaps on the reward's own scale), plus ``level_weight`` times the
     squared error of the children's mean (the level, so that children of different nodes stay comparable)."""
-    z = net.hidden(x)
-    q = net.value(z) + torch.einsum("bcd,bd->bc", net.emb[kids], net.token(z)) + net.bias[kids]
+    q = net.among(x, kids)
     neg = torch.finfo(q.dtype).min
     target = torch.softmax(rew.masked_fill(~valid, neg) / temperature, -1)
     logp = torch.log_softmax(q.masked_fill(~valid, neg) / temperature, -1)
@@ -356,7 +348,7 @@ def train_head_siblings(init: str | Path, siblings: Sequence[str | Path], out: s
     man = mrm.manifest
     train = {**man.train, "siblings": {
         "init": str(init), "folders": [str(f) for f in siblings], "nodes": int(use.sum()),
-        "nodes_skipped": int((~use).sum()), "children": int(valid.sum()), "temperature": temperature,
+        "nodes_skipped": int((~use).sum()), "children": int(valid[use].sum()), "temperature": temperature,
         "level_weight": level_weight, "part": part, "lr": lr, "weight_decay": weight_decay,
         "batch_size": batch_size, "epochs": epochs, "seed": seed, "loss_first": losses[0], "final_loss": losses[-1],
         "feature_seconds": round(feat_seconds, 3), "fit_seconds": round(time.perf_counter() - t_fit, 3),
